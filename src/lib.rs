@@ -1,0 +1,2 @@
+//! adclick: exact, crash-safe ad click event aggregation.
+pub mod event;
