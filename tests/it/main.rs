@@ -1,1 +1,3 @@
-
+//! Integration tests: one binary, modules by subject.
+mod engine;
+mod model;

@@ -1,0 +1,401 @@
+//! The streaming aggregation engine (SPEC §2): a pure, synchronous map → aggregate → reduce
+//! dataflow. No threads, files, sockets or clocks inside: the caller feeds batches stamped with a
+//! wall-clock time and maps shards to threads as it likes.
+//!
+//! ```text
+//!   Batch { wall, [Record { partition, offset, Line | Click }] }
+//!        │
+//!   Mapper::map      validate lines (SPEC §1), skip offsets already reflected, apply the idle
+//!        │           rule, advance per-partition watermarks event by event, classify each event
+//!        │           (counted / late → correction / too late), match filters, route by
+//!        │           hash(ad_id) to one of S shards, pre-aggregate into (ad, minute, filters)
+//!        │           groups so a hot ad costs one window update per batch
+//!        ▼
+//!   Shard::apply ×S  dedup each event in log order, add group deltas to the minute windows,
+//!        │           finalize windows the watermark passed (local top-N per filter), keep
+//!        │           corrected tops exact, evict windows past the lateness and expire dedup
+//!        ▼
+//!   Reducer::reduce  merge local top-N lists into the global top-N per minute and filter (exact:
+//!                    an ad lives in one shard), sum counters, emit the [`Output`]
+//! ```
+//!
+//! [`Engine`] runs the three stages in one thread. A threaded caller owns a [`Mapper`], S
+//! [`Shard`]s and a [`Reducer`] itself and passes [`ShardBatch`]es and [`ShardOutput`]s between
+//! them; the results are the same.
+//!
+//! **Determinism.** Given the same batches (records and wall times) the engine makes the same
+//! decisions, whatever the shard count and however the records are cut into batches: every
+//! classification is made per event with the watermark as it stands after the events before it.
+//! The only inputs beyond the records are the batches' wall times: a caller that replays after a
+//! crash must record them and give the same ones again.
+//!
+//! **Output.** Counts are absolute (idempotent to write again) for every (minute, ad) a batch
+//! touched, over the unfiltered total and every filter. Top-N lists are emitted when a minute
+//! becomes final and again whenever a correction changes it. `offsets` says, per partition, the
+//! offset below which every record is reflected; a snapshot taken after the batch holds exactly
+//! that state, so results + offsets + snapshot can be committed together.
+
+mod dedup;
+mod map;
+mod reduce;
+mod shard;
+pub mod snapshot;
+mod watermark;
+
+use std::sync::Arc;
+
+pub use map::{Mapper, ShardBatch};
+pub use reduce::Reducer;
+pub use shard::{Shard, ShardOutput};
+pub use snapshot::SnapshotError;
+
+use crate::event::{AdId, Click, EventTime, Invalid, InvalidKind, Minute, MINUTE_MS};
+use crate::filter::Filters;
+use crate::rank::Ranked;
+
+/// A source partition (a log partition or a Kafka partition).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct PartitionId(pub u32);
+
+/// A record's position in its partition.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct Offset(pub u64);
+
+/// Which count of an (ad, minute): the unfiltered total or one filter.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum Slot {
+    Total,
+    Filter(usize),
+}
+
+impl Slot {
+    /// Position in a row of counts: 0 for the total, 1 + i for filter i.
+    pub fn index(self) -> usize {
+        match self {
+            Slot::Total => 0,
+            Slot::Filter(i) => i + 1,
+        }
+    }
+    pub fn from_index(i: usize) -> Slot {
+        if i == 0 {
+            Slot::Total
+        } else {
+            Slot::Filter(i - 1)
+        }
+    }
+}
+
+/// Engine settings (SPEC §4 keys), in milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    pub watermark_delay_ms: i64,
+    pub idle_timeout_ms: i64,
+    pub allowed_lateness_ms: i64,
+    pub dedup_horizon_ms: i64,
+    pub max_clock_skew_ms: i64,
+    pub top_n: usize,
+    /// Aggregate shards (S). Fixed for the life of a snapshot.
+    pub shards: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            watermark_delay_ms: 15_000,
+            idle_timeout_ms: 30_000,
+            allowed_lateness_ms: 5 * MINUTE_MS,
+            dedup_horizon_ms: 10 * MINUTE_MS,
+            max_clock_skew_ms: 5 * MINUTE_MS,
+            top_n: 100,
+            shards: 1,
+        }
+    }
+}
+
+/// A setting out of its allowed range; names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+impl EngineConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let day = 24 * 60 * MINUTE_MS;
+        let err = |key, reason: String| Err(ConfigError { key, reason });
+        for (key, v) in [
+            ("watermark_delay", self.watermark_delay_ms),
+            ("idle_timeout", self.idle_timeout_ms),
+            ("allowed_lateness", self.allowed_lateness_ms),
+            ("max_clock_skew", self.max_clock_skew_ms),
+        ] {
+            if !(0..=day).contains(&v) {
+                return err(key, format!("must be between 0s and 24h, got {v} ms"));
+            }
+        }
+        let min_horizon = self.allowed_lateness_ms + self.watermark_delay_ms + MINUTE_MS;
+        if self.dedup_horizon_ms < min_horizon || self.dedup_horizon_ms > 7 * day {
+            return err(
+                "dedup_horizon",
+                format!(
+                    "must be at least allowed_lateness + watermark_delay + 1m ({min_horizon} ms) and at most 7 days, got {} ms",
+                    self.dedup_horizon_ms
+                ),
+            );
+        }
+        if !(1..=100_000).contains(&self.top_n) {
+            return err(
+                "top_n",
+                format!("must be between 1 and 100000, got {}", self.top_n),
+            );
+        }
+        if !(1..=1024).contains(&self.shards) {
+            return err(
+                "shards",
+                format!("must be between 1 and 1024, got {}", self.shards),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What a record carries: a raw NDJSON line, or a click validated upstream (the collector
+/// validates to answer its client; the aggregator must not parse again).
+#[derive(Clone, Debug)]
+pub enum Payload<'a> {
+    Line(&'a [u8]),
+    Click(Click<'a>),
+}
+
+/// One record of a source partition.
+#[derive(Clone, Debug)]
+pub struct Record<'a> {
+    pub partition: PartitionId,
+    pub offset: Offset,
+    pub payload: Payload<'a>,
+}
+
+/// A line rejected as invalid, for the dead-letter file and the sender.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub partition: PartitionId,
+    pub offset: Offset,
+    pub error: Invalid,
+}
+
+/// Cumulative counters (SPEC §2 metrics).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Lines that passed validation (counted + duplicate + too late).
+    pub valid: u64,
+    /// Distinct clicks counted.
+    pub counted: u64,
+    /// Of `counted`, those that corrected a final minute.
+    pub late_corrected: u64,
+    pub duplicate: u64,
+    pub too_late: u64,
+    /// Invalid lines, by `InvalidKind::index`.
+    pub invalid: [u64; InvalidKind::ALL.len()],
+}
+
+impl Counters {
+    pub fn invalid_total(&self) -> u64 {
+        self.invalid.iter().sum()
+    }
+    fn add(&mut self, o: &Counters) {
+        self.valid += o.valid;
+        self.counted += o.counted;
+        self.late_corrected += o.late_corrected;
+        self.duplicate += o.duplicate;
+        self.too_late += o.too_late;
+        for (a, b) in self.invalid.iter_mut().zip(o.invalid) {
+            *a += b;
+        }
+    }
+    fn encode(&self, e: &mut snapshot::Encoder) {
+        for v in [
+            self.valid,
+            self.counted,
+            self.late_corrected,
+            self.duplicate,
+            self.too_late,
+        ] {
+            e.u(v);
+        }
+        e.u(self.invalid.len() as u64);
+        for v in self.invalid {
+            e.u(v);
+        }
+    }
+    fn decode(d: &mut snapshot::Decoder) -> Result<Counters, SnapshotError> {
+        let mut c = Counters {
+            valid: d.u()?,
+            counted: d.u()?,
+            late_corrected: d.u()?,
+            duplicate: d.u()?,
+            too_late: d.u()?,
+            ..Counters::default()
+        };
+        if d.u()? != c.invalid.len() as u64 {
+            return Err(SnapshotError::Corrupt("invalid counter kinds"));
+        }
+        for v in &mut c.invalid {
+            *v = d.u()?;
+        }
+        Ok(c)
+    }
+}
+
+/// Absolute counts of the (minute, ad) rows a batch touched: columnar, one row of `1 + filters`
+/// counts per entry (see [`Slot::index`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CountUpdates {
+    stride: usize,
+    minutes: Vec<Minute>,
+    ads: Vec<AdId>,
+    counts: Vec<u64>,
+}
+
+impl CountUpdates {
+    pub fn new(stride: usize) -> Self {
+        CountUpdates {
+            stride,
+            ..Default::default()
+        }
+    }
+    pub fn push(&mut self, minute: Minute, ad: &AdId, counts: &[u64]) {
+        debug_assert_eq!(counts.len(), self.stride);
+        self.minutes.push(minute);
+        self.ads.push(ad.clone());
+        self.counts.extend_from_slice(counts);
+    }
+    pub fn append(&mut self, other: &mut CountUpdates) {
+        self.minutes.append(&mut other.minutes);
+        self.ads.append(&mut other.ads);
+        self.counts.append(&mut other.counts);
+    }
+    pub fn len(&self) -> usize {
+        self.minutes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.minutes.is_empty()
+    }
+    /// Each row: its minute, ad and counts indexed by [`Slot::index`].
+    pub fn iter(&self) -> impl Iterator<Item = (Minute, &AdId, &[u64])> {
+        let stride = self.stride.max(1);
+        self.minutes
+            .iter()
+            .zip(&self.ads)
+            .zip(self.counts.chunks(stride))
+            .map(|((m, a), c)| (*m, a, c))
+    }
+}
+
+/// The global top-N of one minute and slot, as it now stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopUpdate {
+    pub minute: Minute,
+    pub slot: Slot,
+    pub ads: Vec<Ranked>,
+}
+
+/// What one batch changed.
+#[derive(Clone, Debug, Default)]
+pub struct Output {
+    pub counts: CountUpdates,
+    pub top: Vec<TopUpdate>,
+    /// The watermark after the batch, ms (`i64::MIN` before the first advance). Minutes whose end
+    /// is at or below it are final.
+    pub watermark: i64,
+    /// Per partition seen so far, the offset below which every record is reflected.
+    pub offsets: Vec<(PartitionId, Offset)>,
+    pub rejected: Vec<Rejected>,
+    pub counters: Counters,
+}
+
+/// The whole engine in one thread: a mapper, its shards and a reducer.
+pub struct Engine {
+    mapper: Mapper,
+    shards: Vec<Shard>,
+    reducer: Reducer,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, filters: Arc<Filters>) -> Result<Engine, ConfigError> {
+        config.validate()?;
+        let shards = (0..config.shards)
+            .map(|_| Shard::new(&config, filters.len()))
+            .collect();
+        Ok(Engine {
+            reducer: Reducer::new(&config, filters.len()),
+            mapper: Mapper::new(config, filters),
+            shards,
+        })
+    }
+
+    /// Processes one batch stamped with wall-clock time `wall`.
+    pub fn process(&mut self, wall: EventTime, records: &[Record<'_>]) -> Output {
+        let mapped = self.mapper.map(wall, records);
+        let (meta, batches) = mapped.split();
+        let outputs = self
+            .shards
+            .iter_mut()
+            .zip(batches)
+            .map(|(s, b)| s.apply(b))
+            .collect();
+        self.reducer.reduce(meta, outputs)
+    }
+
+    pub fn watermark(&self) -> i64 {
+        self.mapper.watermark()
+    }
+
+    pub fn offsets(&self) -> Vec<(PartitionId, Offset)> {
+        self.mapper.offsets()
+    }
+
+    /// State held across shards: (identities kept for dedup, minute windows).
+    pub fn shard_stats(&self) -> (usize, usize) {
+        self.shards
+            .iter()
+            .fold((0, 0), |(d, w), s| (d + s.dedup_len(), w + s.windows()))
+    }
+
+    /// The whole state as bytes, see [`snapshot`].
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut e = snapshot::Encoder::default();
+        self.mapper.encode(&mut e);
+        for s in &self.shards {
+            s.encode(&mut e);
+        }
+        e.finish()
+    }
+
+    /// Rebuilds an engine from [`Engine::snapshot`] bytes. The shard count and the filter ids
+    /// must be those the snapshot was taken with.
+    pub fn restore(
+        config: EngineConfig,
+        filters: Arc<Filters>,
+        bytes: &[u8],
+    ) -> Result<Engine, SnapshotError> {
+        let mut engine = Engine::new(config, filters).map_err(|e| SnapshotError::Mismatch {
+            what: "configuration",
+            found: String::new(),
+            configured: e.to_string(),
+        })?;
+        let mut d = snapshot::Decoder::open(bytes)?;
+        engine.mapper.decode(&mut d)?;
+        for s in &mut engine.shards {
+            s.decode(&mut d)?;
+        }
+        d.finish()?;
+        let watermark = engine.mapper.watermark();
+        let tops = engine.shards.iter().map(|s| s.final_tops()).collect();
+        engine.reducer.restore(watermark, tops);
+        Ok(engine)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,251 @@
+//! The aggregate stage for the ads of one shard: dedup, minute windows, local top-N.
+//!
+//! A window holds, per ad, one row of counts (total, then each filter). Rows live in flat vectors
+//! indexed through a hash table keyed by the ad's routing hash and compared by the ad string, so
+//! a row costs no allocation of its own. A window is *open* until the watermark reaches its end,
+//! then *final*: its local top-N per slot is computed once and afterwards kept exact under late
+//! corrections with [`rank::raise`]. It is evicted when the watermark is more than
+//! `allowed_lateness` past its end: no event can change it any more.
+
+use std::collections::BTreeMap;
+
+use hashbrown::HashTable;
+
+use crate::event::{AdId, Minute, MINUTE_MS};
+use crate::rank::{self, Ranked};
+
+use super::dedup::Dedup;
+use super::map::ShardBatch;
+use super::snapshot::{Decoder, Encoder, SnapshotError};
+use super::{CountUpdates, Counters, EngineConfig};
+
+/// Local top-N lists of one minute, one per slot.
+pub type MinuteTops = (Minute, Vec<Vec<Ranked>>);
+
+/// What one shard changed in a batch.
+#[derive(Debug, Default)]
+pub struct ShardOutput {
+    pub(crate) counts: CountUpdates,
+    /// Minutes that became final or were corrected, with their new local top-N lists.
+    pub(crate) tops: Vec<MinuteTops>,
+    /// This shard's cumulative counted/duplicate/late counters.
+    pub(crate) counters: Counters,
+}
+
+#[derive(Default)]
+struct Window {
+    index: HashTable<u32>,
+    ads: Vec<AdId>,
+    hashes: Vec<u64>,
+    counts: Vec<u64>,
+    /// Rows touched by the current batch (each once).
+    touched: Vec<u32>,
+    stamp: Vec<u64>,
+    is_final: bool,
+    top: Vec<Vec<Ranked>>,
+}
+
+impl Window {
+    fn row(&mut self, ad: &AdId, hash: u64, slots: usize) -> usize {
+        let Window {
+            index,
+            ads,
+            hashes,
+            counts,
+            stamp,
+            ..
+        } = self;
+        if let Some(&r) = index.find(hash, |&r| ads[r as usize] == *ad) {
+            return r as usize;
+        }
+        let r = ads.len();
+        ads.push(ad.clone());
+        hashes.push(hash);
+        counts.resize(counts.len() + slots, 0);
+        stamp.push(0);
+        index.insert_unique(hash, r as u32, |&r| hashes[r as usize]);
+        r
+    }
+
+    fn compute_tops(&mut self, slots: usize, n: usize) {
+        self.top = (0..slots)
+            .map(|slot| {
+                let items = self
+                    .ads
+                    .iter()
+                    .zip(self.counts.chunks(slots))
+                    .filter(|(_, c)| c[slot] > 0)
+                    .map(|(a, c)| (a.clone(), c[slot]))
+                    .collect();
+                rank::top(items, n)
+            })
+            .collect();
+    }
+}
+
+pub struct Shard {
+    slots: usize,
+    top_n: usize,
+    lateness_ms: i64,
+    windows: BTreeMap<Minute, Window>,
+    dedup: Dedup,
+    counters: Counters,
+    batch_no: u64,
+}
+
+impl Shard {
+    pub fn new(config: &EngineConfig, filters: usize) -> Shard {
+        Shard {
+            slots: filters + 1,
+            top_n: config.top_n,
+            lateness_ms: config.allowed_lateness_ms,
+            windows: BTreeMap::new(),
+            dedup: Dedup::new(config.dedup_horizon_ms),
+            counters: Counters::default(),
+            batch_no: 0,
+        }
+    }
+
+    /// Identities held for deduplication (for metrics and tests of its bound).
+    pub fn dedup_len(&self) -> usize {
+        self.dedup.len()
+    }
+
+    /// Windows held (open, or final within the lateness).
+    pub fn windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    pub fn apply(&mut self, batch: ShardBatch) -> ShardOutput {
+        let slots = self.slots;
+        let mut deltas = vec![0u64; batch.groups.len()];
+        for ev in &batch.events {
+            if self.dedup.insert(ev.identity, ev.time) {
+                deltas[ev.group as usize] += 1;
+                self.counters.counted += 1;
+                self.counters.late_corrected += ev.late as u64;
+            } else {
+                self.counters.duplicate += 1;
+            }
+        }
+        self.batch_no += 1;
+        for (g, &d) in batch.groups.iter().zip(&deltas) {
+            if d == 0 {
+                continue;
+            }
+            let w = self.windows.entry(g.minute).or_default();
+            let r = w.row(&g.ad, g.ad_hash, slots);
+            let row = &mut w.counts[r * slots..(r + 1) * slots];
+            row[0] += d;
+            for f in g.mask.iter() {
+                row[f + 1] += d;
+            }
+            if w.stamp[r] != self.batch_no {
+                w.stamp[r] = self.batch_no;
+                w.touched.push(r as u32);
+            }
+        }
+
+        let mut out = ShardOutput {
+            counts: CountUpdates::new(slots),
+            ..Default::default()
+        };
+        let watermark = batch.watermark;
+        for (&minute, w) in &mut self.windows {
+            if w.touched.is_empty() {
+                continue;
+            }
+            for &r in &w.touched {
+                let r = r as usize;
+                let counts = &w.counts[r * slots..(r + 1) * slots];
+                out.counts.push(minute, &w.ads[r], counts);
+                if w.is_final {
+                    for (slot, &c) in counts.iter().enumerate() {
+                        if c > 0 {
+                            rank::raise(&mut w.top[slot], self.top_n, &w.ads[r], c);
+                        }
+                    }
+                }
+            }
+            w.touched.clear();
+            if w.is_final {
+                out.tops.push((minute, w.top.clone()));
+            }
+        }
+        for (&minute, w) in &mut self.windows {
+            if minute.end().0 > watermark {
+                break;
+            }
+            if !w.is_final {
+                w.is_final = true;
+                w.compute_tops(slots, self.top_n);
+                out.tops.push((minute, w.top.clone()));
+            }
+        }
+        out.tops.sort_by_key(|(m, _)| *m);
+        while let Some(entry) = self.windows.first_entry() {
+            if watermark.saturating_sub(entry.key().end().0) <= self.lateness_ms {
+                break;
+            }
+            entry.remove();
+        }
+        self.dedup.expire(
+            watermark
+                .saturating_sub(self.lateness_ms)
+                .saturating_sub(MINUTE_MS),
+        );
+        out.counters = self.counters.clone();
+        out
+    }
+
+    /// The local top-N lists of every final window (to rebuild the reducer after a restore).
+    pub fn final_tops(&self) -> Vec<MinuteTops> {
+        self.windows
+            .iter()
+            .filter(|(_, w)| w.is_final)
+            .map(|(m, w)| (*m, w.top.clone()))
+            .collect()
+    }
+
+    /// Layout: counters, window count u, per window: minute i, final bool, row count u, per row:
+    /// ad str and `slots` counts u; then the dedup table.
+    pub fn encode(&self, e: &mut Encoder) {
+        self.counters.encode(e);
+        e.u(self.windows.len() as u64);
+        for (minute, w) in &self.windows {
+            e.i(minute.0);
+            e.bool(w.is_final);
+            e.u(w.ads.len() as u64);
+            for (ad, counts) in w.ads.iter().zip(w.counts.chunks(self.slots)) {
+                e.bytes(ad.as_str().as_bytes());
+                for &c in counts {
+                    e.u(c);
+                }
+            }
+        }
+        self.dedup.encode(e);
+    }
+
+    pub fn decode(&mut self, d: &mut Decoder) -> Result<(), SnapshotError> {
+        self.counters = Counters::decode(d)?;
+        for _ in 0..d.count()? {
+            let minute = Minute(d.i()?);
+            let mut w = Window {
+                is_final: d.bool()?,
+                ..Window::default()
+            };
+            for _ in 0..d.count()? {
+                let ad = AdId::new(d.str()?);
+                let r = w.row(&ad, ad.route_hash(), self.slots);
+                for slot in 0..self.slots {
+                    w.counts[r * self.slots + slot] = d.u()?;
+                }
+            }
+            if w.is_final {
+                w.compute_tops(self.slots, self.top_n);
+            }
+            self.windows.insert(minute, w);
+        }
+        self.dedup.decode(d)
+    }
+}

@@ -1,0 +1,377 @@
+//! The engine against the reference model: a seeded oracle workload with every kind of input,
+//! and property tests for batch boundaries, shard counts, snapshots, minute edges and identity.
+
+use std::sync::Arc;
+
+use adclick::engine::EngineConfig;
+use adclick::event::{parse_line, route_hash, EventTime, InvalidKind, Validation};
+use adclick::filter::{FilterConfig, Filters};
+use adclick::generate::{GenConfig, Generator};
+use proptest::prelude::*;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::model::{assert_same, run_engine, run_engine_with, run_model, Batch, Folded};
+
+fn filters() -> Arc<Filters> {
+    let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
+    Arc::new(
+        Filters::compile(&[
+            FilterConfig {
+                id: "us".into(),
+                country: list(&["US"]),
+                ..Default::default()
+            },
+            FilterConfig {
+                id: "office".into(),
+                ip: list(&["10.0.0.0/8", "2001:db8::/32"]),
+                ..Default::default()
+            },
+            FilterConfig {
+                id: "vip-de".into(),
+                country: list(&["DE", "GB"]),
+                user_id: list(&["u-1", "u-2", "u-3", "u-4", "u-5"]),
+                ..Default::default()
+            },
+        ])
+        .expect("valid filters"),
+    )
+}
+
+fn small_config(shards: usize) -> EngineConfig {
+    EngineConfig {
+        watermark_delay_ms: 5_000,
+        idle_timeout_ms: 20_000,
+        allowed_lateness_ms: 2 * 60_000,
+        dedup_horizon_ms: 4 * 60_000,
+        max_clock_skew_ms: 60_000,
+        top_n: 5,
+        shards,
+    }
+}
+
+/// A generated stream cut into batches over `parts` partitions with random interleaving, random
+/// batch sizes, occasional idle gaps and re-sent (already consumed) records.
+fn workload(seed: u64, events: usize, parts: u32) -> Vec<Batch> {
+    let mut rng = SmallRng::seed_from_u64(seed ^ 0xabcdef);
+    let mut generator = Generator::new(GenConfig {
+        seed,
+        ads: 40,
+        zipf: 1.1,
+        disorder_ms: 8_000,
+        duplicate: 0.06,
+        late: 0.03,
+        late_max_ms: 3 * 60_000,
+        too_late: 0.01,
+        too_late_ms: 10 * 60_000,
+        invalid: 0.03,
+        click_id: 0.6,
+        users: 8,
+    });
+    let mut now = 1_796_000_000_000i64;
+    let mut queues: Vec<Vec<(Vec<u8>, i64)>> = vec![Vec::new(); parts as usize];
+    for i in 0..events {
+        now += rng.random_range(0..40);
+        let mut line = generator.line(EventTime(now)).into_bytes();
+        if i % 97 == 0 {
+            line = b"   ".to_vec(); // blank lines keep their offsets
+        }
+        let v = Validation {
+            now: EventTime(now),
+            max_skew_ms: 60_000,
+        };
+        let p = match parse_line(&line, v) {
+            Ok(Some(c)) => (route_hash(&c.ad_id) % parts as u64) as u32,
+            _ => rng.random_range(0..parts),
+        };
+        queues[p as usize].push((line, now));
+    }
+    let mut next = vec![0usize; parts as usize];
+    let mut batches = Vec::new();
+    let mut wall = 1_796_000_000_000i64;
+    let mut records = Vec::new();
+    let mut newest = wall;
+    while next.iter().zip(&queues).any(|(n, q)| *n < q.len()) {
+        // Mostly the partition that lags furthest in event time, as a fair consumer would.
+        let lagging = (0..parts as usize)
+            .filter(|&p| next[p] < queues[p].len())
+            .min_by_key(|&p| queues[p][next[p]].1);
+        let p = if rng.random_bool(0.7) {
+            lagging.expect("some queue is not empty")
+        } else {
+            rng.random_range(0..parts) as usize
+        };
+        if next[p] == queues[p].len() {
+            continue;
+        }
+        if next[p] > 10 && rng.random_bool(0.02) {
+            // Re-send records the engine has (probably) already consumed.
+            let from = next[p] - rng.random_range(1..=10);
+            for (o, (line, _)) in queues[p].iter().enumerate().take(next[p]).skip(from) {
+                records.push((p as u32, o as u64, line.clone()));
+            }
+        }
+        let take = rng.random_range(1..=300).min(queues[p].len() - next[p]);
+        for (o, (line, t)) in queues[p].iter().enumerate().skip(next[p]).take(take) {
+            records.push((p as u32, o as u64, line.clone()));
+            newest = newest.max(*t);
+        }
+        next[p] += take;
+        if rng.random_bool(0.4) {
+            wall = wall.max(newest) + rng.random_range(0..2_000);
+            batches.push(Batch {
+                wall,
+                records: std::mem::take(&mut records),
+            });
+            if rng.random_bool(0.01) {
+                wall += rng.random_range(20_000..40_000);
+                batches.push(Batch {
+                    wall,
+                    records: Vec::new(),
+                });
+            }
+        }
+    }
+    wall = wall.max(newest) + 1_000;
+    batches.push(Batch { wall, records });
+    // Flush: every partition idle, the watermark follows the wall clock past every minute.
+    batches.push(Batch {
+        wall: wall + 3_600_000,
+        records: Vec::new(),
+    });
+    batches
+}
+
+#[test]
+fn oracle_seeded_workloads() {
+    let filters = filters();
+    for seed in 1..=6u64 {
+        let parts = 1 + (seed % 4) as u32;
+        let batches = workload(seed, 25_000, parts);
+        let shards = 1 + (seed as usize * 7) % 5;
+        let cfg = small_config(shards);
+        let model = run_model(&cfg, &filters, &batches);
+
+        // The workload must exercise every path, or the comparison proves little.
+        let c = &model.counters;
+        assert!(
+            c.counted > 15_000 && c.duplicate > 500,
+            "seed {seed}: {c:?}"
+        );
+        assert!(
+            c.late_corrected > 50 && c.too_late > 50,
+            "seed {seed}: {c:?}"
+        );
+        for kind in [
+            InvalidKind::NotJson,
+            InvalidKind::MissingField,
+            InvalidKind::BadTimestamp,
+            InvalidKind::InFuture,
+        ] {
+            assert!(c.invalid[kind.index()] > 0, "seed {seed}: no {kind:?}");
+        }
+        assert!(model.tops.len() > 20, "seed {seed}: few final minutes");
+
+        let plain = run_engine(&cfg, &filters, &batches, &[]);
+        assert_same(&plain, &model, &format!("seed {seed}, {shards} shards"));
+
+        let n = batches.len();
+        let restored = run_engine(&cfg, &filters, &batches, &[1, n / 3, n / 2, n - 1]);
+        assert_same(&restored, &model, &format!("seed {seed}, restored"));
+
+        let prevalidated = run_engine_with(&cfg, &filters, &batches, &[n / 4], true);
+        assert_same(
+            &prevalidated,
+            &model,
+            &format!("seed {seed}, pre-validated"),
+        );
+    }
+}
+
+#[test]
+fn dedup_state_is_bounded_by_the_horizon() {
+    use adclick::engine::{Engine, Offset, PartitionId, Payload, Record};
+    let cfg = small_config(1);
+    let mut engine = Engine::new(cfg.clone(), Arc::new(Filters::default())).unwrap();
+    let mut held = Vec::new();
+    // One hour of 20 clicks per second, all distinct.
+    for sec in 0..3_600i64 {
+        let t = 1_796_000_000_000 + sec * 1000;
+        let lines: Vec<String> = (0..20)
+            .map(|i| {
+                format!(r#"{{"ad_id":"ad-{i}","click_timestamp":{t},"click_id":"{sec}-{i}"}}"#)
+            })
+            .collect();
+        let records: Vec<Record> = lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| Record {
+                partition: PartitionId(0),
+                offset: Offset((sec * 20) as u64 + i as u64),
+                payload: Payload::Line(l.as_bytes()),
+            })
+            .collect();
+        engine.process(EventTime(t), &records);
+        held.push(engine.shard_stats().0);
+    }
+    // Horizon 4 min + lateness 2 min + a minute of sweep slack + delay: at most ~8.1 min of clicks.
+    let bound = 20 * 60 * 9;
+    assert!(
+        held.iter().all(|&n| n <= bound),
+        "max held {}",
+        held.iter().max().unwrap()
+    );
+    assert!(
+        held[3_599] > 20 * 60 * 5,
+        "it does hold the horizon: {}",
+        held[3_599]
+    );
+}
+
+/// A small event for property tests: fields drawn from tiny pools so identities collide often.
+#[derive(Clone, Debug)]
+struct Ev {
+    part: u32,
+    ad: u8,
+    /// Minutes and milliseconds around a minute edge, relative to the base time.
+    minute: i64,
+    edge: i64,
+    click_id: Option<u8>,
+    user: Option<u8>,
+    ip: Option<u8>,
+    us: bool,
+}
+
+fn ev() -> impl Strategy<Value = Ev> {
+    (
+        0..3u32,
+        0..6u8,
+        -2..8i64,
+        // 5_000 is the watermark delay: the watermark lands exactly on minute edges.
+        prop_oneof![
+            Just(0i64),
+            Just(1),
+            Just(-1),
+            Just(59_999),
+            Just(4_999),
+            Just(5_000),
+            Just(5_001),
+            0..60_000i64
+        ],
+        proptest::option::of(0..4u8),
+        proptest::option::of(0..2u8),
+        proptest::option::of(0..2u8),
+        any::<bool>(),
+    )
+        .prop_map(|(part, ad, minute, edge, click_id, user, ip, us)| Ev {
+            part,
+            ad,
+            minute,
+            edge,
+            click_id,
+            user,
+            ip,
+            us,
+        })
+}
+
+fn to_batches(base: i64, events: &[Ev], cuts: &[usize]) -> Vec<Batch> {
+    let mut offsets = [0u64; 3];
+    let mut records = Vec::new();
+    for e in events {
+        let t = base + e.minute * 60_000 + e.edge;
+        let mut line = format!(r#"{{"ad_id":"a{}","click_timestamp":{t}"#, e.ad);
+        if let Some(c) = e.click_id {
+            line += &format!(r#","click_id":"c{c}""#);
+        }
+        if let Some(u) = e.user {
+            line += &format!(r#","user_id":"u{u}""#);
+        }
+        if let Some(i) = e.ip {
+            // Two spellings of each address: identities compare addresses, not text.
+            let prefix = if e.us { "::ffff:" } else { "" };
+            line += &format!(r#","ip":"{prefix}10.0.0.{i}""#);
+        }
+        if e.us {
+            line += r#","country":"us""#;
+        }
+        line.push('}');
+        records.push((e.part, offsets[e.part as usize], line.into_bytes()));
+        offsets[e.part as usize] += 1;
+    }
+    // A constant wall far before the events: only event time moves the watermark.
+    let wall = base - 3_600_000;
+    let mut batches = Vec::new();
+    let mut at = 0;
+    for &cut in cuts {
+        let cut = cut.min(records.len()).max(at);
+        batches.push(Batch {
+            wall,
+            records: records[at..cut].to_vec(),
+        });
+        at = cut;
+    }
+    batches.push(Batch {
+        wall,
+        records: records[at..].to_vec(),
+    });
+    batches
+}
+
+fn prop_config(shards: usize) -> EngineConfig {
+    EngineConfig {
+        max_clock_skew_ms: 86_400_000,
+        top_n: 3,
+        ..small_config(shards)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Batch boundaries, shard counts and snapshot/restore points do not change any result, and
+    /// the results are the model's; also across minute edges at epoch 0 and before 1970.
+    #[test]
+    fn boundaries_shards_and_snapshots_do_not_matter(
+        events in proptest::collection::vec(ev(), 1..120),
+        cuts_a in proptest::collection::vec(0..120usize, 0..6),
+        cuts_b in proptest::collection::vec(0..120usize, 0..6),
+        shards_a in 1..5usize,
+        shards_b in 1..5usize,
+        restore in proptest::collection::vec(0..8usize, 0..3),
+        base in prop_oneof![Just(0i64), Just(-120_000), Just(-86_400_000 * 365), Just(1_796_000_000_000)],
+    ) {
+        let filters = filters();
+        let mut cuts_a = cuts_a;
+        cuts_a.sort();
+        let mut cuts_b = cuts_b;
+        cuts_b.sort();
+        let a = to_batches(base, &events, &cuts_a);
+        let b = to_batches(base, &events, &cuts_b);
+        let model = run_model(&prop_config(1), &filters, &a);
+        let ea = run_engine(&prop_config(shards_a), &filters, &a, &[]);
+        let eb = run_engine(&prop_config(shards_b), &filters, &b, &restore);
+        assert_same(&ea, &model, "cuts a");
+        assert_same(&eb, &model, "cuts b, restored");
+        prop_assert_eq!(model_without_tops(&ea), model_without_tops(&eb));
+    }
+
+    /// Top-N lists order by count descending, then ad id bytes ascending, whatever the input order.
+    #[test]
+    fn top_n_tie_breaks(items in proptest::collection::btree_map("[a-cA-C0-9é]{1,3}", 1..4u64, 0..30), n in 0..8usize) {
+        let ranked: Vec<_> = items.iter().rev().map(|(a, c)| (adclick::event::AdId::new(a), *c)).collect();
+        let got = adclick::rank::top(ranked, n);
+        let mut want: Vec<_> = items.into_iter().collect();
+        want.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.as_bytes().cmp(b.0.as_bytes())));
+        want.truncate(n);
+        let got: Vec<_> = got.into_iter().map(|(a, c)| (a.to_string(), c)).collect();
+        prop_assert_eq!(got, want);
+    }
+}
+
+fn model_without_tops(f: &Folded) -> Folded {
+    Folded {
+        tops: Default::default(),
+        ..f.clone()
+    }
+}
