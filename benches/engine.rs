@@ -1,1 +1,168 @@
-fn main() {}
+//! `cargo bench --bench engine`: the engine on one core.
+//!
+//! - `engine/pipeline`: 1,000,000 pre-generated NDJSON lines (100,000 ads, Zipf 1.05, 2 filters,
+//!   1% duplicates) through parse + validate + dedup + aggregate + top-N, in batches of 10,000,
+//!   ending with a flush that finalizes every minute.
+//! - `engine/prevalidated`: the same clicks validated upstream (the service's aggregator path).
+//! - `engine/parse_only`: the same lines through `parse_line` alone, the baseline for the JSON cost.
+//! - `snapshot/*`: encoding and restoring the state left by those lines (size printed).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use adclick::engine::{Engine, EngineConfig, Offset, PartitionId, Payload, Record};
+use adclick::event::{parse_line, EventTime, Validation};
+use adclick::filter::{FilterConfig, Filters};
+use adclick::generate::{GenConfig, Generator};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+const EVENTS: usize = 1_000_000;
+const BATCH: usize = 10_000;
+const START: i64 = 1_796_000_000_000;
+
+struct Input {
+    lines: Vec<String>,
+    /// Wall time of each batch: the newest event time in it.
+    walls: Vec<i64>,
+}
+
+fn input() -> Input {
+    let mut g = Generator::new(GenConfig {
+        seed: 42,
+        ads: 100_000,
+        zipf: 1.05,
+        duplicate: 0.01,
+        late: 0.0,
+        too_late: 0.0,
+        invalid: 0.0,
+        ..GenConfig::default()
+    });
+    // 20,000 clicks per second of event time: 50 s of traffic.
+    let lines: Vec<String> =
+        (0..EVENTS).map(|i| g.line(EventTime(START + i as i64 / 20))).collect();
+    let walls = (0..EVENTS / BATCH).map(|b| START + ((b + 1) * BATCH) as i64 / 20).collect();
+    Input { lines, walls }
+}
+
+fn filters() -> Arc<Filters> {
+    Arc::new(
+        Filters::compile(&[
+            FilterConfig {
+                id: "us".into(),
+                country: Some(vec!["US".into()]),
+                ..Default::default()
+            },
+            FilterConfig {
+                id: "office".into(),
+                ip: Some(vec!["10.0.0.0/8".into()]),
+                ..Default::default()
+            },
+        ])
+        .expect("valid"),
+    )
+}
+
+fn run(engine: &mut Engine, input: &Input, flush: bool) -> u64 {
+    let mut records = Vec::with_capacity(BATCH);
+    for (b, chunk) in input.lines.chunks(BATCH).enumerate() {
+        records.clear();
+        records.extend(chunk.iter().enumerate().map(|(i, l)| Record {
+            partition: PartitionId(0),
+            offset: Offset((b * BATCH + i) as u64),
+            payload: Payload::Line(l.as_bytes()),
+        }));
+        black_box(engine.process(EventTime(input.walls[b]), &records));
+    }
+    finish(engine, flush)
+}
+
+/// As [`run`] with clicks validated upstream (the service's aggregator path: no JSON).
+fn run_prevalidated(engine: &mut Engine, batches: &[Vec<Record<'_>>], walls: &[i64]) -> u64 {
+    for (b, records) in batches.iter().enumerate() {
+        black_box(engine.process(EventTime(walls[b]), records));
+    }
+    finish(engine, true)
+}
+
+fn finish(engine: &mut Engine, flush: bool) -> u64 {
+    if flush {
+        let out = engine.process(EventTime(START + 3_600_000), &[]);
+        assert!(!out.top.is_empty());
+        return out.counters.counted;
+    }
+    0
+}
+
+fn bench(c: &mut Criterion) {
+    let input = input();
+    let config = EngineConfig { shards: 1, ..EngineConfig::default() };
+    let filters = filters();
+
+    let mut g = c.benchmark_group("engine");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(EVENTS as u64));
+    g.bench_function("pipeline", |b| {
+        b.iter_batched(
+            || Engine::new(config.clone(), filters.clone()).expect("valid"),
+            |mut engine| run(&mut engine, &input, true),
+            BatchSize::PerIteration,
+        )
+    });
+    let v = Validation { now: EventTime(START + 3_600_000), max_skew_ms: 300_000 };
+    let batches: Vec<Vec<Record>> = input
+        .lines
+        .chunks(BATCH)
+        .enumerate()
+        .map(|(b, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .map(|(i, l)| Record {
+                    partition: PartitionId(0),
+                    offset: Offset((b * BATCH + i) as u64),
+                    payload: Payload::Click(
+                        parse_line(l.as_bytes(), v).expect("valid").expect("not blank"),
+                    ),
+                })
+                .collect()
+        })
+        .collect();
+    g.bench_function("prevalidated", |b| {
+        b.iter_batched(
+            || Engine::new(config.clone(), filters.clone()).expect("valid"),
+            |mut engine| run_prevalidated(&mut engine, &batches, &input.walls),
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("parse_only", |b| {
+        b.iter(|| {
+            let mut n = 0usize;
+            for l in &input.lines {
+                n += parse_line(l.as_bytes(), v).map(|c| c.is_some()).unwrap_or(false) as usize;
+            }
+            n
+        })
+    });
+    g.finish();
+
+    let mut engine = Engine::new(config.clone(), filters.clone()).expect("valid");
+    run(&mut engine, &input, false);
+    let bytes = engine.snapshot();
+    let (identities, windows) = engine.shard_stats();
+    eprintln!(
+        "snapshot: {} bytes for {identities} identities and {windows} windows ({:.1} bytes/identity)",
+        bytes.len(),
+        bytes.len() as f64 / identities as f64
+    );
+    let mut g = c.benchmark_group("snapshot");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(bytes.len() as u64));
+    g.bench_function("encode", |b| b.iter(|| engine.snapshot()));
+    g.bench_function("restore", |b| {
+        b.iter(|| Engine::restore(config.clone(), filters.clone(), &bytes).expect("restores"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

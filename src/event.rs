@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
 
-use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
@@ -184,8 +184,8 @@ pub struct Identity(pub u128);
 
 impl Click<'_> {
     pub fn identity(&self) -> Identity {
-        // ad 1+64, tag 1, then either click_id 1+128 or time 8 + user 2+128 + ip 17.
-        let mut buf = [0u8; 400];
+        // ad 1+64, tag 1, then either click_id 1+128 or time 8 + user 2+128 + ip 17: at most 221.
+        let mut buf = [0u8; 224];
         let mut n = 0;
         let mut put = |bytes: &[u8]| {
             buf[n..n + bytes.len()].copy_from_slice(bytes);
@@ -284,19 +284,11 @@ pub enum Invalid {
     #[error("{field}: missing")]
     Missing { field: Field },
     #[error("{field}: expected {expected}, found {found}")]
-    WrongType {
-        field: Field,
-        expected: &'static str,
-        found: &'static str,
-    },
+    WrongType { field: Field, expected: &'static str, found: &'static str },
     #[error("{field}: is empty")]
     Empty { field: Field },
     #[error("{field}: is {bytes} bytes, more than the limit of {max}")]
-    TooLong {
-        field: Field,
-        bytes: usize,
-        max: usize,
-    },
+    TooLong { field: Field, bytes: usize, max: usize },
     #[error("click_timestamp: {0}")]
     BadTimestamp(TimestampError),
     #[error("ip: {value:?} is not an IPv4 or IPv6 address")]
@@ -547,20 +539,43 @@ pub fn parse_line<'a>(line: &'a [u8], v: Validation) -> Result<Option<Click<'a>>
     if line.iter().all(|c| matches!(c, b' ' | b'\t' | b'\r')) {
         return Ok(None);
     }
-    let text = std::str::from_utf8(line).map_err(|e| Invalid::NotUtf8 {
-        at: e.valid_up_to(),
-    })?;
-    let raw: RawClick<'a> = match serde_json::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) if e.classify() == serde_json::error::Category::Data => {
-            return Err(Invalid::NotAnObject)
-        }
-        Err(e) => {
-            return Err(Invalid::NotJson {
-                detail: e.to_string(),
-            })
-        }
-    };
+    if !line.is_ascii() {
+        std::str::from_utf8(line).map_err(|e| Invalid::NotUtf8 { at: e.valid_up_to() })?;
+    }
+    let mut raw = RawClick::default();
+    if !fast::scan(line, &mut raw) {
+        raw = RawClick::default();
+        let text = std::str::from_utf8(line).expect("validated above");
+        parse_with_serde(text, &mut raw)?;
+    }
+    raw.validate(v).map(Some)
+}
+
+/// The full JSON parser, for every line the fast path declines.
+fn parse_with_serde<'a>(text: &'a str, raw: &mut RawClick<'a>) -> Result<(), Invalid> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    match de::DeserializeSeed::deserialize(raw, &mut de).and_then(|()| de.end()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.classify() == serde_json::error::Category::Data => Err(Invalid::NotAnObject),
+        Err(e) => Err(Invalid::NotJson { detail: e.to_string() }),
+    }
+}
+
+/// [`parse_line`] with the fast path disabled, for differential tests.
+#[doc(hidden)]
+pub fn parse_line_serde_only<'a>(
+    line: &'a [u8],
+    v: Validation,
+) -> Result<Option<Click<'a>>, Invalid> {
+    if line.len() > MAX_LINE_BYTES {
+        return Err(Invalid::LineTooLong { bytes: line.len() });
+    }
+    if line.iter().all(|c| matches!(c, b' ' | b'\t' | b'\r')) {
+        return Ok(None);
+    }
+    let text = std::str::from_utf8(line).map_err(|e| Invalid::NotUtf8 { at: e.valid_up_to() })?;
+    let mut raw = RawClick::default();
+    parse_with_serde(text, &mut raw)?;
     raw.validate(v).map(Some)
 }
 
@@ -612,11 +627,7 @@ impl<'de> Deserialize<'de> for Scalar<'de> {
                 Ok(Scalar::Unsigned(v))
             }
             fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(if v >= 0 {
-                    Scalar::Unsigned(v as u64)
-                } else {
-                    Scalar::Negative(v)
-                })
+                Ok(if v >= 0 { Scalar::Unsigned(v as u64) } else { Scalar::Negative(v) })
             }
             fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
                 Ok(Scalar::Float)
@@ -650,15 +661,6 @@ struct RawClick<'a> {
     duplicate: Option<Field>,
 }
 
-const FIELDS: [Field; 6] = [
-    Field::AdId,
-    Field::ClickTimestamp,
-    Field::UserId,
-    Field::Ip,
-    Field::Country,
-    Field::ClickId,
-];
-
 /// An object key: one of the known fields, or anything else.
 struct Key(Option<Field>);
 
@@ -671,23 +673,33 @@ impl<'de> Deserialize<'de> for Key {
                 f.write_str("an object key")
             }
             fn visit_str<E>(self, v: &str) -> Result<Key, E> {
-                Ok(Key(FIELDS.into_iter().find(|f| f.name() == v)))
+                Ok(Key(match v {
+                    "ad_id" => Some(Field::AdId),
+                    "click_timestamp" => Some(Field::ClickTimestamp),
+                    "user_id" => Some(Field::UserId),
+                    "ip" => Some(Field::Ip),
+                    "country" => Some(Field::Country),
+                    "click_id" => Some(Field::ClickId),
+                    _ => None,
+                }))
             }
         }
         d.deserialize_str(V)
     }
 }
 
-impl<'de> Deserialize<'de> for RawClick<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawClick<'de>;
+/// Fills a `RawClick` in place (it is large: moving it per line shows in profiles).
+impl<'de> de::DeserializeSeed<'de> for &mut RawClick<'de> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        struct V<'r, 'de>(&'r mut RawClick<'de>);
+        impl<'de> Visitor<'de> for V<'_, 'de> {
+            type Value = ();
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut raw = RawClick::default();
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+                let raw = self.0;
                 while let Some(Key(field)) = map.next_key()? {
                     match field {
                         None => {
@@ -703,10 +715,10 @@ impl<'de> Deserialize<'de> for RawClick<'de> {
                         }
                     }
                 }
-                Ok(raw)
+                Ok(())
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(V(self))
     }
 }
 
@@ -733,19 +745,11 @@ impl<'a> RawClick<'a> {
                 s
             }
             Some(other) => {
-                return Err(wrong_type(
-                    Field::AdId,
-                    "a string or a non-negative integer",
-                    &other,
-                ))
+                return Err(wrong_type(Field::AdId, "a string or a non-negative integer", &other))
             }
         };
         let time = match self.take(Field::ClickTimestamp) {
-            None => {
-                return Err(Invalid::Missing {
-                    field: Field::ClickTimestamp,
-                })
-            }
+            None => return Err(Invalid::Missing { field: Field::ClickTimestamp }),
             Some(Scalar::Str(s)) => parse_rfc3339(&s).map_err(Invalid::BadTimestamp)?,
             Some(Scalar::Unsigned(n)) => integer_time(i64::try_from(n).unwrap_or(i64::MAX))?,
             Some(Scalar::Negative(n)) => integer_time(n)?,
@@ -758,36 +762,22 @@ impl<'a> RawClick<'a> {
             }
         };
         if time.0 - v.now.0 > v.max_skew_ms {
-            return Err(Invalid::InFuture {
-                ahead_ms: time.0 - v.now.0,
-            });
+            return Err(Invalid::InFuture { ahead_ms: time.0 - v.now.0 });
         }
         let user_id = self.optional_str(Field::UserId, MAX_ID_BYTES)?;
         let click_id = self.optional_str(Field::ClickId, MAX_ID_BYTES)?;
         let ip = match self.optional_str(Field::Ip, usize::MAX)? {
             None => None,
-            Some(s) => Some(
-                s.parse::<IpAddr>()
-                    .map_err(|_| Invalid::BadIp {
-                        value: truncate(&s),
-                    })?
-                    .to_canonical(),
-            ),
+            Some(s) => Some(parse_ip(&s).ok_or_else(|| Invalid::BadIp { value: truncate(&s) })?),
         };
         let country = match self.optional_str(Field::Country, usize::MAX)? {
             None => None,
-            Some(s) => Some(Country::parse(&s).ok_or_else(|| Invalid::UnknownCountry {
-                value: truncate(&s),
-            })?),
+            Some(s) => Some(
+                Country::parse(&s)
+                    .ok_or_else(|| Invalid::UnknownCountry { value: truncate(&s) })?,
+            ),
         };
-        Ok(Click {
-            ad_id,
-            time,
-            user_id,
-            ip,
-            country,
-            click_id,
-        })
+        Ok(Click { ad_id, time, user_id, ip, country, click_id })
     }
 
     fn optional_str(&mut self, field: Field, max: usize) -> Result<Option<Cow<'a, str>>, Invalid> {
@@ -802,29 +792,53 @@ impl<'a> RawClick<'a> {
     }
 }
 
+/// Parses an address as `std` does, canonical. Plain dotted quads take a quick path that accepts
+/// exactly what `std` accepts (1–3 digits, no leading zero, at most 255); anything else goes to
+/// `std`.
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    let b = s.as_bytes();
+    let mut octets = [0u8; 4];
+    let (mut i, mut n) = (0, 0);
+    let quick = loop {
+        let start = i;
+        let mut v = 0u32;
+        while i < b.len() && b[i].is_ascii_digit() && i - start < 3 {
+            v = v * 10 + (b[i] - b'0') as u32;
+            i += 1;
+        }
+        let digits = i - start;
+        if digits == 0 || v > 255 || (digits > 1 && b[start] == b'0') {
+            break false;
+        }
+        octets[n] = v as u8;
+        n += 1;
+        if n == 4 {
+            break i == b.len();
+        }
+        if b.get(i) != Some(&b'.') {
+            break false;
+        }
+        i += 1;
+    };
+    if quick {
+        return Some(IpAddr::from(octets));
+    }
+    s.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
+}
+
 fn check_len(field: Field, s: &str, max: usize) -> Result<(), Invalid> {
     if s.len() > max {
-        return Err(Invalid::TooLong {
-            field,
-            bytes: s.len(),
-            max,
-        });
+        return Err(Invalid::TooLong { field, bytes: s.len(), max });
     }
     Ok(())
 }
 
 fn wrong_type(field: Field, expected: &'static str, found: &Scalar) -> Invalid {
-    Invalid::WrongType {
-        field,
-        expected,
-        found: found.type_name(),
-    }
+    Invalid::WrongType { field, expected, found: found.type_name() }
 }
 
 fn time_in_range(ms: i64) -> Option<EventTime> {
-    (EventTime::MIN.0..=EventTime::MAX.0)
-        .contains(&ms)
-        .then_some(EventTime(ms))
+    (EventTime::MIN.0..=EventTime::MAX.0).contains(&ms).then_some(EventTime(ms))
 }
 
 fn integer_time(ms: i64) -> Result<EventTime, Invalid> {
@@ -836,6 +850,164 @@ fn truncate(s: &str) -> String {
     match s.char_indices().nth(64) {
         Some((at, _)) => format!("{}…", &s[..at]),
         None => s.to_owned(),
+    }
+}
+
+/// The fast path for the common line shape.
+mod fast {
+    use std::borrow::Cow;
+
+    use super::{Field, RawClick, Scalar};
+
+    /// Scans a flat JSON object whose strings have no escapes and whose numbers are integers,
+    /// filling `raw` exactly as the serde visitor would. Returns false, leaving `raw` in any state,
+    /// for anything else (escapes, floats, nesting, malformed input): the caller then parses the
+    /// line with serde_json, which also words every error. `text` is valid UTF-8.
+    pub(super) fn scan<'a>(text: &'a [u8], raw: &mut RawClick<'a>) -> bool {
+        let mut s = Scanner { b: text, i: 0 };
+        s.ws();
+        if !s.eat(b'{') {
+            return false;
+        }
+        s.ws();
+        if !s.eat(b'}') {
+            loop {
+                let Some(key) = s.string() else { return false };
+                s.ws();
+                if !s.eat(b':') {
+                    return false;
+                }
+                s.ws();
+                let Some(value) = s.value() else { return false };
+                let field = match key {
+                    b"ad_id" => Some(Field::AdId),
+                    b"click_timestamp" => Some(Field::ClickTimestamp),
+                    b"user_id" => Some(Field::UserId),
+                    b"ip" => Some(Field::Ip),
+                    b"country" => Some(Field::Country),
+                    b"click_id" => Some(Field::ClickId),
+                    _ => None,
+                };
+                if let Some(field) = field {
+                    let slot = &mut raw.fields[field as usize];
+                    if slot.is_some() {
+                        raw.duplicate.get_or_insert(field);
+                    }
+                    *slot = Some(value);
+                }
+                s.ws();
+                if s.eat(b'}') {
+                    break;
+                }
+                if !s.eat(b',') {
+                    return false;
+                }
+                s.ws();
+            }
+        }
+        s.ws();
+        s.i == s.b.len()
+    }
+
+    struct Scanner<'a> {
+        b: &'a [u8],
+        i: usize,
+    }
+
+    impl<'a> Scanner<'a> {
+        fn ws(&mut self) {
+            while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.b.get(self.i) {
+                self.i += 1;
+            }
+        }
+        fn eat(&mut self, c: u8) -> bool {
+            let hit = self.b.get(self.i) == Some(&c);
+            self.i += hit as usize;
+            hit
+        }
+        /// A string with no escape and no control character.
+        fn string(&mut self) -> Option<&'a [u8]> {
+            if !self.eat(b'"') {
+                return None;
+            }
+            let start = self.i;
+            // Eight bytes at a time: flag any '"', '\\' or control byte. The lowest flag is exact.
+            const ONES: u64 = 0x0101_0101_0101_0101;
+            const HIGH: u64 = 0x8080_8080_8080_8080;
+            let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+            while let Some(chunk) = self.b.get(self.i..self.i + 8) {
+                let w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+                let flags = zero(w ^ (ONES * b'"' as u64))
+                    | zero(w ^ (ONES * b'\\' as u64))
+                    | (w.wrapping_sub(ONES * 0x20) & !w & HIGH);
+                if flags != 0 {
+                    self.i += (flags.trailing_zeros() / 8) as usize;
+                    break;
+                }
+                self.i += 8;
+            }
+            loop {
+                match *self.b.get(self.i)? {
+                    b'"' => break,
+                    b'\\' => return None,
+                    c if c < 0x20 => return None,
+                    _ => self.i += 1,
+                }
+            }
+            let s = &self.b[start..self.i];
+            self.i += 1;
+            Some(s)
+        }
+        fn value(&mut self) -> Option<Scalar<'a>> {
+            match *self.b.get(self.i)? {
+                b'"' => {
+                    let s = self.string()?;
+                    // The line is valid UTF-8 and the slice is cut at ASCII quotes.
+                    let s = std::str::from_utf8(s).ok()?;
+                    Some(Scalar::Str(Cow::Borrowed(s)))
+                }
+                b'n' => self.word(b"null", Scalar::Null),
+                b't' => self.word(b"true", Scalar::Bool),
+                b'f' => self.word(b"false", Scalar::Bool),
+                b'-' => {
+                    self.i += 1;
+                    let n = self.digits()?;
+                    // serde_json reads -0, and anything below i64::MIN, as a float: decline them.
+                    if n == 0 {
+                        return None;
+                    }
+                    let v = 0i64.checked_sub_unsigned(n)?;
+                    Some(Scalar::Negative(v))
+                }
+                b'0'..=b'9' => Some(Scalar::Unsigned(self.digits()?)),
+                _ => None,
+            }
+        }
+        fn word(&mut self, w: &[u8], v: Scalar<'a>) -> Option<Scalar<'a>> {
+            if self.b[self.i..].starts_with(w) {
+                self.i += w.len();
+                Some(v)
+            } else {
+                None
+            }
+        }
+        /// A JSON integer's digits (no leading zero), not followed by a fraction or exponent.
+        fn digits(&mut self) -> Option<u64> {
+            let start = self.i;
+            let mut v = 0u64;
+            while let Some(&c) = self.b.get(self.i).filter(|c| c.is_ascii_digit()) {
+                v = v.checked_mul(10)?.checked_add((c - b'0') as u64)?;
+                self.i += 1;
+            }
+            let n = self.i - start;
+            if n == 0 || (n > 1 && self.b[start] == b'0') {
+                return None;
+            }
+            match self.b.get(self.i) {
+                Some(b'.' | b'e' | b'E') => None,
+                _ => Some(v),
+            }
+        }
     }
 }
 

@@ -87,9 +87,7 @@ struct Compiled {
 impl Filters {
     pub fn compile(configs: &[FilterConfig]) -> Result<Filters, FilterError> {
         if configs.len() > MAX_FILTERS {
-            return Err(FilterError::TooMany {
-                count: configs.len(),
-            });
+            return Err(FilterError::TooMany { count: configs.len() });
         }
         let mut filters = Filters::default();
         for config in configs {
@@ -105,10 +103,7 @@ impl Filters {
                 return Err(FilterError::DuplicateId { id: id.clone() });
             }
             let non_empty = |list: &Option<Vec<String>>, key| match list {
-                Some(l) if l.is_empty() => Err(FilterError::EmptyList {
-                    id: id.clone(),
-                    key,
-                }),
+                Some(l) if l.is_empty() => Err(FilterError::EmptyList { id: id.clone(), key }),
                 _ => Ok(()),
             };
             non_empty(&config.country, "country")?;
@@ -146,17 +141,10 @@ impl Filters {
                     (Some(v4), v6)
                 }
             };
-            let users = config
-                .user_id
-                .as_ref()
-                .map(|l| l.iter().map(|u| u.as_str().into()).collect());
+            let users =
+                config.user_id.as_ref().map(|l| l.iter().map(|u| u.as_str().into()).collect());
             filters.ids.push(id.clone());
-            filters.compiled.push(Compiled {
-                countries,
-                v4,
-                v6,
-                users,
-            });
+            filters.compiled.push(Compiled { countries, v4, v6, users });
         }
         Ok(filters)
     }
@@ -224,16 +212,11 @@ impl Compiled {
 /// A CIDR or a bare address (a /32 or /128). An IPv4-mapped IPv6 network is taken as the IPv4
 /// network it maps, as click addresses are.
 fn parse_net(s: &str) -> Option<IpNet> {
-    let net = s
-        .parse::<IpNet>()
-        .ok()
-        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))?
-        .trunc();
+    let net =
+        s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))?.trunc();
     if let IpNet::V6(n) = net {
         if let (Some(v4), true) = (n.network().to_ipv4_mapped(), n.prefix_len() >= 96) {
-            return ipnet::Ipv4Net::new(v4, n.prefix_len() - 96)
-                .ok()
-                .map(IpNet::V4);
+            return ipnet::Ipv4Net::new(v4, n.prefix_len() - 96).ok().map(IpNet::V4);
         }
     }
     Some(net)
@@ -246,19 +229,11 @@ mod tests {
 
     fn cfg(id: &str, country: &[&str], ip: &[&str], user: &[&str]) -> FilterConfig {
         let list = |l: &[&str]| (!l.is_empty()).then(|| l.iter().map(|s| s.to_string()).collect());
-        FilterConfig {
-            id: id.into(),
-            country: list(country),
-            ip: list(ip),
-            user_id: list(user),
-        }
+        FilterConfig { id: id.into(), country: list(country), ip: list(ip), user_id: list(user) }
     }
 
     fn mask(filters: &Filters, line: &str) -> FilterMask {
-        let v = Validation {
-            now: crate::event::EventTime(i64::MAX / 2),
-            max_skew_ms: 0,
-        };
+        let v = Validation { now: crate::event::EventTime(i64::MAX / 2), max_skew_ms: 0 };
         filters.matches(&parse_line(line.as_bytes(), v).unwrap().unwrap())
     }
 
@@ -266,46 +241,20 @@ mod tests {
     fn every_condition_must_hold() {
         let f = Filters::compile(&[
             cfg("us", &["US"], &[], &[]),
-            cfg(
-                "office",
-                &[],
-                &["10.0.0.0/8", "2001:db8::/32", "192.168.1.7"],
-                &[],
-            ),
+            cfg("office", &[], &["10.0.0.0/8", "2001:db8::/32", "192.168.1.7"], &[]),
             cfg("us-office-bob", &["us", "ca"], &["10.0.0.0/8"], &["bob"]),
             cfg("all", &[], &[], &[]),
         ])
         .unwrap();
         let m = |l| mask(&f, l).iter().collect::<Vec<_>>();
         assert_eq!(m(r#"{"ad_id":"a","click_timestamp":0}"#), vec![3]);
-        assert_eq!(
-            m(r#"{"ad_id":"a","click_timestamp":0,"country":"us"}"#),
-            vec![0, 3]
-        );
-        assert_eq!(
-            m(r#"{"ad_id":"a","click_timestamp":0,"ip":"10.255.255.255"}"#),
-            vec![1, 3]
-        );
-        assert_eq!(
-            m(r#"{"ad_id":"a","click_timestamp":0,"ip":"11.0.0.0"}"#),
-            vec![3]
-        );
-        assert_eq!(
-            m(r#"{"ad_id":"a","click_timestamp":0,"ip":"192.168.1.7"}"#),
-            vec![1, 3]
-        );
-        assert_eq!(
-            m(r#"{"ad_id":"a","click_timestamp":0,"ip":"192.168.1.8"}"#),
-            vec![3]
-        );
-        assert_eq!(
-            m(r#"{"ad_id":"a","click_timestamp":0,"ip":"2001:DB8:ffff::1"}"#),
-            vec![1, 3]
-        );
-        assert_eq!(
-            m(r#"{"ad_id":"a","click_timestamp":0,"ip":"::ffff:10.1.2.3"}"#),
-            vec![1, 3]
-        );
+        assert_eq!(m(r#"{"ad_id":"a","click_timestamp":0,"country":"us"}"#), vec![0, 3]);
+        assert_eq!(m(r#"{"ad_id":"a","click_timestamp":0,"ip":"10.255.255.255"}"#), vec![1, 3]);
+        assert_eq!(m(r#"{"ad_id":"a","click_timestamp":0,"ip":"11.0.0.0"}"#), vec![3]);
+        assert_eq!(m(r#"{"ad_id":"a","click_timestamp":0,"ip":"192.168.1.7"}"#), vec![1, 3]);
+        assert_eq!(m(r#"{"ad_id":"a","click_timestamp":0,"ip":"192.168.1.8"}"#), vec![3]);
+        assert_eq!(m(r#"{"ad_id":"a","click_timestamp":0,"ip":"2001:DB8:ffff::1"}"#), vec![1, 3]);
+        assert_eq!(m(r#"{"ad_id":"a","click_timestamp":0,"ip":"::ffff:10.1.2.3"}"#), vec![1, 3]);
         assert_eq!(
             m(
                 r#"{"ad_id":"a","click_timestamp":0,"ip":"10.1.2.3","country":"CA","user_id":"bob"}"#
@@ -329,24 +278,12 @@ mod tests {
         assert!(err(cfg(&"a".repeat(33), &["US"], &[], &[])).contains("must match"));
         assert!(err(cfg("x", &["UK"], &[], &[])).contains("filters.x.country: \"UK\""));
         assert!(err(cfg("x", &[], &["10.0.0.0/33"], &[])).contains("filters.x.ip: \"10.0.0.0/33\""));
-        let empty = FilterConfig {
-            id: "x".into(),
-            country: Some(vec![]),
-            ..Default::default()
-        };
+        let empty = FilterConfig { id: "x".into(), country: Some(vec![]), ..Default::default() };
         assert!(err(empty).contains("filters.x.country: an empty list"));
         let twice = Filters::compile(&[cfg("x", &["US"], &[], &[]), cfg("x", &["DE"], &[], &[])]);
-        assert_eq!(
-            twice.unwrap_err(),
-            FilterError::DuplicateId { id: "x".into() }
-        );
-        let many: Vec<_> = (0..65)
-            .map(|i| cfg(&format!("f{i}"), &["US"], &[], &[]))
-            .collect();
-        assert_eq!(
-            Filters::compile(&many).unwrap_err(),
-            FilterError::TooMany { count: 65 }
-        );
+        assert_eq!(twice.unwrap_err(), FilterError::DuplicateId { id: "x".into() });
+        let many: Vec<_> = (0..65).map(|i| cfg(&format!("f{i}"), &["US"], &[], &[])).collect();
+        assert_eq!(Filters::compile(&many).unwrap_err(), FilterError::TooMany { count: 65 });
     }
 
     #[test]

@@ -52,9 +52,8 @@ impl Default for GenConfig {
     }
 }
 
-const COUNTRIES: [&str; 12] = [
-    "US", "US", "US", "de", "GB", "FR", "IN", "BR", "JP", "CA", "us", "NL",
-];
+const COUNTRIES: [&str; 12] =
+    ["US", "US", "US", "de", "GB", "FR", "IN", "BR", "JP", "CA", "us", "NL"];
 
 pub struct Generator {
     cfg: GenConfig,
@@ -139,18 +138,12 @@ impl Generator {
             1 => line += &format!(",\"ip\":\"2001:db8::{:x}\"", rng.random::<u16>()),
             2 => {}
             _ => {
-                line += &format!(
-                    ",\"ip\":\"203.0.{}.{}\"",
-                    rng.random::<u8>(),
-                    rng.random::<u8>()
-                )
+                line += &format!(",\"ip\":\"203.0.{}.{}\"", rng.random::<u8>(), rng.random::<u8>())
             }
         }
         if rng.random_bool(0.95) {
-            line += &format!(
-                ",\"country\":\"{}\"",
-                COUNTRIES[rng.random_range(0..COUNTRIES.len())]
-            );
+            line +=
+                &format!(",\"country\":\"{}\"", COUNTRIES[rng.random_range(0..COUNTRIES.len())]);
         }
         if rng.random_bool(self.cfg.click_id) {
             line += &format!(",\"click_id\":\"c-{:x}-{}\"", self.cfg.seed, self.serial);

@@ -10,8 +10,7 @@ pub type Ranked = (AdId, u64);
 
 /// `Less` when `a` ranks before `b`.
 pub fn order(a: &Ranked, b: &Ranked) -> Ordering {
-    b.1.cmp(&a.1)
-        .then_with(|| a.0.as_str().as_bytes().cmp(b.0.as_str().as_bytes()))
+    b.1.cmp(&a.1).then_with(|| a.0.as_str().as_bytes().cmp(b.0.as_str().as_bytes()))
 }
 
 /// The first `n` of `items` in rank order, sorted. O(len) selection plus O(n log n).
@@ -54,17 +53,7 @@ mod tests {
 
     #[test]
     fn ties_break_by_ad_id_bytes() {
-        let got = top(
-            vec![
-                r("b", 5),
-                r("a", 5),
-                r("B", 5),
-                r("c", 9),
-                r("é", 5),
-                r("z", 1),
-            ],
-            4,
-        );
+        let got = top(vec![r("b", 5), r("a", 5), r("B", 5), r("c", 9), r("é", 5), r("z", 1)], 4);
         assert_eq!(got, vec![r("c", 9), r("B", 5), r("a", 5), r("b", 5)]);
         assert_eq!(top(vec![r("a", 1)], 0), vec![]);
     }
@@ -75,9 +64,7 @@ mod tests {
         let mut list = Vec::new();
         let mut x = 7u64;
         for _ in 0..2000 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let ad = AdId::new(&format!("ad{}", (x >> 33) % 40));
             let c = counts.entry(ad.clone()).or_insert(0u64);
             *c += (x >> 20) % 3 + 1;

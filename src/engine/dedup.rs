@@ -36,27 +36,17 @@ impl Hasher for IdentityHasher {
     }
 }
 
-/// The counted event times of one identity: almost always exactly one.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Times {
-    One(i64),
-    Many(Vec<i64>),
-}
-
-impl Times {
-    fn as_slice(&self) -> &[i64] {
-        match self {
-            Times::One(t) => std::slice::from_ref(t),
-            Times::Many(v) => v,
-        }
-    }
-}
+/// Marks an identity whose times live in `Dedup::many`.
+const MANY: i64 = i64::MIN;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dedup {
     horizon_ms: i64,
-    seen: HashMap<u128, Times, BuildHasherDefault<IdentityHasher>>,
-    /// Times at or below this have been dropped.
+    /// Identity → the event time of its counted click: 32-byte entries, the hot table.
+    seen: HashMap<u128, i64, BuildHasherDefault<IdentityHasher>>,
+    /// The rare identities counted more than once (copies further apart than the horizon).
+    many: HashMap<u128, Vec<i64>, BuildHasherDefault<IdentityHasher>>,
+    /// Times below this have been dropped.
     expired_below: i64,
 }
 
@@ -65,6 +55,7 @@ impl Dedup {
         Dedup {
             horizon_ms,
             seen: HashMap::default(),
+            many: HashMap::default(),
             expired_below: i64::MIN,
         }
     }
@@ -74,18 +65,24 @@ impl Dedup {
         let h = self.horizon_ms;
         match self.seen.entry(id.0) {
             hashbrown::hash_map::Entry::Vacant(v) => {
-                v.insert(Times::One(t));
+                v.insert(t);
                 true
             }
             hashbrown::hash_map::Entry::Occupied(mut o) => {
-                if o.get().as_slice().iter().any(|&s| (s - t).abs() <= h) {
+                let s = *o.get();
+                if s != MANY {
+                    if (s - t).abs() <= h {
+                        return false;
+                    }
+                    o.insert(MANY);
+                    self.many.insert(id.0, vec![s, t]);
+                    return true;
+                }
+                let times = self.many.get_mut(&id.0).expect("MANY entries have times");
+                if times.iter().any(|&s| (s - t).abs() <= h) {
                     return false;
                 }
-                let times = o.get_mut();
-                match times {
-                    Times::One(s) => *times = Times::Many(vec![*s, t]),
-                    Times::Many(v) => v.push(t),
-                }
+                times.push(t);
                 true
             }
         }
@@ -99,17 +96,24 @@ impl Dedup {
             return;
         }
         self.expired_below = drop_below;
-        self.seen.retain(|_, times| match times {
-            Times::One(t) => *t >= drop_below,
-            Times::Many(v) => {
-                v.retain(|&t| t >= drop_below);
-                !v.is_empty()
-            }
+        self.many.retain(|_, v| {
+            v.retain(|&t| t >= drop_below);
+            !v.is_empty()
         });
+        let many = &self.many;
+        self.seen.retain(|id, t| if *t == MANY { many.contains_key(id) } else { *t >= drop_below });
     }
 
     pub fn len(&self) -> usize {
         self.seen.len()
+    }
+
+    fn times(&self, id: u128, t: i64) -> &[i64] {
+        if t == MANY {
+            &self.many[&id]
+        } else {
+            std::slice::from_ref(self.seen.get(&id).expect("listed identities are present"))
+        }
     }
 
     /// Layout: `expired_below` i, entry count u, then per entry: identity (16 bytes LE), time count
@@ -117,9 +121,9 @@ impl Dedup {
     pub fn encode(&self, e: &mut Encoder) {
         e.i(self.expired_below);
         e.u(self.seen.len() as u64);
-        for (id, times) in &self.seen {
-            e.u128(*id);
-            let ts = times.as_slice();
+        for (&id, &t) in &self.seen {
+            e.u128(id);
+            let ts = self.times(id, t);
             e.u(ts.len() as u64);
             for &t in ts {
                 e.i(t);
@@ -133,12 +137,21 @@ impl Dedup {
         self.seen.reserve(n);
         for _ in 0..n {
             let id = d.u128()?;
-            let times = match d.count()? {
+            match d.count()? {
                 0 => return Err(SnapshotError::Corrupt("dedup entry without times")),
-                1 => Times::One(d.i()?),
-                k => Times::Many((0..k).map(|_| d.i()).collect::<Result<_, _>>()?),
-            };
-            self.seen.insert(id, times);
+                1 => {
+                    let t = d.i()?;
+                    if t == MANY {
+                        return Err(SnapshotError::Corrupt("dedup time out of range"));
+                    }
+                    self.seen.insert(id, t);
+                }
+                k => {
+                    let times = (0..k).map(|_| d.i()).collect::<Result<_, _>>()?;
+                    self.seen.insert(id, MANY);
+                    self.many.insert(id, times);
+                }
+            }
         }
         Ok(())
     }
@@ -154,22 +167,12 @@ mod tests {
         let id = Identity(42);
         assert!(d.insert(id, 0));
         assert!(!d.insert(id, 0));
-        assert!(
-            !d.insert(id, 600_000),
-            "exactly the horizon apart is a duplicate"
-        );
+        assert!(!d.insert(id, 600_000), "exactly the horizon apart is a duplicate");
         assert!(d.insert(id, 600_001), "beyond the horizon counts again");
-        assert!(
-            !d.insert(id, 300_000),
-            "within the horizon of both counted copies"
-        );
+        assert!(!d.insert(id, 300_000), "within the horizon of both counted copies");
         assert!(d.insert(Identity(43), 0));
         d.expire(600_000 + 60_000);
-        assert_eq!(
-            d.len(),
-            1,
-            "identity 43 (t=0) can no longer match a countable click"
-        );
+        assert_eq!(d.len(), 1, "identity 43 (t=0) can no longer match a countable click");
         assert!(!d.insert(id, 600_001));
     }
 }

@@ -106,13 +106,17 @@ impl Mapper {
 
     pub fn map(&mut self, wall: EventTime, records: &[Record<'_>]) -> Mapped {
         self.watermarks.tick(wall);
-        let mut batches = vec![ShardBatch::default(); self.config.shards];
+        let per_shard = records.len() / self.config.shards + 16;
+        let mut batches: Vec<ShardBatch> = (0..self.config.shards)
+            .map(|_| ShardBatch {
+                groups: Vec::with_capacity(per_shard / 2),
+                events: Vec::with_capacity(per_shard),
+                watermark: 0,
+            })
+            .collect();
         let mut rejected = Vec::new();
         self.groups.clear();
-        let v = Validation {
-            now: wall,
-            max_skew_ms: self.config.max_clock_skew_ms,
-        };
+        let v = Validation { now: wall, max_skew_ms: self.config.max_clock_skew_ms };
         let mut touched = Vec::new();
         for r in records {
             if !self.watermarks.claim(r.partition, r.offset) {
@@ -128,11 +132,7 @@ impl Mapper {
                     Ok(None) => {}
                     Err(error) => {
                         self.counters.invalid[error.kind().index()] += 1;
-                        rejected.push(Rejected {
-                            partition: r.partition,
-                            offset: r.offset,
-                            error,
-                        });
+                        rejected.push(Rejected { partition: r.partition, offset: r.offset, error });
                     }
                 },
             }
@@ -145,22 +145,10 @@ impl Mapper {
         touched.dedup();
         let offsets = touched
             .into_iter()
-            .map(|p| {
-                (
-                    p,
-                    self.watermarks
-                        .next_offset(p)
-                        .expect("claimed partitions are known"),
-                )
-            })
+            .map(|p| (p, self.watermarks.next_offset(p).expect("claimed partitions are known")))
             .collect();
         Mapped {
-            meta: MapMeta {
-                watermark,
-                offsets,
-                rejected,
-                counters: self.counters.clone(),
-            },
+            meta: MapMeta { watermark, offsets, rejected, counters: self.counters.clone() },
             batches,
         }
     }
@@ -197,14 +185,8 @@ impl Mapper {
             Some(&(_, _, g)) => g,
             None => {
                 let g = batch.groups.len() as u32;
-                batch.groups.push(Group {
-                    ad: AdId::new(&click.ad_id),
-                    ad_hash,
-                    minute,
-                    mask,
-                });
-                self.groups
-                    .insert_unique(key, (key, shard as u32, g), |&(k, _, _)| k);
+                batch.groups.push(Group { ad: AdId::new(&click.ad_id), ad_hash, minute, mask });
+                self.groups.insert_unique(key, (key, shard as u32, g), |&(k, _, _)| k);
                 g
             }
         };
@@ -236,9 +218,8 @@ impl Mapper {
                 configured: self.config.shards.to_string(),
             });
         }
-        let ids = (0..d.count()?)
-            .map(|_| d.str().map(str::to_owned))
-            .collect::<Result<Vec<_>, _>>()?;
+        let ids =
+            (0..d.count()?).map(|_| d.str().map(str::to_owned)).collect::<Result<Vec<_>, _>>()?;
         if ids != self.filters.ids() {
             return Err(SnapshotError::Mismatch {
                 what: "filters",

@@ -145,16 +145,10 @@ impl EngineConfig {
             );
         }
         if !(1..=100_000).contains(&self.top_n) {
-            return err(
-                "top_n",
-                format!("must be between 1 and 100000, got {}", self.top_n),
-            );
+            return err("top_n", format!("must be between 1 and 100000, got {}", self.top_n));
         }
         if !(1..=1024).contains(&self.shards) {
-            return err(
-                "shards",
-                format!("must be between 1 and 1024, got {}", self.shards),
-            );
+            return err("shards", format!("must be between 1 and 1024, got {}", self.shards));
         }
         Ok(())
     }
@@ -214,13 +208,7 @@ impl Counters {
         }
     }
     fn encode(&self, e: &mut snapshot::Encoder) {
-        for v in [
-            self.valid,
-            self.counted,
-            self.late_corrected,
-            self.duplicate,
-            self.too_late,
-        ] {
+        for v in [self.valid, self.counted, self.late_corrected, self.duplicate, self.too_late] {
             e.u(v);
         }
         e.u(self.invalid.len() as u64);
@@ -259,10 +247,7 @@ pub struct CountUpdates {
 
 impl CountUpdates {
     pub fn new(stride: usize) -> Self {
-        CountUpdates {
-            stride,
-            ..Default::default()
-        }
+        CountUpdates { stride, ..Default::default() }
     }
     pub fn push(&mut self, minute: Minute, ad: &AdId, counts: &[u64]) {
         debug_assert_eq!(counts.len(), self.stride);
@@ -324,9 +309,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: EngineConfig, filters: Arc<Filters>) -> Result<Engine, ConfigError> {
         config.validate()?;
-        let shards = (0..config.shards)
-            .map(|_| Shard::new(&config, filters.len()))
-            .collect();
+        let shards = (0..config.shards).map(|_| Shard::new(&config, filters.len())).collect();
         Ok(Engine {
             reducer: Reducer::new(&config, filters.len()),
             mapper: Mapper::new(config, filters),
@@ -338,12 +321,7 @@ impl Engine {
     pub fn process(&mut self, wall: EventTime, records: &[Record<'_>]) -> Output {
         let mapped = self.mapper.map(wall, records);
         let (meta, batches) = mapped.split();
-        let outputs = self
-            .shards
-            .iter_mut()
-            .zip(batches)
-            .map(|(s, b)| s.apply(b))
-            .collect();
+        let outputs = self.shards.iter_mut().zip(batches).map(|(s, b)| s.apply(b)).collect();
         self.reducer.reduce(meta, outputs)
     }
 
@@ -357,9 +335,7 @@ impl Engine {
 
     /// State held across shards: (identities kept for dedup, minute windows).
     pub fn shard_stats(&self) -> (usize, usize) {
-        self.shards
-            .iter()
-            .fold((0, 0), |(d, w), s| (d + s.dedup_len(), w + s.windows()))
+        self.shards.iter().fold((0, 0), |(d, w), s| (d + s.dedup_len(), w + s.windows()))
     }
 
     /// The whole state as bytes, see [`snapshot`].

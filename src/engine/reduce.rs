@@ -78,9 +78,8 @@ impl Reducer {
 
     fn accept(&mut self, shard: usize, tops: Vec<MinuteTops>) {
         for (minute, lists) in tops {
-            self.minutes
-                .entry(minute)
-                .or_insert_with(|| vec![Vec::new(); self.shards])[shard] = lists;
+            self.minutes.entry(minute).or_insert_with(|| vec![Vec::new(); self.shards])[shard] =
+                lists;
         }
     }
 

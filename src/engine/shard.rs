@@ -47,14 +47,7 @@ struct Window {
 
 impl Window {
     fn row(&mut self, ad: &AdId, hash: u64, slots: usize) -> usize {
-        let Window {
-            index,
-            ads,
-            hashes,
-            counts,
-            stamp,
-            ..
-        } = self;
+        let Window { index, ads, hashes, counts, stamp, .. } = self;
         if let Some(&r) = index.find(hash, |&r| ads[r as usize] == *ad) {
             return r as usize;
         }
@@ -146,10 +139,7 @@ impl Shard {
             }
         }
 
-        let mut out = ShardOutput {
-            counts: CountUpdates::new(slots),
-            ..Default::default()
-        };
+        let mut out = ShardOutput { counts: CountUpdates::new(slots), ..Default::default() };
         let watermark = batch.watermark;
         for (&minute, w) in &mut self.windows {
             if w.touched.is_empty() {
@@ -189,22 +179,14 @@ impl Shard {
             }
             entry.remove();
         }
-        self.dedup.expire(
-            watermark
-                .saturating_sub(self.lateness_ms)
-                .saturating_sub(MINUTE_MS),
-        );
+        self.dedup.expire(watermark.saturating_sub(self.lateness_ms).saturating_sub(MINUTE_MS));
         out.counters = self.counters.clone();
         out
     }
 
     /// The local top-N lists of every final window (to rebuild the reducer after a restore).
     pub fn final_tops(&self) -> Vec<MinuteTops> {
-        self.windows
-            .iter()
-            .filter(|(_, w)| w.is_final)
-            .map(|(m, w)| (*m, w.top.clone()))
-            .collect()
+        self.windows.iter().filter(|(_, w)| w.is_final).map(|(m, w)| (*m, w.top.clone())).collect()
     }
 
     /// Layout: counters, window count u, per window: minute i, final bool, row count u, per row:
@@ -230,10 +212,7 @@ impl Shard {
         self.counters = Counters::decode(d)?;
         for _ in 0..d.count()? {
             let minute = Minute(d.i()?);
-            let mut w = Window {
-                is_final: d.bool()?,
-                ..Window::default()
-            };
+            let mut w = Window { is_final: d.bool()?, ..Window::default() };
             for _ in 0..d.count()? {
                 let ad = AdId::new(d.str()?);
                 let r = w.row(&ad, ad.route_hash(), self.slots);

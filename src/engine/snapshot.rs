@@ -27,11 +27,7 @@ pub enum SnapshotError {
     #[error("snapshot checksum mismatch")]
     Checksum,
     #[error("snapshot was taken with {what} {found}, the engine is configured with {configured}")]
-    Mismatch {
-        what: &'static str,
-        found: String,
-        configured: String,
-    },
+    Mismatch { what: &'static str, found: String, configured: String },
 }
 
 /// Appends encoded values to a buffer.
@@ -105,10 +101,7 @@ impl<'a> Decoder<'a> {
     pub fn u(&mut self) -> Result<u64, SnapshotError> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
-            let (&b, rest) = self
-                .buf
-                .split_first()
-                .ok_or(SnapshotError::Corrupt("varint"))?;
+            let (&b, rest) = self.buf.split_first().ok_or(SnapshotError::Corrupt("varint"))?;
             self.buf = rest;
             v |= ((b & 0x7f) as u64) << shift;
             if b < 0x80 {

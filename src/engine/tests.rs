@@ -27,10 +27,7 @@ impl Feed {
         Feed::with(config(), Filters::default())
     }
     fn with(cfg: EngineConfig, filters: Filters) -> Feed {
-        Feed {
-            engine: Engine::new(cfg, Arc::new(filters)).unwrap(),
-            offsets: Default::default(),
-        }
+        Feed { engine: Engine::new(cfg, Arc::new(filters)).unwrap(), offsets: Default::default() }
     }
     /// Sends lines on a partition, wall clock fixed at 0 unless given.
     fn send(&mut self, partition: u32, wall: i64, lines: &[String]) -> Output {
@@ -71,19 +68,11 @@ fn final_exactly_when_the_watermark_reaches_the_end() {
     assert_eq!(o.top[0].minute, Minute(0));
     assert_eq!(o.top[0].ads, vec![(AdId::new("a"), 2)]);
     // Now an event for minute 0 is a correction, and the top-N is re-emitted.
-    let o = f.send(
-        0,
-        0,
-        &[click("c", 1, "5"), click("c", 2, "6"), click("c", 3, "7")],
-    );
+    let o = f.send(0, 0, &[click("c", 1, "5"), click("c", 2, "6"), click("c", 3, "7")]);
     assert_eq!(o.counters.late_corrected, 3);
     assert_eq!(o.top.len(), 1);
     assert_eq!(o.top[0].ads, vec![(AdId::new("c"), 3), (AdId::new("a"), 2)]);
-    let rows: Vec<_> = o
-        .counts
-        .iter()
-        .map(|(m, a, c)| (m, a.clone(), c.to_vec()))
-        .collect();
+    let rows: Vec<_> = o.counts.iter().map(|(m, a, c)| (m, a.clone(), c.to_vec())).collect();
     assert_eq!(
         rows,
         vec![(Minute(0), AdId::new("c"), vec![3])],
@@ -97,14 +86,7 @@ fn too_late_exactly_past_the_lateness() {
     // Watermark 180_000: minute 0 ends 120_000 before it, exactly the allowed lateness.
     f.send(0, 0, &[click("x", 185_000, "1")]);
     let o = f.send(0, 0, &[click("a", 0, "2")]);
-    assert_eq!(
-        (
-            o.counters.counted,
-            o.counters.too_late,
-            o.counters.late_corrected
-        ),
-        (2, 0, 1)
-    );
+    assert_eq!((o.counters.counted, o.counters.too_late, o.counters.late_corrected), (2, 0, 1));
     f.send(0, 0, &[click("x", 185_001, "3")]);
     let o = f.send(0, 0, &[click("a", 59_999, "4")]);
     assert_eq!((o.counters.counted, o.counters.too_late), (3, 1));
@@ -117,11 +99,7 @@ fn dedup_holds_until_no_copy_can_be_counted() {
     f.send(0, 0, &[click("a", 0, "c1")]);
     // Watermark = horizon + lateness + 1 min − 1 s: a copy at t = horizon is still countable
     // (its minute ends within the lateness) and must still be recognised.
-    f.send(
-        0,
-        0,
-        &[click("x", 240_000 + 120_000 + 60_000 - 1_000 + 5_000, "w")],
-    );
+    f.send(0, 0, &[click("x", 240_000 + 120_000 + 60_000 - 1_000 + 5_000, "w")]);
     let o = f.send(0, 0, &[click("a", 240_000, "c1")]);
     assert_eq!((o.counters.duplicate, o.counters.too_late), (1, 0));
     // One horizon and a millisecond apart: a new click.
@@ -145,11 +123,7 @@ fn idle_partitions_stop_holding_the_watermark() {
     // And never goes back, even when a partition wakes up behind it.
     let o = f.send(0, 1_030_001, &[click("a", 1_000_000, "3")]);
     assert_eq!(o.watermark, 1_025_001);
-    assert_eq!(
-        (o.counters.too_late, o.counters.late_corrected),
-        (0, 1),
-        "within the lateness"
-    );
+    assert_eq!((o.counters.too_late, o.counters.late_corrected), (0, 1), "within the lateness");
 }
 
 #[test]
@@ -161,10 +135,7 @@ fn the_wall_clock_moves_nothing_before_the_first_event() {
     assert_eq!(o.watermark, i64::MIN, "an invalid line is no event time");
     let o = f.send(0, 800_000, &[click("a", 0, "1")]);
     assert_eq!(o.watermark, -5_000);
-    assert_eq!(
-        o.counters.counted, 1,
-        "history sent to a fresh engine is counted"
-    );
+    assert_eq!(o.counters.counted, 1, "history sent to a fresh engine is counted");
 }
 
 #[test]
@@ -174,10 +145,7 @@ fn replayed_offsets_are_ignored() {
     f.send(0, 0, &lines);
     f.offsets.insert(0, 1); // re-send from offset 1
     let o = f.send(0, 0, &[click("a", 1, "2"), click("a", 2, "3")]);
-    assert_eq!(
-        o.counters.duplicate, 0,
-        "offset 1 was skipped, not deduplicated"
-    );
+    assert_eq!(o.counters.duplicate, 0, "offset 1 was skipped, not deduplicated");
     assert_eq!(o.counters.counted, 3);
     assert_eq!(o.offsets, vec![(PartitionId(0), Offset(3))]);
 }
@@ -185,28 +153,11 @@ fn replayed_offsets_are_ignored() {
 #[test]
 fn invalid_lines_are_reported_with_offsets() {
     let mut f = Feed::new();
-    let o = f.send(
-        3,
-        0,
-        &[
-            "{oops".into(),
-            click("a", 0, "1"),
-            "".into(),
-            r#"{"ad_id":"a"}"#.into(),
-        ],
-    );
-    let got: Vec<_> = o
-        .rejected
-        .iter()
-        .map(|r| (r.partition.0, r.offset.0, r.error.kind()))
-        .collect();
-    assert_eq!(
-        got,
-        vec![
-            (3, 0, InvalidKind::NotJson),
-            (3, 3, InvalidKind::MissingField)
-        ]
-    );
+    let o =
+        f.send(3, 0, &["{oops".into(), click("a", 0, "1"), "".into(), r#"{"ad_id":"a"}"#.into()]);
+    let got: Vec<_> =
+        o.rejected.iter().map(|r| (r.partition.0, r.offset.0, r.error.kind())).collect();
+    assert_eq!(got, vec![(3, 0, InvalidKind::NotJson), (3, 3, InvalidKind::MissingField)]);
     assert_eq!(o.counters.invalid_total(), 2);
     assert_eq!(o.counters.valid, 1);
 }
@@ -216,10 +167,7 @@ fn snapshot_refuses_other_shards_or_filters_and_damage() {
     let mut f = Feed::new();
     f.send(0, 0, &[click("a", 0, "1")]);
     let bytes = f.engine.snapshot();
-    let other = EngineConfig {
-        shards: 3,
-        ..config()
-    };
+    let other = EngineConfig { shards: 3, ..config() };
     assert!(matches!(
         Engine::restore(other, Arc::new(Filters::default()), &bytes),
         Err(SnapshotError::Mismatch { what: "shards", .. })
@@ -232,33 +180,20 @@ fn snapshot_refuses_other_shards_or_filters_and_damage() {
     .unwrap();
     assert!(matches!(
         Engine::restore(config(), Arc::new(filters), &bytes),
-        Err(SnapshotError::Mismatch {
-            what: "filters",
-            ..
-        })
+        Err(SnapshotError::Mismatch { what: "filters", .. })
     ));
     let mut bad = bytes.clone();
     let mid = bad.len() / 2;
     bad[mid] ^= 1;
     assert!(Engine::restore(config(), Arc::new(Filters::default()), &bad).is_err());
     let back = Engine::restore(config(), Arc::new(Filters::default()), &bytes).unwrap();
-    assert_eq!(
-        back.snapshot(),
-        bytes,
-        "restore then snapshot is the identity"
-    );
+    assert_eq!(back.snapshot(), bytes, "restore then snapshot is the identity");
 }
 
 #[test]
 fn config_is_validated_with_the_key_named() {
-    let bad = EngineConfig {
-        dedup_horizon_ms: 60_000,
-        ..config()
-    };
+    let bad = EngineConfig { dedup_horizon_ms: 60_000, ..config() };
     assert_eq!(bad.validate().unwrap_err().key, "dedup_horizon");
-    let bad = EngineConfig {
-        top_n: 0,
-        ..config()
-    };
+    let bad = EngineConfig { top_n: 0, ..config() };
     assert_eq!(bad.validate().unwrap_err().key, "top_n");
 }

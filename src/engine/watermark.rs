@@ -34,6 +34,8 @@ pub struct Watermarks {
     index: HashMap<PartitionId, usize>,
     /// The watermark in ms; `i64::MIN` until the first advance.
     current: i64,
+    /// The last partition looked up: records come in runs of one partition.
+    last: Option<(PartitionId, usize)>,
 }
 
 impl Watermarks {
@@ -44,6 +46,7 @@ impl Watermarks {
             parts: Vec::new(),
             index: HashMap::new(),
             current: i64::MIN,
+            last: None,
         }
     }
 
@@ -62,9 +65,7 @@ impl Watermarks {
             return;
         }
         let active = self.active_min();
-        self.current = self
-            .current
-            .max(active.unwrap_or(wall.0.saturating_sub(self.delay_ms)));
+        self.current = self.current.max(active.unwrap_or(wall.0.saturating_sub(self.delay_ms)));
     }
 
     fn active_min(&self) -> Option<i64> {
@@ -77,7 +78,12 @@ impl Watermarks {
     }
 
     fn slot(&mut self, id: PartitionId) -> usize {
-        *self.index.entry(id).or_insert_with(|| {
+        if let Some((last, i)) = self.last {
+            if last == id {
+                return i;
+            }
+        }
+        let i = *self.index.entry(id).or_insert_with(|| {
             self.parts.push(Partition {
                 id,
                 max_time: None,
@@ -86,7 +92,9 @@ impl Watermarks {
                 next_offset: Offset(0),
             });
             self.parts.len() - 1
-        })
+        });
+        self.last = Some((id, i));
+        i
     }
 
     /// Claims `offset` of partition `id`: false when the state already reflects it (a replay).

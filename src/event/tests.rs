@@ -2,10 +2,7 @@ use super::*;
 
 const NOW: EventTime = EventTime(1_796_100_000_000); // 2026-12-01T04:40Z
 fn v() -> Validation {
-    Validation {
-        now: NOW,
-        max_skew_ms: 300_000,
-    }
+    Validation { now: NOW, max_skew_ms: 300_000 }
 }
 fn parse(line: &str) -> Result<Option<Click<'_>>, Invalid> {
     parse_line(line.as_bytes(), v())
@@ -89,13 +86,7 @@ fn not_utf8() {
 
 #[test]
 fn not_json() {
-    for line in [
-        "{",
-        "hello",
-        r#"{"ad_id":"a",}"#,
-        r#"{"ad_id":"a"} x"#,
-        "{'ad_id':'a'}",
-    ] {
+    for line in ["{", "hello", r#"{"ad_id":"a",}"#, r#"{"ad_id":"a"} x"#, "{'ad_id':'a'}"] {
         assert!(matches!(err(line), Invalid::NotJson { .. }), "{line}");
     }
     let deep = r#"{"a":"#.repeat(10_000);
@@ -119,79 +110,32 @@ fn duplicate_field() {
 
 #[test]
 fn missing_required() {
-    assert_eq!(
-        err(&format!("{{{TS}}}")),
-        Invalid::Missing { field: Field::AdId }
-    );
-    assert_eq!(
-        err(r#"{"ad_id":"a"}"#),
-        Invalid::Missing {
-            field: Field::ClickTimestamp
-        }
-    );
-    assert_eq!(
-        err(&format!(r#"{{"ad_id":null,{TS}}}"#)),
-        Invalid::Missing { field: Field::AdId }
-    );
+    assert_eq!(err(&format!("{{{TS}}}")), Invalid::Missing { field: Field::AdId });
+    assert_eq!(err(r#"{"ad_id":"a"}"#), Invalid::Missing { field: Field::ClickTimestamp });
+    assert_eq!(err(&format!(r#"{{"ad_id":null,{TS}}}"#)), Invalid::Missing { field: Field::AdId });
 }
 
 #[test]
 fn wrong_types() {
     let cases = [
         (format!(r#"{{"ad_id":-1,{TS}}}"#), Field::AdId, "an integer"),
-        (
-            format!(r#"{{"ad_id":1.5,{TS}}}"#),
-            Field::AdId,
-            "a non-integer number",
-        ),
-        (
-            format!(r#"{{"ad_id":true,{TS}}}"#),
-            Field::AdId,
-            "a boolean",
-        ),
-        (
-            format!(r#"{{"ad_id":["a"],{TS}}}"#),
-            Field::AdId,
-            "an array",
-        ),
+        (format!(r#"{{"ad_id":1.5,{TS}}}"#), Field::AdId, "a non-integer number"),
+        (format!(r#"{{"ad_id":true,{TS}}}"#), Field::AdId, "a boolean"),
+        (format!(r#"{{"ad_id":["a"],{TS}}}"#), Field::AdId, "an array"),
         (
             r#"{"ad_id":"a","click_timestamp":1.5e12}"#.to_string(),
             Field::ClickTimestamp,
             "a non-integer number",
         ),
-        (
-            r#"{"ad_id":"a","click_timestamp":{}}"#.to_string(),
-            Field::ClickTimestamp,
-            "an object",
-        ),
-        (
-            format!(r#"{{"ad_id":"a",{TS},"user_id":7}}"#),
-            Field::UserId,
-            "an integer",
-        ),
-        (
-            format!(r#"{{"ad_id":"a",{TS},"ip":false}}"#),
-            Field::Ip,
-            "a boolean",
-        ),
-        (
-            format!(r#"{{"ad_id":"a",{TS},"country":1}}"#),
-            Field::Country,
-            "an integer",
-        ),
-        (
-            format!(r#"{{"ad_id":"a",{TS},"click_id":[]}}"#),
-            Field::ClickId,
-            "an array",
-        ),
+        (r#"{"ad_id":"a","click_timestamp":{}}"#.to_string(), Field::ClickTimestamp, "an object"),
+        (format!(r#"{{"ad_id":"a",{TS},"user_id":7}}"#), Field::UserId, "an integer"),
+        (format!(r#"{{"ad_id":"a",{TS},"ip":false}}"#), Field::Ip, "a boolean"),
+        (format!(r#"{{"ad_id":"a",{TS},"country":1}}"#), Field::Country, "an integer"),
+        (format!(r#"{{"ad_id":"a",{TS},"click_id":[]}}"#), Field::ClickId, "an array"),
     ];
     for (line, field, found) in cases {
         match err(&line) {
-            Invalid::WrongType {
-                field: f,
-                found: got,
-                ..
-            } => {
+            Invalid::WrongType { field: f, found: got, .. } => {
                 assert_eq!((f, got), (field, found), "{line}");
             }
             other => panic!("{line}: {other:?}"),
@@ -201,49 +145,31 @@ fn wrong_types() {
 
 #[test]
 fn lengths() {
-    assert_eq!(
-        err(&format!(r#"{{"ad_id":"",{TS}}}"#)),
-        Invalid::Empty { field: Field::AdId }
-    );
+    assert_eq!(err(&format!(r#"{{"ad_id":"",{TS}}}"#)), Invalid::Empty { field: Field::AdId });
     let ad64 = "a".repeat(64);
     assert_eq!(ok(&format!(r#"{{"ad_id":"{ad64}",{TS}}}"#)).ad_id, ad64);
     let ad65 = "a".repeat(65);
     assert_eq!(
         err(&format!(r#"{{"ad_id":"{ad65}",{TS}}}"#)),
-        Invalid::TooLong {
-            field: Field::AdId,
-            bytes: 65,
-            max: 64
-        }
+        Invalid::TooLong { field: Field::AdId, bytes: 65, max: 64 }
     );
     // Limits are in UTF-8 bytes, not characters: 33 × 'é' is 66 bytes.
     let e33 = "é".repeat(33);
     assert_eq!(
         err(&format!(r#"{{"ad_id":"{e33}",{TS}}}"#)),
-        Invalid::TooLong {
-            field: Field::AdId,
-            bytes: 66,
-            max: 64
-        }
+        Invalid::TooLong { field: Field::AdId, bytes: 66, max: 64 }
     );
     for field in ["user_id", "click_id"] {
         let ok128 = "u".repeat(128);
         assert!(parse(&format!(r#"{{"ad_id":"a",{TS},"{field}":"{ok128}"}}"#)).is_ok());
         let long = "u".repeat(129);
         match err(&format!(r#"{{"ad_id":"a",{TS},"{field}":"{long}"}}"#)) {
-            Invalid::TooLong {
-                field: f,
-                bytes: 129,
-                max: 128,
-            } => assert_eq!(f.name(), field),
+            Invalid::TooLong { field: f, bytes: 129, max: 128 } => assert_eq!(f.name(), field),
             other => panic!("{other:?}"),
         }
     }
     // An empty user_id or click_id is allowed (only ad_id has a minimum).
-    assert!(parse(&format!(
-        r#"{{"ad_id":"a",{TS},"user_id":"","click_id":""}}"#
-    ))
-    .is_ok());
+    assert!(parse(&format!(r#"{{"ad_id":"a",{TS},"user_id":"","click_id":""}}"#)).is_ok());
 }
 
 #[test]
@@ -266,12 +192,7 @@ fn timestamps_accepted() {
     let c = ok(r#"{"ad_id":"a","click_timestamp":-1}"#);
     assert_eq!(c.time, EventTime(-1));
     assert_eq!(c.time.minute(), Minute(-1));
-    assert_eq!(
-        ok(r#"{"ad_id":"a","click_timestamp":1796000000000}"#)
-            .time
-            .0,
-        1_796_000_000_000
-    );
+    assert_eq!(ok(r#"{"ad_id":"a","click_timestamp":1796000000000}"#).time.0, 1_796_000_000_000);
 }
 
 #[test]
@@ -318,36 +239,19 @@ fn timestamps_rejected() {
 fn clock_skew() {
     let at = |ms: i64| format!(r#"{{"ad_id":"a","click_timestamp":{ms}}}"#);
     assert!(parse(&at(NOW.0 + 300_000)).is_ok());
-    assert_eq!(
-        err(&at(NOW.0 + 300_001)),
-        Invalid::InFuture { ahead_ms: 300_001 }
-    );
+    assert_eq!(err(&at(NOW.0 + 300_001)), Invalid::InFuture { ahead_ms: 300_001 });
     assert!(parse(&at(0)).is_ok(), "the past is never rejected by skew");
 }
 
 #[test]
 fn ips() {
-    let ip = |s: &str| {
-        ok(&format!(r#"{{"ad_id":"a",{TS},"ip":"{s}"}}"#))
-            .ip
-            .unwrap()
-    };
+    let ip = |s: &str| ok(&format!(r#"{{"ad_id":"a",{TS},"ip":"{s}"}}"#)).ip.unwrap();
     assert_eq!(ip("2001:DB8:0:0::1"), ip("2001:db8::1"));
     assert_eq!(ip("::ffff:1.2.3.4"), ip("1.2.3.4"));
-    for bad in [
-        "1.2.3",
-        "1.2.3.256",
-        "",
-        "fe80::1%eth0",
-        "01.2.3.4",
-        " 1.2.3.4",
-        "2001:db8::/32",
-    ] {
+    for bad in ["1.2.3", "1.2.3.256", "", "fe80::1%eth0", "01.2.3.4", " 1.2.3.4", "2001:db8::/32"] {
         assert_eq!(
             err(&format!(r#"{{"ad_id":"a",{TS},"ip":"{bad}"}}"#)),
-            Invalid::BadIp {
-                value: bad.to_string()
-            },
+            Invalid::BadIp { value: bad.to_string() },
             "{bad}"
         );
     }
@@ -356,19 +260,13 @@ fn ips() {
 #[test]
 fn countries() {
     assert_eq!(Country::all_assigned().count(), 249);
-    let c = |s: &str| {
-        ok(&format!(r#"{{"ad_id":"a",{TS},"country":"{s}"}}"#))
-            .country
-            .unwrap()
-    };
+    let c = |s: &str| ok(&format!(r#"{{"ad_id":"a",{TS},"country":"{s}"}}"#)).country.unwrap();
     assert_eq!(c("de").as_str(), "DE");
     assert_eq!(c("Gb").as_str(), "GB");
     for bad in ["UK", "XK", "EU", "ZZ", "USA", "U", "", "1A", "ü"] {
         assert_eq!(
             err(&format!(r#"{{"ad_id":"a",{TS},"country":"{bad}"}}"#)),
-            Invalid::UnknownCountry {
-                value: bad.to_string()
-            },
+            Invalid::UnknownCountry { value: bad.to_string() },
             "{bad}"
         );
     }
@@ -381,14 +279,8 @@ fn identity_rules() {
     let a = id(r#"{"ad_id":"a","click_timestamp":1,"click_id":"c1","user_id":"x"}"#);
     let b = id(r#"{"ad_id":"a","click_timestamp":2,"click_id":"c1","user_id":"y"}"#);
     assert_eq!(a, b);
-    assert_ne!(
-        a,
-        id(r#"{"ad_id":"b","click_timestamp":1,"click_id":"c1"}"#)
-    );
-    assert_ne!(
-        a,
-        id(r#"{"ad_id":"a","click_timestamp":1,"click_id":"c2"}"#)
-    );
+    assert_ne!(a, id(r#"{"ad_id":"b","click_timestamp":1,"click_id":"c1"}"#));
+    assert_ne!(a, id(r#"{"ad_id":"a","click_timestamp":1,"click_id":"c2"}"#));
     // Present on one only: different clicks.
     assert_ne!(
         id(r#"{"ad_id":"a","click_timestamp":1}"#),
@@ -402,19 +294,10 @@ fn identity_rules() {
         base,
         id(r#"{"ad_id":"a","click_timestamp":1,"user_id":"u","ip":"0:0::1","country":"US"}"#)
     );
-    assert_ne!(
-        base,
-        id(r#"{"ad_id":"a","click_timestamp":2,"user_id":"u","ip":"::1"}"#)
-    );
-    assert_ne!(
-        base,
-        id(r#"{"ad_id":"a","click_timestamp":1,"user_id":"v","ip":"::1"}"#)
-    );
+    assert_ne!(base, id(r#"{"ad_id":"a","click_timestamp":2,"user_id":"u","ip":"::1"}"#));
+    assert_ne!(base, id(r#"{"ad_id":"a","click_timestamp":1,"user_id":"v","ip":"::1"}"#));
     assert_ne!(base, id(r#"{"ad_id":"a","click_timestamp":1,"ip":"::1"}"#));
-    assert_ne!(
-        base,
-        id(r#"{"ad_id":"a","click_timestamp":1,"user_id":"u"}"#)
-    );
+    assert_ne!(base, id(r#"{"ad_id":"a","click_timestamp":1,"user_id":"u"}"#));
     assert_ne!(
         id(r#"{"ad_id":"a","click_timestamp":1,"user_id":""}"#),
         id(r#"{"ad_id":"a","click_timestamp":1}"#),
@@ -431,21 +314,117 @@ fn minutes_and_formatting() {
     assert_eq!(EventTime(-60_000).minute(), Minute(-1));
     assert_eq!(EventTime(-60_001).minute(), Minute(-2));
     assert_eq!(Minute(-1).end(), EventTime(0));
-    for ms in [
-        0,
-        -1,
-        1_796_026_502_123,
-        EventTime::MIN.0,
-        EventTime::MAX.0,
-        951_782_400_000,
-    ] {
-        assert_eq!(
-            parse_rfc3339(&format_rfc3339(EventTime(ms))),
-            Ok(EventTime(ms))
-        );
+    for ms in [0, -1, 1_796_026_502_123, EventTime::MIN.0, EventTime::MAX.0, 951_782_400_000] {
+        assert_eq!(parse_rfc3339(&format_rfc3339(EventTime(ms))), Ok(EventTime(ms)));
     }
-    assert_eq!(
-        format_rfc3339(EventTime(1_796_026_502_123)),
-        "2026-11-30T08:15:02.123Z"
-    );
+    assert_eq!(format_rfc3339(EventTime(1_796_026_502_123)), "2026-11-30T08:15:02.123Z");
+}
+
+mod differential {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// JSON-ish lines: mostly well-formed flat objects with the real keys, with perturbations
+    /// that the fast path must either parse exactly as serde_json does or decline.
+    fn line() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("ad_id".to_string()),
+            Just("click_timestamp".to_string()),
+            Just("user_id".to_string()),
+            Just("ip".to_string()),
+            Just("country".to_string()),
+            Just("click_id".to_string()),
+            Just("ad_\\u0069d".to_string()),
+            "[a-z_]{0,8}",
+        ];
+        let value = prop_oneof![
+            Just("\"ad-1\"".to_string()),
+            Just("\"2026-11-30T08:15:02.123Z\"".to_string()),
+            Just("\"10.0.0.1\"".to_string()),
+            Just("\"us\"".to_string()),
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("false".to_string()),
+            Just("nul".to_string()),
+            Just("-0".to_string()),
+            Just("01".to_string()),
+            Just("1.5".to_string()),
+            Just("1e3".to_string()),
+            Just("18446744073709551616".to_string()),
+            Just("-9223372036854775808".to_string()),
+            Just("-9223372036854775809".to_string()),
+            Just("{\"a\":[1,{}]}".to_string()),
+            Just("[]".to_string()),
+            Just("\"a\\\"b\"".to_string()),
+            Just("\"tab\there\"".to_string()),
+            Just("\"é€\"".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            "\"[ -~]{0,6}\"",
+        ];
+        let ws = prop_oneof![Just(""), Just(" "), Just("\t"), Just("\r"), Just(" \r\n ")];
+        (proptest::collection::vec((key, value, ws.clone()), 0..8), ws, any::<u8>(), 0..4u8)
+            .prop_map(|(pairs, ws, junk, mode)| {
+                let body: Vec<String> =
+                    pairs.into_iter().map(|(k, v, w)| format!("{w}\"{k}\"{w}:{w}{v}{w}")).collect();
+                let mut s = format!("{ws}{{{}}}{ws}", body.join(","));
+                match mode {
+                    0 => s.push(junk as char),
+                    1 => {
+                        let at =
+                            (0..=s.len() / 2).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+                        s.insert(at, junk as char)
+                    }
+                    2 => s = s.replacen(',', ",,", 1),
+                    _ => {}
+                }
+                s
+            })
+    }
+
+    #[test]
+    fn fast_path_takes_the_common_shape_and_declines_the_rest() {
+        let mut raw = RawClick::default();
+        let common = br#"{"ad_id":"ad-1042","click_timestamp":"2026-11-30T08:15:02.123Z","user_id":"u-77","ip":"203.0.113.7","country":"US","click_id":"c-9f2a","n":-5,"x":null}"#;
+        assert!(fast::scan(common, &mut raw));
+        assert!(fast::scan(
+            br#" { "ad_id" : 1 , "click_timestamp" : 2 } "#,
+            &mut RawClick::default()
+        ));
+        for declined in [
+            &br#"{"ad_id":"a"b"}"#[..],
+            br#"{"a":1.5}"#,
+            br#"{"a":{}}"#,
+            br#"{"a":-0}"#,
+            br#"{"a":1}x"#,
+            b"[1]",
+        ] {
+            assert!(
+                !fast::scan(declined, &mut RawClick::default()),
+                "{}",
+                String::from_utf8_lossy(declined)
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn fast_path_equals_serde(line in line()) {
+            let v = Validation { now: EventTime(i64::MAX / 4), max_skew_ms: 0 };
+            prop_assert_eq!(parse_line(line.as_bytes(), v), parse_line_serde_only(line.as_bytes(), v), "{}", line);
+        }
+
+        #[test]
+        fn fast_path_equals_serde_on_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let v = Validation { now: EventTime(0), max_skew_ms: 0 };
+            prop_assert_eq!(parse_line(&bytes, v), parse_line_serde_only(&bytes, v));
+        }
+
+        #[test]
+        fn ipv4_quick_path_equals_std(s in "[0-9.]{1,16}|[0-9]{1,3}(\\.[0-9]{1,3}){3}") {
+            prop_assert_eq!(parse_ip(&s), s.parse::<IpAddr>().ok().map(|ip| ip.to_canonical()));
+        }
+    }
 }

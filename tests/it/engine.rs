@@ -17,11 +17,7 @@ fn filters() -> Arc<Filters> {
     let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
     Arc::new(
         Filters::compile(&[
-            FilterConfig {
-                id: "us".into(),
-                country: list(&["US"]),
-                ..Default::default()
-            },
+            FilterConfig { id: "us".into(), country: list(&["US"]), ..Default::default() },
             FilterConfig {
                 id: "office".into(),
                 ip: list(&["10.0.0.0/8", "2001:db8::/32"]),
@@ -76,10 +72,7 @@ fn workload(seed: u64, events: usize, parts: u32) -> Vec<Batch> {
         if i % 97 == 0 {
             line = b"   ".to_vec(); // blank lines keep their offsets
         }
-        let v = Validation {
-            now: EventTime(now),
-            max_skew_ms: 60_000,
-        };
+        let v = Validation { now: EventTime(now), max_skew_ms: 60_000 };
         let p = match parse_line(&line, v) {
             Ok(Some(c)) => (route_hash(&c.ad_id) % parts as u64) as u32,
             _ => rng.random_range(0..parts),
@@ -119,26 +112,17 @@ fn workload(seed: u64, events: usize, parts: u32) -> Vec<Batch> {
         next[p] += take;
         if rng.random_bool(0.4) {
             wall = wall.max(newest) + rng.random_range(0..2_000);
-            batches.push(Batch {
-                wall,
-                records: std::mem::take(&mut records),
-            });
+            batches.push(Batch { wall, records: std::mem::take(&mut records) });
             if rng.random_bool(0.01) {
                 wall += rng.random_range(20_000..40_000);
-                batches.push(Batch {
-                    wall,
-                    records: Vec::new(),
-                });
+                batches.push(Batch { wall, records: Vec::new() });
             }
         }
     }
     wall = wall.max(newest) + 1_000;
     batches.push(Batch { wall, records });
     // Flush: every partition idle, the watermark follows the wall clock past every minute.
-    batches.push(Batch {
-        wall: wall + 3_600_000,
-        records: Vec::new(),
-    });
+    batches.push(Batch { wall: wall + 3_600_000, records: Vec::new() });
     batches
 }
 
@@ -154,14 +138,8 @@ fn oracle_seeded_workloads() {
 
         // The workload must exercise every path, or the comparison proves little.
         let c = &model.counters;
-        assert!(
-            c.counted > 15_000 && c.duplicate > 500,
-            "seed {seed}: {c:?}"
-        );
-        assert!(
-            c.late_corrected > 50 && c.too_late > 50,
-            "seed {seed}: {c:?}"
-        );
+        assert!(c.counted > 15_000 && c.duplicate > 500, "seed {seed}: {c:?}");
+        assert!(c.late_corrected > 50 && c.too_late > 50, "seed {seed}: {c:?}");
         for kind in [
             InvalidKind::NotJson,
             InvalidKind::MissingField,
@@ -180,11 +158,7 @@ fn oracle_seeded_workloads() {
         assert_same(&restored, &model, &format!("seed {seed}, restored"));
 
         let prevalidated = run_engine_with(&cfg, &filters, &batches, &[n / 4], true);
-        assert_same(
-            &prevalidated,
-            &model,
-            &format!("seed {seed}, pre-validated"),
-        );
+        assert_same(&prevalidated, &model, &format!("seed {seed}, pre-validated"));
     }
 }
 
@@ -216,16 +190,8 @@ fn dedup_state_is_bounded_by_the_horizon() {
     }
     // Horizon 4 min + lateness 2 min + a minute of sweep slack + delay: at most ~8.1 min of clicks.
     let bound = 20 * 60 * 9;
-    assert!(
-        held.iter().all(|&n| n <= bound),
-        "max held {}",
-        held.iter().max().unwrap()
-    );
-    assert!(
-        held[3_599] > 20 * 60 * 5,
-        "it does hold the horizon: {}",
-        held[3_599]
-    );
+    assert!(held.iter().all(|&n| n <= bound), "max held {}", held.iter().max().unwrap());
+    assert!(held[3_599] > 20 * 60 * 5, "it does hold the horizon: {}", held[3_599]);
 }
 
 /// A small event for property tests: fields drawn from tiny pools so identities collide often.
@@ -305,25 +271,15 @@ fn to_batches(base: i64, events: &[Ev], cuts: &[usize]) -> Vec<Batch> {
     let mut at = 0;
     for &cut in cuts {
         let cut = cut.min(records.len()).max(at);
-        batches.push(Batch {
-            wall,
-            records: records[at..cut].to_vec(),
-        });
+        batches.push(Batch { wall, records: records[at..cut].to_vec() });
         at = cut;
     }
-    batches.push(Batch {
-        wall,
-        records: records[at..].to_vec(),
-    });
+    batches.push(Batch { wall, records: records[at..].to_vec() });
     batches
 }
 
 fn prop_config(shards: usize) -> EngineConfig {
-    EngineConfig {
-        max_clock_skew_ms: 86_400_000,
-        top_n: 3,
-        ..small_config(shards)
-    }
+    EngineConfig { max_clock_skew_ms: 86_400_000, top_n: 3, ..small_config(shards) }
 }
 
 proptest! {
@@ -370,8 +326,5 @@ proptest! {
 }
 
 fn model_without_tops(f: &Folded) -> Folded {
-    Folded {
-        tops: Default::default(),
-        ..f.clone()
-    }
+    Folded { tops: Default::default(), ..f.clone() }
 }

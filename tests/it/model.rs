@@ -47,11 +47,7 @@ pub fn run_model(cfg: &EngineConfig, filters: &Filters, batches: &[Batch]) -> Fo
     let mut out = Folded::default();
     let c = &mut out.counters;
     let recompute = |parts: &BTreeMap<u32, Part>, w: i64, wall: Option<i64>| {
-        let active = parts
-            .values()
-            .filter(|p| !p.idle)
-            .filter_map(|p| p.max)
-            .min();
+        let active = parts.values().filter(|p| !p.idle).filter_map(|p| p.max).min();
         let any_event = parts.values().any(|p| p.max.is_some());
         match (active, wall.filter(|_| any_event)) {
             (Some(m), _) => w.max(m - cfg.watermark_delay_ms),
@@ -75,10 +71,7 @@ pub fn run_model(cfg: &EngineConfig, filters: &Filters, batches: &[Batch]) -> Fo
                 continue;
             }
             p.next = offset + 1;
-            let v = Validation {
-                now: EventTime(b.wall),
-                max_skew_ms: cfg.max_clock_skew_ms,
-            };
+            let v = Validation { now: EventTime(b.wall), max_skew_ms: cfg.max_clock_skew_ms };
             let click = match parse_line(line, v) {
                 Ok(Some(click)) => click,
                 Ok(None) => continue,
@@ -120,14 +113,10 @@ pub fn run_model(cfg: &EngineConfig, filters: &Filters, batches: &[Batch]) -> Fo
                 c.late_corrected += 1;
             }
             let mask = filters.matches(&click);
-            *out.counts
-                .entry((minute, click.ad_id.to_string(), 0))
-                .or_default() += 1;
+            *out.counts.entry((minute, click.ad_id.to_string(), 0)).or_default() += 1;
             for f in 0..filters.len() {
                 if mask.contains(f) {
-                    *out.counts
-                        .entry((minute, click.ad_id.to_string(), f + 1))
-                        .or_default() += 1;
+                    *out.counts.entry((minute, click.ad_id.to_string(), f + 1)).or_default() += 1;
                 }
             }
         }
@@ -137,17 +126,11 @@ pub fn run_model(cfg: &EngineConfig, filters: &Filters, batches: &[Batch]) -> Fo
     let mut by_minute: BTreeMap<(i64, usize), Vec<(String, u64)>> = BTreeMap::new();
     for ((m, ad, slot), n) in &out.counts {
         if (m + 1) * 60_000 <= w {
-            by_minute
-                .entry((*m, *slot))
-                .or_default()
-                .push((ad.clone(), *n));
+            by_minute.entry((*m, *slot)).or_default().push((ad.clone(), *n));
         }
     }
     for (k, mut v) in by_minute {
-        v.sort_by(|a, b| {
-            b.1.cmp(&a.1)
-                .then_with(|| a.0.as_bytes().cmp(b.0.as_bytes()))
-        });
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.as_bytes().cmp(b.0.as_bytes())));
         v.truncate(cfg.top_n);
         out.tops.insert(k, v);
     }
@@ -185,19 +168,12 @@ pub fn run_engine_with(
             .records
             .iter()
             .map(|(p, o, l)| {
-                let v = Validation {
-                    now: EventTime(b.wall),
-                    max_skew_ms: cfg.max_clock_skew_ms,
-                };
+                let v = Validation { now: EventTime(b.wall), max_skew_ms: cfg.max_clock_skew_ms };
                 let payload = match parse_line(l, v) {
                     Ok(Some(click)) if prevalidate => Payload::Click(click),
                     _ => Payload::Line(l),
                 };
-                Record {
-                    partition: PartitionId(*p),
-                    offset: Offset(*o),
-                    payload,
-                }
+                Record { partition: PartitionId(*p), offset: Offset(*o), payload }
             })
             .collect();
         let o = engine.process(EventTime(b.wall), &records);
@@ -230,11 +206,7 @@ pub fn assert_same(engine: &Folded, model: &Folded, what: &str) {
         assert_eq!(engine.counts.get(k), Some(v), "{what}: count of {k:?}");
     }
     for (k, v) in &engine.counts {
-        assert_eq!(
-            model.counts.get(k),
-            Some(v),
-            "{what}: engine has extra count {k:?}"
-        );
+        assert_eq!(model.counts.get(k), Some(v), "{what}: engine has extra count {k:?}");
     }
     for (k, v) in &model.tops {
         assert_eq!(engine.tops.get(k), Some(v), "{what}: top-N of {k:?}");
