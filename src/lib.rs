@@ -23,3 +23,5 @@ pub mod rank;
 pub mod engine;
 pub mod generate;
 pub mod popular;
+
+pub mod log;

@@ -428,3 +428,33 @@ mod differential {
         }
     }
 }
+
+#[test]
+fn wire_round_trip() {
+    let lines = [
+        r#"{"ad_id":"ad-1042","click_timestamp":"2026-11-30T08:15:02.123Z","user_id":"u-77","ip":"203.0.113.7","country":"us","click_id":"c-9f2a"}"#,
+        r#"{"ad_id":7,"click_timestamp":-5,"ip":"2001:db8::1"}"#,
+        r#"{"ad_id":"é","click_timestamp":0,"user_id":"","click_id":""}"#,
+    ];
+    for line in lines {
+        let c = ok(line);
+        let mut buf = Vec::new();
+        wire::encode(&c, &mut buf);
+        let back = wire::decode(&buf).expect("decodes");
+        assert_eq!(back, c);
+        assert_eq!(back.identity(), c.identity());
+        for cut in 0..buf.len() {
+            assert_eq!(wire::decode(&buf[..cut]), None);
+        }
+    }
+    let max = format!(
+        r#"{{"ad_id":"{}","click_timestamp":0,"user_id":"{}","click_id":"{}"}}"#,
+        "a".repeat(64),
+        "u".repeat(128),
+        "c".repeat(128)
+    );
+    let c = ok(&max);
+    let mut buf = Vec::new();
+    wire::encode(&c, &mut buf);
+    assert_eq!(wire::decode(&buf), Some(c));
+}
