@@ -1044,7 +1044,7 @@ pub mod wire {
             | c.click_id.as_ref().map_or(0, |_| CLICK_ID);
         out.extend_from_slice(&c.time.0.to_le_bytes());
         out.push(flags);
-        let mut put_str = |out: &mut Vec<u8>, s: &str| {
+        let put_str = |out: &mut Vec<u8>, s: &str| {
             out.push(s.len() as u8);
             out.extend_from_slice(s.as_bytes());
         };
