@@ -25,3 +25,9 @@ pub mod generate;
 pub mod popular;
 
 pub mod log;
+pub mod store;
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod pipeline;

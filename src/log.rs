@@ -230,13 +230,27 @@ impl Writer {
         Ok(())
     }
 
-    /// Removes the segments of `p` whose records all lie below `below`.
-    pub fn delete_below(&mut self, p: PartitionId, below: Offset) -> Result<usize, LogError> {
+    /// Removes the segments of `p` whose records all lie below `below` and that were last
+    /// written at least `min_age` ago.
+    pub fn delete_below(
+        &mut self,
+        p: PartitionId,
+        below: Offset,
+        min_age: std::time::Duration,
+    ) -> Result<usize, LogError> {
         let part = &mut self.parts[p.0 as usize];
         let mut removed = 0;
         while part.segments.len() > 1 && part.segments[1] <= below.0 {
-            let base = part.segments.remove(0);
-            let path = segment_path(&part.dir, base);
+            let path = segment_path(&part.dir, part.segments[0]);
+            let age = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map_err(io_err(&path))?
+                .elapsed()
+                .unwrap_or_default();
+            if age < min_age {
+                break;
+            }
+            part.segments.remove(0);
             fs::remove_file(&path).map_err(io_err(&path))?;
             removed += 1;
         }

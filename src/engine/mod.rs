@@ -325,6 +325,27 @@ impl Engine {
         self.reducer.reduce(meta, outputs)
     }
 
+    /// As [`Engine::process`], with each shard on its own OS thread (scoped to the batch).
+    pub fn process_threaded(&mut self, wall: EventTime, records: &[Record<'_>]) -> Output {
+        if self.shards.len() == 1 {
+            return self.process(wall, records);
+        }
+        let (meta, batches) = self.mapper.map(wall, records).split();
+        let outputs = std::thread::scope(|s| {
+            let running: Vec<_> = self
+                .shards
+                .iter_mut()
+                .zip(batches)
+                .map(|(shard, b)| s.spawn(move || shard.apply(b)))
+                .collect();
+            running
+                .into_iter()
+                .map(|h| h.join().expect("a shard panicked: the engine state is lost"))
+                .collect()
+        });
+        self.reducer.reduce(meta, outputs)
+    }
+
     pub fn watermark(&self) -> i64 {
         self.mapper.watermark()
     }

@@ -76,6 +76,11 @@ pub struct Decoder<'a> {
 }
 
 impl<'a> Decoder<'a> {
+    /// A decoder over unframed bytes (values stored elsewhere with this encoding).
+    pub fn raw(bytes: &'a [u8]) -> Decoder<'a> {
+        Decoder { buf: bytes }
+    }
+
     /// Checks the frame and returns a decoder over the body.
     pub fn open(bytes: &'a [u8]) -> Result<Decoder<'a>, SnapshotError> {
         if bytes.len() < 18 || &bytes[..8] != MAGIC {

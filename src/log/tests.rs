@@ -90,7 +90,12 @@ fn retention_removes_whole_segments_only() {
         w.sync().unwrap();
     }
     let h = w.handle();
-    let removed = w.delete_below(PartitionId(0), Offset(20)).unwrap();
+    assert_eq!(
+        w.delete_below(PartitionId(0), Offset(20), std::time::Duration::from_secs(3600)).unwrap(),
+        0,
+        "too young"
+    );
+    let removed = w.delete_below(PartitionId(0), Offset(20), std::time::Duration::ZERO).unwrap();
     assert!(removed > 0);
     let start = h.start(PartitionId(0));
     assert!(start.0 <= 20 && start.0 > 0, "start {start:?}");
@@ -100,7 +105,7 @@ fn retention_removes_whole_segments_only() {
     let mut r = h.reader(PartitionId(0));
     let err = r.read(Offset(0), Offset(40), 10, &mut Records::default()).unwrap_err();
     assert!(err.to_string().contains("deleted by retention"), "{err}");
-    w.delete_below(PartitionId(0), Offset(1000)).unwrap();
+    w.delete_below(PartitionId(0), Offset(1000), std::time::Duration::ZERO).unwrap();
     assert!(h.start(PartitionId(0)).0 <= 39, "the active segment stays");
 }
 

@@ -1,0 +1,415 @@
+//! The HTTP interface (SPEC §4): the collector (`POST /v1/clicks`), queries over committed
+//! state, `/metrics`, `/healthz` and the dashboard.
+//!
+//! Handlers validate every parameter themselves so that each 4xx names it: errors are
+//! [`ApiError`] values rendered as `{"error": "…"}`. Queries read the store's committed
+//! transactions and the in-memory popular index; they never wait on ingestion.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::engine::{PartitionId, Slot};
+use crate::event::{
+    format_rfc3339, parse_line, parse_rfc3339, route_hash, wire, EventTime, InvalidKind, Minute,
+    Validation, MAX_AD_ID_BYTES, MINUTE_MS,
+};
+use crate::pipeline::{now_ms, Ingest, QueryState};
+
+/// Shared by all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub ingest: Ingest,
+    pub query: Arc<QueryState>,
+    pub max_body_bytes: usize,
+    pub max_skew_ms: i64,
+    pub max_lag_records: u64,
+}
+
+/// A failed request: a status and a message naming what is wrong.
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    NotFound(String),
+    TooLarge(usize),
+    Overloaded(u64),
+    Internal(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, msg) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body is larger than the limit of {limit} bytes (max_body_bytes)"),
+            ),
+            ApiError::Overloaded(lag) => {
+                let body = json!({"error": format!("overloaded: {lag} records wait for aggregation; retry later")});
+                return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body))
+                    .into_response();
+            }
+            ApiError::Internal(m) => {
+                tracing::error!("internal error: {m}");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error; see the server log".to_string(),
+                )
+            }
+        };
+        (status, Json(json!({ "error": msg }))).into_response()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/clicks", post(clicks))
+        .route("/v1/ads/popular_ads", get(popular_ads))
+        .route("/v1/ads/{ad_id}/aggregated_count", get(aggregated_count))
+        .route("/v1/ads/{ad_id}/timeseries", get(timeseries))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/", get(dashboard))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .with_state(state)
+}
+
+async fn clicks(State(s): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
+    s.query.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let bytes = axum::body::to_bytes(body, s.max_body_bytes)
+        .await
+        .map_err(|_| ApiError::TooLarge(s.max_body_bytes))?;
+    if let Err(e) = std::str::from_utf8(&bytes) {
+        return Err(ApiError::BadRequest(format!(
+            "body is not UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        )));
+    }
+    let lag = s.query.lag();
+    if lag > s.max_lag_records {
+        s.query.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::Overloaded(lag));
+    }
+    let v = Validation { now: EventTime(now_ms()), max_skew_ms: s.max_skew_ms };
+    let partitions = s.ingest.partitions();
+    let mut parts: Vec<Vec<Vec<u8>>> = vec![Vec::new(); partitions as usize];
+    let mut rejected = Vec::new();
+    let mut accepted = 0u64;
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        match parse_line(line, v) {
+            Ok(None) => {}
+            Ok(Some(click)) => {
+                let mut rec = Vec::with_capacity(64);
+                wire::encode(&click, &mut rec);
+                parts[(route_hash(&click.ad_id) % partitions as u64) as usize].push(rec);
+                accepted += 1;
+            }
+            Err(e) => {
+                s.query.metrics.rejected[e.kind().index()].fetch_add(1, Ordering::Relaxed);
+                rejected.push(json!({"line": i + 1, "error": e.to_string()}));
+            }
+        }
+    }
+    let parts: Vec<_> = parts
+        .into_iter()
+        .enumerate()
+        .filter(|(_, r)| !r.is_empty())
+        .map(|(p, r)| (PartitionId(p as u32), r))
+        .collect();
+    if !parts.is_empty() {
+        s.ingest.append(parts).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
+    s.query.metrics.accepted.fetch_add(accepted, Ordering::Relaxed);
+    Ok(Json(json!({"accepted": accepted, "rejected": rejected})))
+}
+
+/// Parses a minute-aligned time parameter: RFC 3339 or epoch milliseconds.
+fn minute_param(q: &HashMap<String, String>, name: &str) -> Result<Option<Minute>, ApiError> {
+    let Some(raw) = q.get(name) else { return Ok(None) };
+    let t = match raw.parse::<i64>() {
+        Ok(ms) => EventTime(ms),
+        Err(_) => parse_rfc3339(raw).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "{name}: {raw:?} is not an RFC 3339 time or epoch milliseconds ({e})"
+            ))
+        })?,
+    };
+    if t.0.rem_euclid(MINUTE_MS) != 0 {
+        return Err(ApiError::BadRequest(format!("{name}: {raw:?} is not aligned to a minute")));
+    }
+    Ok(Some(t.minute()))
+}
+
+fn current_minute() -> Minute {
+    EventTime(now_ms()).minute()
+}
+
+/// `from`/`to` with SPEC defaults: `to` = the current minute's start, `from` = `to` − 1 min.
+fn range(q: &HashMap<String, String>) -> Result<(Minute, Minute), ApiError> {
+    let to = minute_param(q, "to")?.unwrap_or_else(current_minute);
+    let from = minute_param(q, "from")?.unwrap_or(Minute(to.0 - 1));
+    if from >= to {
+        return Err(ApiError::BadRequest(format!(
+            "from: {} must be before to ({})",
+            format_rfc3339(from.start()),
+            format_rfc3339(to.start())
+        )));
+    }
+    Ok((from, to))
+}
+
+fn slot(s: &AppState, q: &HashMap<String, String>) -> Result<(Slot, Value), ApiError> {
+    match q.get("filter") {
+        None => Ok((Slot::Total, Value::Null)),
+        Some(id) => match s.query.filters.index_of(id) {
+            Some(i) => Ok((Slot::Filter(i), Value::String(id.clone()))),
+            None => Err(ApiError::NotFound(format!(
+                "filter: unknown filter {id:?} (configured: {:?})",
+                s.query.filters.ids()
+            ))),
+        },
+    }
+}
+
+fn ad_param(ad: &str) -> Result<(), ApiError> {
+    if ad.is_empty() || ad.len() > MAX_AD_ID_BYTES {
+        return Err(ApiError::BadRequest(format!("ad_id: must be 1 to {MAX_AD_ID_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+fn unknown_params(q: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+    match q.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::BadRequest(format!(
+            "{k}: unknown parameter (known: {})",
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn is_final(s: &AppState, to: Minute) -> bool {
+    s.query.watermark.load(Ordering::Acquire) >= to.start().0
+}
+
+async fn aggregated_count(
+    State(s): State<AppState>,
+    Path(ad): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    unknown_params(&q, &["from", "to", "filter"])?;
+    ad_param(&ad)?;
+    let (from, to) = range(&q)?;
+    let (slot, filter) = slot(&s, &q)?;
+    let store = s.query.store.clone();
+    let ad2 = ad.clone();
+    let series = tokio::task::spawn_blocking(move || store.series(&ad2, slot, from, to))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let count: u64 = series.iter().map(|(_, c)| c).sum();
+    Ok(Json(json!({
+        "ad_id": ad,
+        "from": format_rfc3339(from.start()),
+        "to": format_rfc3339(to.start()),
+        "filter": filter,
+        "count": count,
+        "final": is_final(&s, to),
+    })))
+}
+
+async fn timeseries(
+    State(s): State<AppState>,
+    Path(ad): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    unknown_params(&q, &["from", "to", "filter"])?;
+    ad_param(&ad)?;
+    let (from, to) = range(&q)?;
+    if to.0 - from.0 > 1440 {
+        return Err(ApiError::BadRequest("from: the range may span at most 1440 minutes".into()));
+    }
+    let (slot, filter) = slot(&s, &q)?;
+    let store = s.query.store.clone();
+    let ad2 = ad.clone();
+    let series = tokio::task::spawn_blocking(move || store.series(&ad2, slot, from, to))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let counts: HashMap<i64, u64> = series.into_iter().map(|(m, c)| (m.0, c)).collect();
+    let w = s.query.watermark.load(Ordering::Acquire);
+    let points: Vec<Value> = (from.0..to.0)
+        .map(|m| {
+            let minute = Minute(m);
+            json!({
+                "minute": format_rfc3339(minute.start()),
+                "count": counts.get(&m).copied().unwrap_or(0),
+                "final": w >= minute.end().0,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "ad_id": ad,
+        "from": format_rfc3339(from.start()),
+        "to": format_rfc3339(to.start()),
+        "filter": filter,
+        "final": is_final(&s, to),
+        "points": points,
+    })))
+}
+
+fn int_param(
+    q: &HashMap<String, String>,
+    name: &str,
+    default: u32,
+    max: u32,
+) -> Result<u32, ApiError> {
+    match q.get(name) {
+        None => Ok(default),
+        Some(raw) => match raw.parse::<u32>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::BadRequest(format!(
+                "{name}: {raw:?} must be a whole number from 1 to {max}"
+            ))),
+        },
+    }
+}
+
+async fn popular_ads(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    unknown_params(&q, &["count", "window", "filter", "to"])?;
+    let count = int_param(&q, "count", 10, 1000)?;
+    let window = int_param(&q, "window", 1, crate::popular::MAX_WINDOW_MINUTES)?;
+    let to = minute_param(&q, "to")?.unwrap_or_else(current_minute);
+    let (slot, filter) = slot(&s, &q)?;
+    let query = s.query.clone();
+    let ads = tokio::task::spawn_blocking(move || {
+        let mut p = query.popular[slot.index()].lock().expect("not poisoned");
+        p.top(to, window, count as usize)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let ads: Vec<Value> =
+        ads.into_iter().map(|(ad, c)| json!({"ad_id": ad.as_str(), "count": c})).collect();
+    Ok(Json(json!({
+        "window": window,
+        "to": format_rfc3339(to.start()),
+        "filter": filter,
+        "final": is_final(&s, to),
+        "ads": ads,
+    })))
+}
+
+async fn dashboard(State(s): State<AppState>) -> Html<String> {
+    let ids = serde_json::to_string(s.query.filters.ids()).unwrap_or_else(|_| "[]".into());
+    Html(DASHBOARD.replace("(FILTERS)", &format!("({ids})")))
+}
+
+async fn healthz(State(s): State<AppState>) -> Response {
+    let ready = s.query.ready.load(Ordering::Acquire);
+    let w = s.query.watermark.load(Ordering::Acquire);
+    let body = json!({
+        "status": if ready { "ok" } else { "starting" },
+        "watermark": (w != i64::MIN).then(|| format_rfc3339(EventTime(w))),
+        "lag_records": s.query.lag(),
+    });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let q = &s.query;
+    let m = &q.metrics;
+    let c = q.counters.lock().expect("not poisoned").clone();
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    };
+    counter(
+        "adclick_collector_requests_total",
+        "POST /v1/clicks requests.",
+        m.requests.load(Ordering::Relaxed),
+    );
+    counter(
+        "adclick_collector_accepted_total",
+        "Clicks accepted and durable.",
+        m.accepted.load(Ordering::Relaxed),
+    );
+    counter(
+        "adclick_collector_overloaded_total",
+        "Requests answered 503.",
+        m.overloaded.load(Ordering::Relaxed),
+    );
+    counter("adclick_counted_total", "Distinct clicks counted.", c.counted);
+    counter("adclick_duplicates_total", "Duplicate clicks not counted.", c.duplicate);
+    counter(
+        "adclick_late_corrections_total",
+        "Clicks that corrected a final minute.",
+        c.late_corrected,
+    );
+    counter("adclick_too_late_total", "Clicks too late for the live path.", c.too_late);
+    counter("adclick_commits_total", "Store commits.", m.commits.load(Ordering::Relaxed));
+    counter(
+        "adclick_commit_seconds_total",
+        "Time spent in store commits.",
+        m.commit_micros.load(Ordering::Relaxed) / 1_000_000,
+    );
+    counter(
+        "adclick_checkpoints_total",
+        "Engine checkpoints.",
+        m.checkpoints.load(Ordering::Relaxed),
+    );
+    let _ = writeln!(out, "# HELP adclick_invalid_total Invalid lines by reason.\n# TYPE adclick_invalid_total counter");
+    for kind in InvalidKind::ALL {
+        let _ = writeln!(
+            out,
+            "adclick_invalid_total{{reason=\"{}\"}} {}",
+            kind.label(),
+            m.rejected[kind.index()].load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(out, "# HELP adclick_lag_records Durable records not yet aggregated.\n# TYPE adclick_lag_records gauge\nadclick_lag_records {}", q.lag());
+    let w = q.watermark.load(Ordering::Acquire);
+    if w != i64::MIN {
+        let _ = writeln!(out, "# HELP adclick_watermark_seconds The event-time watermark.\n# TYPE adclick_watermark_seconds gauge\nadclick_watermark_seconds {}", w / 1000);
+    }
+    let _ = writeln!(out, "# HELP adclick_checkpoint_bytes Size of the last checkpoint.\n# TYPE adclick_checkpoint_bytes gauge\nadclick_checkpoint_bytes {}", m.checkpoint_bytes.load(Ordering::Relaxed));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+const DASHBOARD: &str = r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>adclick</title>
+<style>body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}
+td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}th{background:#f4f4f4}
+.bar{background:#4a7bd0;height:.8em}small{color:#777}</style></head>
+<body><h1>adclick</h1>
+<p>Most clicked ads over the last <select id="w"><option>1</option><option selected>5</option><option>60</option></select> minutes
+(filter <select id="f"><option value="">none</option></select>) <small id="s"></small></p>
+<table id="t"><tr><th>#</th><th>ad_id</th><th>clicks</th><th></th></tr></table>
+<script>
+const f=document.getElementById('f'),w=document.getElementById('w');
+fetch('/healthz').then(r=>r.json()).then(h=>{document.getElementById('s').textContent='watermark '+(h.watermark||'-')});
+async function load(){
+  const q=new URLSearchParams({count:'20',window:w.value});if(f.value)q.set('filter',f.value);
+  const r=await (await fetch('/v1/ads/popular_ads?'+q)).json();
+  const t=document.getElementById('t');t.querySelectorAll('tr.r').forEach(e=>e.remove());
+  const max=Math.max(1,...(r.ads||[]).map(a=>a.count));
+  (r.ads||[]).forEach((a,i)=>{const tr=document.createElement('tr');tr.className='r';
+    tr.innerHTML=`<td>${i+1}</td><td>${a.ad_id}</td><td>${a.count}</td><td><div class=bar style="width:${200*a.count/max}px"></div></td>`;t.appendChild(tr)});
+  document.getElementById('s').textContent=(r.final?'final':'live')+' · to '+r.to;
+}
+(FILTERS).forEach(id=>{const o=document.createElement('option');o.value=id;o.textContent=id;f.appendChild(o)});
+f.onchange=w.onchange=load;load();setInterval(load,2000);
+</script></body></html>"#;

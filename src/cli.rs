@@ -1,0 +1,373 @@
+//! The `adclick` command line: parses flags, starts tracing, loads settings and dispatches.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, Settings};
+use crate::event::EventTime;
+use crate::generate::{GenConfig, Generator};
+use crate::pipeline::{now_ms, Pipeline};
+
+/// Exact, crash-safe ad click aggregation: per-ad per-minute counts, top ads and filters.
+#[derive(Parser, Debug)]
+#[command(name = "adclick", version, about)]
+pub struct Cli {
+    /// A TOML config file (keys as in SPEC §4).
+    #[arg(long, global = true, env = "ADCLICK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// More logging (-v, -vv).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less logging.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Collector, aggregator and query API on an embedded data directory.
+    Serve(ServeArgs),
+    /// `serve` on a demo data directory, fed by the built-in generator at a live rate.
+    Demo {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Clicks per second the generator sends.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+    },
+    /// Deterministic synthetic clicks (Zipf ads, countries, duplicates, late and invalid lines).
+    Generate(GenerateArgs),
+}
+
+/// Settings that flags may override (environment: the `ADCLICK_*` variable of each key).
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port, printed at start).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Data directory (default ./adclick-data; for demo ./adclick-demo-data).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Log partitions (fixed once the data directory holds data).
+    #[arg(long)]
+    pub partitions: Option<u32>,
+    /// Event-time watermark delay, like 15s.
+    #[arg(long)]
+    pub watermark_delay: Option<String>,
+    /// Idle time after which a partition stops holding the watermark back.
+    #[arg(long)]
+    pub idle_timeout: Option<String>,
+    /// How late a click may be and still correct a final minute.
+    #[arg(long)]
+    pub allowed_lateness: Option<String>,
+    /// Duplicates within this much event time of each other count once.
+    #[arg(long)]
+    pub dedup_horizon: Option<String>,
+    /// How far ahead of the clock a click's time may be.
+    #[arg(long)]
+    pub max_clock_skew: Option<String>,
+    /// How often results are committed.
+    #[arg(long)]
+    pub commit_interval: Option<String>,
+    /// How often the engine state is checkpointed.
+    #[arg(long)]
+    pub checkpoint_interval: Option<String>,
+    /// Aggregate shards (threads).
+    #[arg(long)]
+    pub shards: Option<usize>,
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> Vec<(&'static str, String)> {
+        let mut o = Vec::new();
+        let mut put = |k: &'static str, v: Option<String>| {
+            if let Some(v) = v {
+                o.push((k, v));
+            }
+        };
+        put("listen", self.listen.clone());
+        put("data_dir", self.data_dir.as_ref().map(|p| p.display().to_string()));
+        put("partitions", self.partitions.map(|v| v.to_string()));
+        put("watermark_delay", self.watermark_delay.clone());
+        put("idle_timeout", self.idle_timeout.clone());
+        put("allowed_lateness", self.allowed_lateness.clone());
+        put("dedup_horizon", self.dedup_horizon.clone());
+        put("max_clock_skew", self.max_clock_skew.clone());
+        put("commit_interval", self.commit_interval.clone());
+        put("checkpoint_interval", self.checkpoint_interval.clone());
+        put("shards", self.shards.map(|v| v.to_string()));
+        o
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Seed: the same seed gives the same clicks.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// How many lines (default: unbounded with --rate, else 10000).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Lines per second (default: as fast as possible).
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Where to: a file path, `-` for stdout, or a collector URL (http://host:port).
+    #[arg(long, default_value = "-")]
+    pub to: String,
+    /// Lines per POST to a collector.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Distinct ads.
+    #[arg(long, default_value_t = 10_000)]
+    pub ads: u64,
+    /// Share of duplicate lines.
+    #[arg(long, default_value_t = 0.01)]
+    pub duplicates: f64,
+    /// Share of invalid lines.
+    #[arg(long, default_value_t = 0.001)]
+    pub invalid: f64,
+    /// Share of late lines (1 to 4 minutes behind).
+    #[arg(long, default_value_t = 0.002)]
+    pub late: f64,
+}
+
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ADCLICK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(args) => {
+            let settings = settings(cli.config.as_deref(), &args, None)?;
+            serve(settings, None)
+        }
+        Command::Demo { serve: args, rate } => {
+            let settings = settings(cli.config.as_deref(), &args, Some("./adclick-demo-data"))?;
+            serve(settings, Some(rate))
+        }
+        Command::Generate(args) => generate(args),
+    }
+}
+
+fn settings(
+    file: Option<&std::path::Path>,
+    args: &ServeArgs,
+    demo_dir: Option<&str>,
+) -> anyhow::Result<Settings> {
+    let mut overrides = args.overrides();
+    if let (Some(dir), None) = (demo_dir, &args.data_dir) {
+        if std::env::var_os("ADCLICK_DATA_DIR").is_none() {
+            overrides.push(("data_dir", dir.to_string()));
+        }
+    }
+    let config = Config::load(file, &overrides)?;
+    Ok(config.validate()?)
+}
+
+fn serve(settings: Settings, demo_rate: Option<u64>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    let pipeline = Pipeline::start(&settings)?;
+    let state = crate::api::AppState {
+        ingest: pipeline.ingest.clone(),
+        query: pipeline.query.clone(),
+        max_body_bytes: settings.max_body_bytes,
+        max_skew_ms: settings.engine.max_clock_skew_ms,
+        max_lag_records: settings.max_lag_records,
+    };
+    let result = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("listen: cannot bind {}", settings.listen))?;
+        let addr = listener.local_addr().context("listen address")?;
+        println!("adclick: listening on http://{addr} (data in {})", settings.data_dir.display());
+        let _ = std::io::stdout().flush();
+        if let Some(rate) = demo_rate {
+            print_demo_help(addr, &settings);
+            let url = format!("http://{addr}");
+            std::thread::spawn(move || {
+                let args = GenerateArgs {
+                    seed: now_ms() as u64,
+                    count: None,
+                    rate: Some(rate),
+                    to: url,
+                    batch: (rate as usize / 10).clamp(1, 1000),
+                    ads: 1000,
+                    duplicates: 0.02,
+                    invalid: 0.002,
+                    late: 0.01,
+                };
+                if let Err(e) = generate(args) {
+                    tracing::error!("demo generator: {e:#}");
+                }
+            });
+        }
+        axum::serve(listener, crate::api::router(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving")
+    });
+    tracing::info!("shutting down: committing and checkpointing");
+    pipeline.stop();
+    result
+}
+
+fn print_demo_help(addr: std::net::SocketAddr, settings: &Settings) {
+    let filter = settings.filters.ids().first().map(|f| format!("&filter={f}")).unwrap_or_default();
+    println!(
+        "\nadclick demo: the generator is sending clicks now.\n\
+         dashboard:   http://{addr}/\n\
+         try:\n  \
+         curl -s 'http://{addr}/v1/ads/popular_ads?count=5&window=5{filter}'\n  \
+         curl -s 'http://{addr}/v1/ads/ad-1/aggregated_count'\n  \
+         curl -s 'http://{addr}/v1/ads/ad-1/timeseries?from={}'\n  \
+         curl -s http://{addr}/metrics | grep adclick_\n\
+         Ctrl-C stops (results are committed first).\n",
+        crate::event::format_rfc3339(
+            crate::event::Minute(EventTime(now_ms()).minute().0 - 10).start()
+        )
+    );
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Where generated lines go.
+type Sink = Box<dyn FnMut(&[String]) -> anyhow::Result<()>>;
+
+/// `adclick generate`: writes or sends generated lines; to a collector, re-sends any batch not
+/// acknowledged until it is.
+pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&args.duplicates)
+        || !(0.0..=1.0).contains(&args.invalid)
+        || !(0.0..=1.0).contains(&args.late)
+    {
+        bail!("--duplicates, --invalid and --late are shares between 0 and 1");
+    }
+    let mut generator = Generator::new(GenConfig {
+        seed: args.seed,
+        ads: args.ads.max(1),
+        duplicate: args.duplicates,
+        invalid: args.invalid,
+        late: args.late,
+        ..GenConfig::default()
+    });
+    let count = args.count.or(if args.rate.is_some() { None } else { Some(10_000) });
+    let mut sink: Sink = if args.to.starts_with("http://") {
+        let url = format!("{}/v1/clicks", args.to.trim_end_matches('/'));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        Box::new(move |lines: &[String]| post_until_acknowledged(&agent, &url, lines))
+    } else if args.to == "-" {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        Box::new(move |lines: &[String]| {
+            for l in lines {
+                writeln!(out, "{l}")?;
+            }
+            out.flush()?;
+            Ok(())
+        })
+    } else if args.to.starts_with("https://") {
+        bail!("--to: https is not supported; use http:// on a trusted network or a file");
+    } else {
+        let file = std::fs::File::create(&args.to)
+            .with_context(|| format!("--to: cannot create {}", args.to))?;
+        let mut out = std::io::BufWriter::new(file);
+        Box::new(move |lines: &[String]| {
+            for l in lines {
+                writeln!(out, "{l}")?;
+            }
+            out.flush()?;
+            Ok(())
+        })
+    };
+    let progress = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut last_report = Instant::now();
+    let batch = args.batch.max(1);
+    loop {
+        let n = count.map_or(batch as u64, |c| (c - sent).min(batch as u64)) as usize;
+        if n == 0 {
+            break;
+        }
+        let lines: Vec<String> = (0..n).map(|_| generator.line(EventTime(now_ms()))).collect();
+        sink(&lines)?;
+        sent += n as u64;
+        if let Some(rate) = args.rate {
+            let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        if progress && last_report.elapsed() >= Duration::from_millis(500) {
+            last_report = Instant::now();
+            let total = count.map(|c| format!("/{c}")).unwrap_or_default();
+            eprint!(
+                "\rgenerated {sent}{total} lines, {:.0}/s   ",
+                sent as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    if progress {
+        eprintln!(
+            "\rgenerated {sent} lines in {:.1}s            ",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn post_until_acknowledged(agent: &ureq::Agent, url: &str, lines: &[String]) -> anyhow::Result<()> {
+    let body = lines.join("\n");
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match agent.post(url).header("content-type", "application/x-ndjson").send(body.as_bytes()) {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) if r.status().is_client_error() => {
+                bail!(
+                    "the collector refused the batch: {} {}",
+                    r.status(),
+                    r.into_body().read_to_string().unwrap_or_default()
+                )
+            }
+            Ok(r) => tracing::warn!("collector answered {}; re-sending", r.status()),
+            Err(e) => tracing::warn!("collector unreachable ({e}); re-sending"),
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}

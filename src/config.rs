@@ -1,0 +1,241 @@
+//! Settings (SPEC §4): raw [`Config`] as written in TOML, `ADCLICK_*` variables and flags, then
+//! validated into typed [`Settings`] with errors that name the key.
+//!
+//! Layers, lowest first: built-in defaults < `--config` file < `ADCLICK_*` variables < flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
+use crate::filter::{FilterConfig, Filters};
+
+/// The keys of the config file, as written. Durations are strings like `15s`, `10m`, `1h`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    /// Log partitions, keyed by hash(ad_id). Fixed once a data directory holds data.
+    pub partitions: u32,
+    pub watermark_delay: String,
+    pub idle_timeout: String,
+    pub allowed_lateness: String,
+    pub dedup_horizon: String,
+    pub max_clock_skew: String,
+    pub top_n: usize,
+    /// Largest accepted `POST /v1/clicks` body.
+    pub max_body_bytes: usize,
+    /// How often the aggregator commits results (freshness of queries).
+    pub commit_interval: String,
+    /// How often the engine state is checkpointed (bounds recovery time).
+    pub checkpoint_interval: String,
+    /// Aggregate shards, each on its own thread.
+    pub shards: usize,
+    /// Log records not yet aggregated beyond which the collector answers 503.
+    pub max_lag_records: u64,
+    /// Log segment size.
+    pub segment_bytes: u64,
+    /// How long aggregated log segments are kept (raw data for recalculation).
+    pub log_retention: String,
+    #[serde(default)]
+    pub filters: Vec<FilterConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: "./adclick-data".into(),
+            partitions: 8,
+            watermark_delay: "15s".into(),
+            idle_timeout: "30s".into(),
+            allowed_lateness: "5m".into(),
+            dedup_horizon: "10m".into(),
+            max_clock_skew: "5m".into(),
+            top_n: 100,
+            max_body_bytes: 16 << 20,
+            commit_interval: "100ms".into(),
+            checkpoint_interval: "5s".into(),
+            shards: 2,
+            max_lag_records: 5_000_000,
+            segment_bytes: 128 << 20,
+            log_retention: "24h".into(),
+            filters: Vec::new(),
+        }
+    }
+}
+
+/// The keys `ADCLICK_*` variables may set (filters come from the file only).
+const ENV_KEYS: [&str; 16] = [
+    "log_retention",
+    "listen",
+    "data_dir",
+    "partitions",
+    "watermark_delay",
+    "idle_timeout",
+    "allowed_lateness",
+    "dedup_horizon",
+    "max_clock_skew",
+    "top_n",
+    "max_body_bytes",
+    "commit_interval",
+    "checkpoint_interval",
+    "shards",
+    "max_lag_records",
+    "segment_bytes",
+];
+
+/// A setting that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(Box<figment::Error>),
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error(transparent)]
+    Filter(#[from] crate::filter::FilterError),
+}
+
+/// Validated settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub partitions: u32,
+    pub engine: EngineConfig,
+    pub filters: Filters,
+    pub filter_configs: Vec<FilterConfig>,
+    pub max_body_bytes: usize,
+    pub commit_interval: Duration,
+    pub checkpoint_interval: Duration,
+    pub max_lag_records: u64,
+    pub segment_bytes: u64,
+    pub log_retention: Duration,
+}
+
+impl Config {
+    /// Merges the layers. `overrides` are flags given on the command line (TOML-shaped keys).
+    pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid {
+                    key: "--config",
+                    reason: format!("{} does not exist", path.display()),
+                });
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        fig = fig.merge(Env::prefixed("ADCLICK_").only(&ENV_KEYS));
+        for (key, value) in overrides {
+            // Parsed as figment parses variables: "7" is a number, "15s" a string.
+            let value: figment::value::Value = value.parse().unwrap_or_else(|never| match never {});
+            fig = fig.merge(Serialized::default(key, value));
+        }
+        fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))
+    }
+
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let invalid = |key, reason: String| ConfigError::Invalid { key, reason };
+        let ms = |key: &'static str, v: &str| -> Result<i64, ConfigError> {
+            Ok(duration(key, v)?.as_millis() as i64)
+        };
+        let listen = self.listen.parse().map_err(|e| {
+            invalid(
+                "listen",
+                format!("{:?} is not an address like 127.0.0.1:8080 ({e})", self.listen),
+            )
+        })?;
+        if !(1..=1024).contains(&self.partitions) {
+            return Err(invalid(
+                "partitions",
+                format!("must be between 1 and 1024, got {}", self.partitions),
+            ));
+        }
+        let engine = EngineConfig {
+            watermark_delay_ms: ms("watermark_delay", &self.watermark_delay)?,
+            idle_timeout_ms: ms("idle_timeout", &self.idle_timeout)?,
+            allowed_lateness_ms: ms("allowed_lateness", &self.allowed_lateness)?,
+            dedup_horizon_ms: ms("dedup_horizon", &self.dedup_horizon)?,
+            max_clock_skew_ms: ms("max_clock_skew", &self.max_clock_skew)?,
+            top_n: self.top_n,
+            shards: self.shards,
+        };
+        engine.validate().map_err(|e| invalid(e.key, e.reason))?;
+        let commit_interval = duration("commit_interval", &self.commit_interval)?;
+        let checkpoint_interval = duration("checkpoint_interval", &self.checkpoint_interval)?;
+        if commit_interval.is_zero() || checkpoint_interval < commit_interval {
+            return Err(invalid(
+                "checkpoint_interval",
+                "must be at least commit_interval, which must be above 0".into(),
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(invalid(
+                "max_body_bytes",
+                format!("must be at least 1024, got {}", self.max_body_bytes),
+            ));
+        }
+        Ok(Settings {
+            listen,
+            data_dir: self.data_dir.clone(),
+            partitions: self.partitions,
+            engine,
+            filters: Filters::compile(&self.filters)?,
+            filter_configs: self.filters.clone(),
+            max_body_bytes: self.max_body_bytes,
+            commit_interval,
+            checkpoint_interval,
+            max_lag_records: self.max_lag_records,
+            segment_bytes: self.segment_bytes.max(1 << 16),
+            log_retention: duration("log_retention", &self.log_retention)?,
+        })
+    }
+}
+
+fn duration(key: &'static str, v: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v.trim()).map_err(|e| ConfigError::Invalid {
+        key,
+        reason: format!("{v:?} is not a duration like 15s, 10m or 1h ({e})"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_and_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("adclick.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nwatermark_delay = \"20s\"\n[[filters]]\nid = \"us\"\ncountry = [\"US\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), &[("top_n", "7".into())]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9000");
+        assert_eq!(c.top_n, 7);
+        let s = c.validate().unwrap();
+        assert_eq!(s.engine.watermark_delay_ms, 20_000);
+        assert_eq!(s.engine.dedup_horizon_ms, 600_000);
+        assert_eq!(s.filters.ids(), ["us"]);
+
+        std::fs::write(&file, "colour = \"blue\"\n").unwrap();
+        let err = Config::load(Some(&file), &[]).unwrap_err().to_string();
+        assert!(err.contains("colour"), "{err}");
+
+        let bad = Config { watermark_delay: "soon".into(), ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().starts_with("watermark_delay:"));
+        let bad = Config { dedup_horizon: "1m".into(), ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().starts_with("dedup_horizon:"));
+        let bad = Config { listen: "nowhere".into(), ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().starts_with("listen:"));
+        assert!(Config::load(Some(Path::new("/nonexistent.toml")), &[]).is_err());
+    }
+}

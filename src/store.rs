@@ -1,0 +1,355 @@
+//! The aggregate store, embedded: results, source offsets, the replay journal and engine
+//! checkpoints in one redb database (`<data_dir>/store.redb`).
+//!
+//! # Key layout
+//!
+//! ```text
+//! counts   (ad_id, minute)  → u64 LE per slot (total, then each filter)   absolute values
+//! tops     (minute, slot)   → [len u, (ad str, count u)*]                 top-N of final minutes
+//! offsets  partition        → next offset: every record below is reflected in counts and tops
+//! journal  seq              → wall i64, [(partition, from, to)]            batches since the checkpoint
+//! meta     "watermark" i64 · "counters" · "filters" (ids) · "checkpoint" (engine snapshot)
+//!          · "checkpoint_seq" u64 (the last batch the snapshot includes)
+//! ```
+//!
+//! # Commit protocol (exactly once)
+//!
+//! Each engine batch is committed in **one** write transaction with `Durability::Immediate`:
+//! its absolute counts, its top-N lists, the offsets it advanced to, the watermark, and a journal
+//! entry saying which records (and which wall-clock time) made it. Every few seconds the same
+//! transaction also stores an engine snapshot and drops the journal entries it covers. So the
+//! cost of a commit follows the batch, not the state.
+//!
+//! Recovery restores the snapshot and replays the journal's batches from the log with their
+//! recorded wall times: the engine makes the same decisions again and ends exactly at the
+//! committed offsets. Absolute counts make a replayed write harmless. A crash before a commit
+//! loses nothing: the records are in the log and the offsets were not advanced.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::engine::snapshot::{Decoder, Encoder};
+use crate::engine::{Counters, Offset, Output, PartitionId, Slot};
+use crate::event::{AdId, Minute};
+use crate::rank::Ranked;
+
+const COUNTS: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("counts");
+const TOPS: TableDefinition<(i64, u32), &[u8]> = TableDefinition::new("tops");
+const OFFSETS: TableDefinition<u32, u64> = TableDefinition::new("offsets");
+const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// A store failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("store: {what}: {source}")]
+pub struct StoreError {
+    what: &'static str,
+    #[source]
+    source: redb::Error,
+}
+
+trait Context<T> {
+    fn ctx(self, what: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<redb::Error>> Context<T> for Result<T, E> {
+    fn ctx(self, what: &'static str) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError { what, source: e.into() })
+    }
+}
+
+/// Which records, at which wall-clock time, made one engine batch.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct BatchRecord {
+    pub wall: i64,
+    /// (partition, from, to): the records `[from, to)` of each partition, in this order.
+    pub ranges: Vec<(PartitionId, Offset, Offset)>,
+}
+
+impl BatchRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::default();
+        e.i(self.wall);
+        e.u(self.ranges.len() as u64);
+        for (p, a, b) in &self.ranges {
+            e.u(p.0 as u64);
+            e.u(a.0);
+            e.u(b.0);
+        }
+        e.buf
+    }
+    fn decode(bytes: &[u8]) -> Option<BatchRecord> {
+        let mut d = Decoder::raw(bytes);
+        let wall = d.i().ok()?;
+        let n = d.count().ok()?;
+        let mut ranges = Vec::with_capacity(n);
+        for _ in 0..n {
+            ranges.push((
+                PartitionId(u32::try_from(d.u().ok()?).ok()?),
+                Offset(d.u().ok()?),
+                Offset(d.u().ok()?),
+            ));
+        }
+        d.finish().ok()?;
+        Some(BatchRecord { wall, ranges })
+    }
+}
+
+/// What a restart needs.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    pub checkpoint: Option<Vec<u8>>,
+    /// Batches after the checkpoint, in order.
+    pub journal: Vec<(u64, BatchRecord)>,
+    pub next_seq: u64,
+    pub offsets: Vec<(PartitionId, Offset)>,
+    pub filters: Option<Vec<String>>,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(path).ctx("open")?;
+        let txn = db.begin_write().ctx("begin")?;
+        {
+            txn.open_table(COUNTS).ctx("create counts")?;
+            txn.open_table(TOPS).ctx("create tops")?;
+            txn.open_table(OFFSETS).ctx("create offsets")?;
+            txn.open_table(JOURNAL).ctx("create journal")?;
+            txn.open_table(META).ctx("create meta")?;
+        }
+        txn.commit().ctx("commit")?;
+        Ok(Store { db })
+    }
+
+    /// Commits one batch's results atomically (see the module doc). With `checkpoint`, also
+    /// stores the engine snapshot taken after this batch and drops the journal it covers.
+    pub fn commit(
+        &self,
+        seq: u64,
+        batch: &BatchRecord,
+        output: &Output,
+        filters: &[String],
+        checkpoint: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().ctx("begin commit")?;
+        {
+            let mut counts = txn.open_table(COUNTS).ctx("open counts")?;
+            let mut row = Vec::new();
+            for (minute, ad, c) in output.counts.iter() {
+                row.clear();
+                for v in c {
+                    row.extend_from_slice(&v.to_le_bytes());
+                }
+                counts.insert((ad.as_str(), minute.0), row.as_slice()).ctx("write count")?;
+            }
+            let mut tops = txn.open_table(TOPS).ctx("open tops")?;
+            for t in &output.top {
+                let mut e = Encoder::default();
+                e.u(t.ads.len() as u64);
+                for (ad, c) in &t.ads {
+                    e.bytes(ad.as_str().as_bytes());
+                    e.u(*c);
+                }
+                tops.insert((t.minute.0, t.slot.index() as u32), e.buf.as_slice())
+                    .ctx("write top")?;
+            }
+            let mut offsets = txn.open_table(OFFSETS).ctx("open offsets")?;
+            for (p, o) in &output.offsets {
+                offsets.insert(p.0, o.0).ctx("write offset")?;
+            }
+            let mut journal = txn.open_table(JOURNAL).ctx("open journal")?;
+            let mut meta = txn.open_table(META).ctx("open meta")?;
+            meta.insert("watermark", output.watermark.to_le_bytes().as_slice())
+                .ctx("write watermark")?;
+            let mut e = Encoder::default();
+            encode_counters(&output.counters, &mut e);
+            meta.insert("counters", e.buf.as_slice()).ctx("write counters")?;
+            let mut e = Encoder::default();
+            e.u(filters.len() as u64);
+            for f in filters {
+                e.bytes(f.as_bytes());
+            }
+            meta.insert("filters", e.buf.as_slice()).ctx("write filters")?;
+            match checkpoint {
+                Some(snapshot) => {
+                    meta.insert("checkpoint", snapshot).ctx("write checkpoint")?;
+                    meta.insert("checkpoint_seq", seq.to_le_bytes().as_slice())
+                        .ctx("write checkpoint seq")?;
+                    journal.retain(|k, _| k > seq).ctx("trim journal")?;
+                }
+                None => {
+                    journal
+                        .insert(seq, BatchRecord::encode(batch).as_slice())
+                        .ctx("write journal")?;
+                }
+            }
+        }
+        txn.commit().ctx("commit")
+    }
+
+    pub fn recovery(&self) -> Result<Recovery, StoreError> {
+        let txn = self.db.begin_read().ctx("begin read")?;
+        let meta = txn.open_table(META).ctx("open meta")?;
+        let checkpoint = meta.get("checkpoint").ctx("read checkpoint")?.map(|v| v.value().to_vec());
+        let checkpoint_seq =
+            meta.get("checkpoint_seq").ctx("read checkpoint seq")?.map(|v| le_u64(v.value()));
+        let filters = meta.get("filters").ctx("read filters")?.and_then(|v| {
+            let mut d = Decoder::raw(v.value());
+            (0..d.count().ok()?).map(|_| d.str().ok().map(str::to_owned)).collect()
+        });
+        let journal_table = txn.open_table(JOURNAL).ctx("open journal")?;
+        let mut journal = Vec::new();
+        for item in journal_table.iter().ctx("read journal")? {
+            let (k, v) = item.ctx("read journal entry")?;
+            let record = BatchRecord::decode(v.value()).ok_or(StoreError {
+                what: "journal entry is corrupt",
+                source: redb::Error::Corrupted(format!("journal entry {}", k.value())),
+            })?;
+            journal.push((k.value(), record));
+        }
+        let next_seq =
+            journal.last().map(|(s, _)| s + 1).or(checkpoint_seq.map(|s| s + 1)).unwrap_or(0);
+        let offsets = self.offsets()?;
+        Ok(Recovery { checkpoint, journal, next_seq, offsets, filters })
+    }
+
+    pub fn offsets(&self) -> Result<Vec<(PartitionId, Offset)>, StoreError> {
+        let txn = self.db.begin_read().ctx("begin read")?;
+        let t = txn.open_table(OFFSETS).ctx("open offsets")?;
+        let mut out = Vec::new();
+        for item in t.iter().ctx("read offsets")? {
+            let (k, v) = item.ctx("read offset")?;
+            out.push((PartitionId(k.value()), Offset(v.value())));
+        }
+        Ok(out)
+    }
+
+    /// The committed watermark (`i64::MIN` before any).
+    pub fn watermark(&self) -> Result<i64, StoreError> {
+        let txn = self.db.begin_read().ctx("begin read")?;
+        let meta = txn.open_table(META).ctx("open meta")?;
+        Ok(meta
+            .get("watermark")
+            .ctx("read watermark")?
+            .map_or(i64::MIN, |v| le_u64(v.value()) as i64))
+    }
+
+    pub fn counters(&self) -> Result<Counters, StoreError> {
+        let txn = self.db.begin_read().ctx("begin read")?;
+        let meta = txn.open_table(META).ctx("open meta")?;
+        Ok(meta
+            .get("counters")
+            .ctx("read counters")?
+            .and_then(|v| decode_counters(&mut Decoder::raw(v.value())))
+            .unwrap_or_default())
+    }
+
+    /// Per-minute counts of one ad and slot over `[from, to)`, only minutes with clicks.
+    pub fn series(
+        &self,
+        ad: &str,
+        slot: Slot,
+        from: Minute,
+        to: Minute,
+    ) -> Result<Vec<(Minute, u64)>, StoreError> {
+        let txn = self.db.begin_read().ctx("begin read")?;
+        let t = txn.open_table(COUNTS).ctx("open counts")?;
+        let mut out = Vec::new();
+        for item in t.range((ad, from.0)..(ad, to.0)).ctx("read counts")? {
+            let (k, v) = item.ctx("read count")?;
+            let c = slot_value(v.value(), slot);
+            if c > 0 {
+                out.push((Minute(k.value().1), c));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every stored count at or after `since`, for rebuilding in-memory indexes at start.
+    pub fn scan_counts(
+        &self,
+        since: Minute,
+        mut f: impl FnMut(Minute, &str, &[u64]),
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().ctx("begin read")?;
+        let t = txn.open_table(COUNTS).ctx("open counts")?;
+        let mut row = Vec::new();
+        for item in t.iter().ctx("scan counts")? {
+            let (k, v) = item.ctx("read count")?;
+            let (ad, minute) = k.value();
+            if minute >= since.0 {
+                row.clear();
+                row.extend(v.value().chunks_exact(8).map(le_u64));
+                f(Minute(minute), ad, &row);
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored top-N of a minute and slot.
+    pub fn top(&self, minute: Minute, slot: Slot) -> Result<Option<Vec<Ranked>>, StoreError> {
+        let txn = self.db.begin_read().ctx("begin read")?;
+        let t = txn.open_table(TOPS).ctx("open tops")?;
+        Ok(t.get((minute.0, slot.index() as u32)).ctx("read top")?.and_then(|v| {
+            let mut d = Decoder::raw(v.value());
+            (0..d.count().ok()?).map(|_| Some((AdId::new(d.str().ok()?), d.u().ok()?))).collect()
+        }))
+    }
+}
+
+fn slot_value(row: &[u8], slot: Slot) -> u64 {
+    row.get(slot.index() * 8..slot.index() * 8 + 8).map_or(0, le_u64)
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))
+}
+
+fn encode_counters(c: &Counters, e: &mut Encoder) {
+    for v in [c.valid, c.counted, c.late_corrected, c.duplicate, c.too_late] {
+        e.u(v);
+    }
+    e.u(c.invalid.len() as u64);
+    for v in c.invalid {
+        e.u(v);
+    }
+}
+
+fn decode_counters(d: &mut Decoder) -> Option<Counters> {
+    let mut c = Counters {
+        valid: d.u().ok()?,
+        counted: d.u().ok()?,
+        late_corrected: d.u().ok()?,
+        duplicate: d.u().ok()?,
+        too_late: d.u().ok()?,
+        ..Counters::default()
+    };
+    let n = d.count().ok()?;
+    for v in c.invalid.iter_mut().take(n) {
+        *v = d.u().ok()?;
+    }
+    Some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_records_round_trip() {
+        let b = BatchRecord {
+            wall: -5,
+            ranges: vec![
+                (PartitionId(3), Offset(10), Offset(20)),
+                (PartitionId(0), Offset(0), Offset(1)),
+            ],
+        };
+        assert_eq!(BatchRecord::decode(&b.encode()), Some(b));
+        assert_eq!(BatchRecord::decode(&[1, 2, 3]), None);
+    }
+}
