@@ -30,4 +30,5 @@ pub mod store;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod fault;
 pub mod pipeline;

@@ -251,6 +251,7 @@ fn write_loop(
             }
         }
         if result.is_ok() && !replies.is_empty() {
+            crate::fault::point("log.before_sync");
             result = writer.sync().map_err(|e| e.to_string());
         }
         for r in replies {
@@ -488,6 +489,7 @@ impl Aggregator {
                 ) {
                     fatal("committing results", e);
                 }
+                crate::fault::point("store.after_commit");
                 self.seq += 1;
                 last_commit = Instant::now();
                 let m = &self.query.metrics;
@@ -500,6 +502,7 @@ impl Aggregator {
                 self.publish(&output);
                 last_watermark = output.watermark;
                 if let Some(bytes) = snapshot {
+                    crate::fault::point("aggregator.after_checkpoint");
                     last_checkpoint = Instant::now();
                     m.checkpoints.fetch_add(1, Ordering::Relaxed);
                     m.checkpoint_bytes.store(bytes.len() as u64, Ordering::Relaxed);

@@ -162,6 +162,7 @@ impl Store {
             for (p, o) in &output.offsets {
                 offsets.insert(p.0, o.0).ctx("write offset")?;
             }
+            crate::fault::point("store.mid_commit");
             let mut journal = txn.open_table(JOURNAL).ctx("open journal")?;
             let mut meta = txn.open_table(META).ctx("open meta")?;
             meta.insert("watermark", output.watermark.to_le_bytes().as_slice())

@@ -1,3 +1,4 @@
 //! Integration tests: one binary, modules by subject.
 mod engine;
 mod model;
+mod service;

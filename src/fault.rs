@@ -1,0 +1,28 @@
+//! Crash points for tests: `ADCLICK_FAULT=<point>:<n>` makes the process abort (as abruptly as
+//! `kill -9`: no unwinding, no flushing) the n-th time it reaches `<point>`. Unset, each point
+//! costs one relaxed atomic load.
+//!
+//! Points: `log.before_sync` (records written, not yet durable), `store.mid_commit` (a
+//! transaction half written), `store.after_commit` (committed, not yet published to queries),
+//! `aggregator.after_checkpoint`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+static HITS: AtomicU64 = AtomicU64::new(0);
+
+/// Aborts here if this point is armed and its count is reached.
+pub fn point(name: &str) {
+    let armed = ARMED.get_or_init(|| {
+        let v = std::env::var("ADCLICK_FAULT").ok()?;
+        let (p, n) = v.rsplit_once(':')?;
+        Some((p.to_owned(), n.parse().ok()?))
+    });
+    if let Some((p, n)) = armed {
+        if p == name && HITS.fetch_add(1, Ordering::Relaxed) + 1 >= *n {
+            eprintln!("adclick: fault point {name} reached: aborting");
+            std::process::abort();
+        }
+    }
+}
