@@ -43,6 +43,8 @@ pub enum Command {
     },
     /// Deterministic synthetic clicks (Zipf ads, countries, duplicates, late and invalid lines).
     Generate(GenerateArgs),
+    /// The end-to-end benchmark: HTTP ingest through to final results, latency, RSS, recovery.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Settings that flags may override (environment: the `ADCLICK_*` variable of each key).
@@ -162,6 +164,7 @@ pub fn main() -> anyhow::Result<()> {
             serve(settings, Some(rate))
         }
         Command::Generate(args) => generate(args),
+        Command::Bench(args) => crate::bench::run(args),
     }
 }
 

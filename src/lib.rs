@@ -28,6 +28,7 @@ pub mod log;
 pub mod store;
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod fault;

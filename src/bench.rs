@@ -1,0 +1,304 @@
+//! `adclick bench`: the end-to-end benchmark. It runs `adclick serve` as a child process on a
+//! temporary data directory and drives it over HTTP from this process.
+//!
+//! 1. **Ingest**: `--events` pre-generated clicks (Zipf ads, 1% duplicates) in POSTs of
+//!    `--batch` lines from `--clients` threads. Event time is historical and advances one minute
+//!    per `--per-minute` events, so minutes become final through the stream itself.
+//!    Throughput = events / (first send → the last minute final in the API).
+//!    Latency, per minute: from the moment the client has sent the first click at or past the
+//!    minute's end + watermark delay (the minute could be final from then on), to the moment
+//!    `popular_ads?to=` reports it final (polled every 5 ms).
+//! 2. **Recovery**: a fresh server with checkpoints effectively off takes `--recovery-events`
+//!    clicks, is killed with SIGKILL, and is restarted; the time until it listens again (after
+//!    replaying the whole uncommitted tail) is reported.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::event::{EventTime, MINUTE_MS};
+use crate::generate::{GenConfig, Generator};
+use crate::pipeline::now_ms;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Clicks to ingest.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub events: usize,
+    /// Lines per POST.
+    #[arg(long, default_value_t = 1_000)]
+    pub batch: usize,
+    /// Concurrent client threads.
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Events per minute of event time.
+    #[arg(long, default_value_t = 20_000)]
+    pub per_minute: usize,
+    /// Clicks left uncommitted before the kill of the recovery phase (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub recovery_events: usize,
+    /// Keep the data directories (printed) instead of deleting them.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(dir: &Path, extra: &[&str]) -> anyhow::Result<(Server, Duration)> {
+        let started = Instant::now();
+        let mut child = Command::new(std::env::current_exe().context("locating adclick")?)
+            .args(["-q", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting adclick serve")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
+            bail!("the server did not start: {line:?}");
+        };
+        Ok((Server { url: url.to_string(), child }, started.elapsed()))
+    }
+
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+fn post(agent: &ureq::Agent, url: &str, body: &str) -> anyhow::Result<()> {
+    loop {
+        let r = agent.post(format!("{url}/v1/clicks")).send(body.as_bytes())?;
+        match r.status().as_u16() {
+            200 => return Ok(()),
+            503 => std::thread::sleep(Duration::from_millis(20)),
+            s => bail!("collector answered {s}"),
+        }
+    }
+}
+
+/// Batches of lines whose event time starts at `start` and advances a minute per `per_minute`.
+fn workload(
+    events: usize,
+    batch: usize,
+    per_minute: usize,
+    start: i64,
+    seed: u64,
+) -> Vec<(i64, String)> {
+    let mut g = Generator::new(GenConfig {
+        seed,
+        ads: 100_000,
+        disorder_ms: 2_000,
+        duplicate: 0.01,
+        late: 0.0,
+        too_late: 0.0,
+        invalid: 0.0,
+        ..GenConfig::default()
+    });
+    let step = MINUTE_MS as f64 / per_minute as f64;
+    (0..events.div_ceil(batch))
+        .map(|b| {
+            let lines: Vec<String> = (b * batch..((b + 1) * batch).min(events))
+                .map(|i| g.line(EventTime(start + (i as f64 * step) as i64)))
+                .collect();
+            let newest = start + (((b + 1) * batch).min(events) as f64 * step) as i64;
+            (newest, lines.join("\n"))
+        })
+        .collect()
+}
+
+fn send_all(
+    url: &str,
+    batches: &[(i64, String)],
+    clients: usize,
+    sent_at: &Mutex<Vec<(i64, Instant)>>,
+) -> anyhow::Result<()> {
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..clients.max(1))
+            .map(|_| {
+                s.spawn(|| -> anyhow::Result<()> {
+                    let agent = agent();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((newest, body)) = batches.get(i) else { return Ok(()) };
+                        post(&agent, url, body)?;
+                        sent_at.lock().expect("not poisoned").push((*newest, Instant::now()));
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| w.join().expect("client thread panicked"))
+    })
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let delay_ms = 15_000;
+    // Whole minutes, two hours back: every minute is in the past and within any clock skew.
+    let start = (now_ms() / MINUTE_MS - 120) * MINUTE_MS;
+    eprintln!("bench: generating {} clicks…", args.events);
+    let mut batches = workload(args.events, args.batch, args.per_minute, start, 42);
+    let last_minute_end = (batches.last().map_or(start, |b| b.0) / MINUTE_MS + 1) * MINUTE_MS;
+    // A last click past the final minute's end + delay in every partition (the watermark is the
+    // minimum over partitions), so that the last minute becomes final too.
+    let partitions = 8u64;
+    let mut covered = std::collections::BTreeSet::new();
+    let sentinels: Vec<String> = (0..)
+        .map(|i| format!("sentinel-{i}"))
+        .filter(|ad| covered.insert(crate::event::route_hash(ad) % partitions))
+        .take(partitions as usize)
+        .map(|ad| {
+            format!("{{\"ad_id\":\"{ad}\",\"click_timestamp\":{}}}", last_minute_end + delay_ms + 1)
+        })
+        .collect();
+    batches.push((last_minute_end + delay_ms + 1, sentinels.join("\n")));
+    let minutes: Vec<i64> = (start / MINUTE_MS..last_minute_end / MINUTE_MS).collect();
+
+    let dir = tempfile::Builder::new().prefix("adclick-bench-").tempdir().context("temp dir")?;
+    let (server, _) = Server::start(&dir.path().join("ingest"), &[])?;
+    eprintln!(
+        "bench: ingesting through {} ({} clients, batches of {})…",
+        server.url, args.clients, args.batch
+    );
+
+    let sent_at = Mutex::new(Vec::new());
+    let finals: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+    let began = Instant::now();
+    let poller = {
+        let (url, finals, minutes) = (server.url.clone(), finals.clone(), minutes.clone());
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let agent = agent();
+            let deadline = Instant::now() + Duration::from_secs(600);
+            for m in minutes {
+                let to = (m + 1) * MINUTE_MS;
+                loop {
+                    let body = agent
+                        .get(format!("{url}/v1/ads/popular_ads?to={to}"))
+                        .call()?
+                        .body_mut()
+                        .read_to_string()?;
+                    if body.contains("\"final\":true") {
+                        finals.lock().expect("not poisoned").push((to, Instant::now()));
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        bail!("minute ending {to} never became final");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            Ok(())
+        })
+    };
+    send_all(&server.url, &batches, args.clients, &sent_at)?;
+    let sending = began.elapsed();
+    poller.join().expect("poller panicked")?;
+    let total = began.elapsed();
+    let rss = server.peak_rss_kib();
+
+    // Latency: from the first acknowledged send whose newest click passes end + delay.
+    let mut sent = sent_at.into_inner().expect("not poisoned");
+    sent.sort_by_key(|(_, at)| *at);
+    let mut latencies: Vec<f64> = finals
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .filter_map(|(end, final_at)| {
+            let ready = sent.iter().find(|(newest, _)| *newest >= end + delay_ms)?.1;
+            Some(final_at.saturating_duration_since(ready).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let events = args.events as f64;
+    println!(
+        "adclick bench — {} clicks, {} clients, batches of {}, {} minutes of event time",
+        args.events,
+        args.clients,
+        args.batch,
+        minutes.len()
+    );
+    println!(
+        "  ingest (HTTP, durable ack):       {:>10.0} events/s  ({:.2} s)",
+        events / sending.as_secs_f64(),
+        sending.as_secs_f64()
+    );
+    println!(
+        "  through to final in the API:      {:>10.0} events/s  ({:.2} s)",
+        events / total.as_secs_f64(),
+        total.as_secs_f64()
+    );
+    println!(
+        "  minute end → final (ms):          p50 {:.0}  p99 {:.0}  max {:.0}  ({} minutes)",
+        pct(0.5),
+        pct(0.99),
+        latencies.last().copied().unwrap_or(f64::NAN),
+        latencies.len()
+    );
+    if let Some(kib) = rss {
+        println!("  server peak RSS:                  {:>10.1} MiB", kib as f64 / 1024.0);
+    }
+    drop(server);
+
+    if args.recovery_events > 0 {
+        let data = dir.path().join("recovery");
+        let (server, _) = Server::start(&data, &["--checkpoint-interval", "24h"])?;
+        eprintln!("bench: recovery phase: {} clicks, then kill -9…", args.recovery_events);
+        let batches = workload(args.recovery_events, args.batch, args.per_minute, start, 7);
+        send_all(&server.url, &batches, args.clients, &Mutex::new(Vec::new()))?;
+        // Let the aggregator commit the tail, so the restart must replay all of it.
+        let agent = agent();
+        loop {
+            let body =
+                agent.get(format!("{}/healthz", server.url)).call()?.body_mut().read_to_string()?;
+            if body.contains("\"lag_records\":0") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(server); // SIGKILL
+        let (server, took) = Server::start(&data, &["--checkpoint-interval", "24h"])?;
+        println!(
+            "  recovery after kill -9:           {:>10.2} s  ({} clicks past the checkpoint replayed)",
+            took.as_secs_f64(),
+            args.recovery_events
+        );
+        drop(server);
+    }
+    if args.keep {
+        println!("  data kept in {}", dir.keep().display());
+    }
+    Ok(())
+}
