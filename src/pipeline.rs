@@ -7,7 +7,7 @@
 //!    encodes)        channel)   pending append, write, one sync,    │ reads durable records only
 //!                               answer all waiting clients          ▼
 //!                                                  aggregator thread: every commit_interval
-//!                                                  Engine::process_threaded (shards on OS threads)
+//!                                                  Engine::process_with: shards on a fixed pool
 //!                                                  → one store transaction: counts, tops,
 //!                                                    offsets, watermark, journal | checkpoint
 //!                                                  → QueryState (popular index, watermark)
@@ -265,6 +265,8 @@ fn write_loop(
 
 struct Aggregator {
     engine: Engine,
+    /// The fixed pool of OS threads the engine's shards run on (one per shard).
+    pool: rayon::ThreadPool,
     store: Arc<Store>,
     log: LogHandle,
     query: Arc<QueryState>,
@@ -307,8 +309,14 @@ impl Aggregator {
             }
         };
         let partitions = settings.partitions as usize;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(settings.engine.shards)
+            .thread_name(|i| format!("adclick-shard-{i}"))
+            .build()
+            .context("starting the shard threads")?;
         let mut agg = Aggregator {
             engine,
+            pool,
             store,
             readers: (0..partitions).map(|p| log.reader(PartitionId(p as u32))).collect(),
             buf: (0..partitions).map(|_| Records::default()).collect(),
@@ -337,7 +345,8 @@ impl Aggregator {
             let ranges = batch.ranges.clone();
             agg.read_ranges(&ranges).context("reading the log to replay the journal")?;
             let records = decode_records(&agg.buf, &ranges);
-            agg.engine.process_threaded(EventTime(batch.wall), &records);
+            let pool = &agg.pool;
+            agg.engine.process_with(EventTime(batch.wall), &records, |work| run_shards(pool, work));
         }
         for (p, o) in &rec.offsets {
             anyhow::ensure!(
@@ -417,6 +426,15 @@ impl Aggregator {
     }
 }
 
+/// Runs each shard's batch on the pool; outputs in shard order.
+fn run_shards(
+    pool: &rayon::ThreadPool,
+    work: Vec<(&mut crate::engine::Shard, crate::engine::ShardBatch)>,
+) -> Vec<crate::engine::ShardOutput> {
+    use rayon::prelude::*;
+    pool.install(|| work.into_par_iter().map(|(shard, batch)| shard.apply(batch)).collect())
+}
+
 /// Decodes what `read_ranges` read into engine records, in journal order.
 fn decode_records<'a>(
     buf: &'a [Records],
@@ -465,7 +483,10 @@ impl Aggregator {
             let wall = now_ms();
             let (output, snapshot) = {
                 let records = decode_records(&self.buf, &ranges);
-                let output = self.engine.process_threaded(EventTime(wall), &records);
+                let pool = &self.pool;
+                let output = self
+                    .engine
+                    .process_with(EventTime(wall), &records, |work| run_shards(pool, work));
                 let checkpoint_due =
                     last_checkpoint.elapsed() >= self.checkpoint_interval || stopping;
                 (output, checkpoint_due.then(|| self.engine.snapshot()))

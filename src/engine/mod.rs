@@ -325,24 +325,15 @@ impl Engine {
         self.reducer.reduce(meta, outputs)
     }
 
-    /// As [`Engine::process`], with each shard on its own OS thread (scoped to the batch).
-    pub fn process_threaded(&mut self, wall: EventTime, records: &[Record<'_>]) -> Output {
-        if self.shards.len() == 1 {
-            return self.process(wall, records);
-        }
+    /// As [`Engine::process`], with the caller running the shard stage: `run` gets each shard
+    /// with its batch and returns their outputs in the same order (e.g. on a thread pool).
+    pub fn process_with<F>(&mut self, wall: EventTime, records: &[Record<'_>], run: F) -> Output
+    where
+        F: FnOnce(Vec<(&mut Shard, ShardBatch)>) -> Vec<ShardOutput>,
+    {
         let (meta, batches) = self.mapper.map(wall, records).split();
-        let outputs = std::thread::scope(|s| {
-            let running: Vec<_> = self
-                .shards
-                .iter_mut()
-                .zip(batches)
-                .map(|(shard, b)| s.spawn(move || shard.apply(b)))
-                .collect();
-            running
-                .into_iter()
-                .map(|h| h.join().expect("a shard panicked: the engine state is lost"))
-                .collect()
-        });
+        let outputs = run(self.shards.iter_mut().zip(batches).collect());
+        assert_eq!(outputs.len(), self.shards.len(), "one output per shard, in order");
         self.reducer.reduce(meta, outputs)
     }
 

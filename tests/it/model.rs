@@ -176,7 +176,20 @@ pub fn run_engine_with(
                 Record { partition: PartitionId(*p), offset: Offset(*o), payload }
             })
             .collect();
-        let o = engine.process(EventTime(b.wall), &records);
+        // Odd batches run the shards on threads through `process_with`, even ones in line.
+        let o = if i % 2 == 1 {
+            engine.process_with(EventTime(b.wall), &records, |work| {
+                std::thread::scope(|s| {
+                    let running: Vec<_> = work
+                        .into_iter()
+                        .map(|(shard, batch)| s.spawn(move || shard.apply(batch)))
+                        .collect();
+                    running.into_iter().map(|h| h.join().unwrap()).collect()
+                })
+            })
+        } else {
+            engine.process(EventTime(b.wall), &records)
+        };
         fold(&mut out, &o);
     }
     out
