@@ -402,7 +402,8 @@ td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}th{backgrou
 const f=document.getElementById('f'),w=document.getElementById('w');
 fetch('/healthz').then(r=>r.json()).then(h=>{document.getElementById('s').textContent='watermark '+(h.watermark||'-')});
 async function load(){
-  const q=new URLSearchParams({count:'20',window:w.value});if(f.value)q.set('filter',f.value);
+  const to=(Math.floor(Date.now()/60000)+1)*60000;
+  const q=new URLSearchParams({count:'20',window:w.value,to:String(to)});if(f.value)q.set('filter',f.value);
   const r=await (await fetch('/v1/ads/popular_ads?'+q)).json();
   const t=document.getElementById('t');t.querySelectorAll('tr.r').forEach(e=>e.remove());
   const max=Math.max(1,...(r.ads||[]).map(a=>a.count));

@@ -137,6 +137,10 @@ pub struct GenerateArgs {
     /// Share of late lines (1 to 4 minutes behind).
     #[arg(long, default_value_t = 0.002)]
     pub late: f64,
+    /// Event time of the first line (RFC 3339 or epoch ms); then it advances by 1/rate (or 1 ms)
+    /// per line. With it the output depends on the seed alone; without, times follow the clock.
+    #[arg(long)]
+    pub start: Option<String>,
 }
 
 pub fn main() -> anyhow::Result<()> {
@@ -179,7 +183,23 @@ fn settings(
             overrides.push(("data_dir", dir.to_string()));
         }
     }
-    let config = Config::load(file, &overrides)?;
+    let mut config = Config::load(file, &overrides)?;
+    if demo_dir.is_some() && config.filters.is_empty() {
+        // The demo shows filters at work: two examples, unless a config file brings its own.
+        let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
+        config.filters = vec![
+            crate::filter::FilterConfig {
+                id: "us".into(),
+                country: list(&["US"]),
+                ..Default::default()
+            },
+            crate::filter::FilterConfig {
+                id: "office".into(),
+                ip: list(&["10.0.0.0/8"]),
+                ..Default::default()
+            },
+        ];
+    }
     Ok(config.validate()?)
 }
 
@@ -217,6 +237,7 @@ fn serve(settings: Settings, demo_rate: Option<u64>) -> anyhow::Result<()> {
                     duplicates: 0.02,
                     invalid: 0.002,
                     late: 0.01,
+                    start: None,
                 };
                 if let Err(e) = generate(args) {
                     tracing::error!("demo generator: {e:#}");
@@ -317,6 +338,18 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             Ok(())
         })
     };
+    let start = match &args.start {
+        None => None,
+        Some(raw) => Some(match raw.parse::<i64>() {
+            Ok(ms) => ms,
+            Err(_) => {
+                crate::event::parse_rfc3339(raw)
+                    .map_err(|e| anyhow::anyhow!("--start: {raw:?}: {e}"))?
+                    .0
+            }
+        }),
+    };
+    let step_ms = 1000.0 / args.rate.unwrap_or(1000).max(1) as f64;
     let progress = std::io::stderr().is_terminal();
     let started = Instant::now();
     let mut sent = 0u64;
@@ -327,7 +360,15 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         if n == 0 {
             break;
         }
-        let lines: Vec<String> = (0..n).map(|_| generator.line(EventTime(now_ms()))).collect();
+        let lines: Vec<String> = (0..n)
+            .map(|i| {
+                let t = match start {
+                    Some(t0) => t0 + ((sent + i as u64) as f64 * step_ms) as i64,
+                    None => now_ms(),
+                };
+                generator.line(EventTime(t))
+            })
+            .collect();
         sink(&lines)?;
         sent += n as u64;
         if let Some(rate) = args.rate {

@@ -440,3 +440,34 @@ fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
     assert!(metrics.contains("adclick_invalid_total{reason=\"not_json\"} 1"), "{metrics}");
     assert!(metrics.contains("adclick_invalid_total{reason=\"in_future\"} 1"));
 }
+
+#[test]
+fn generate_is_deterministic_by_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |seed: &str, name: &str| {
+        let out = dir.path().join(name);
+        let status = Command::new(env!("CARGO_BIN_EXE_adclick"))
+            .args([
+                "generate",
+                "--seed",
+                seed,
+                "--count",
+                "3000",
+                "--start",
+                "2026-11-30T08:00:00Z",
+                "--to",
+            ])
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::read_to_string(out).unwrap()
+    };
+    let a = run("7", "a");
+    assert_eq!(a, run("7", "b"));
+    assert_ne!(a, run("8", "c"));
+    assert_eq!(a.lines().count(), 3000);
+    let v = Validation { now: EventTime(1_796_100_000_000), max_skew_ms: 300_000 };
+    let valid = a.lines().filter(|l| matches!(parse_line(l.as_bytes(), v), Ok(Some(_)))).count();
+    assert!(valid > 2900, "{valid} valid lines");
+}
