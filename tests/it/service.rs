@@ -471,3 +471,57 @@ fn generate_is_deterministic_by_seed() {
     let valid = a.lines().filter(|l| matches!(parse_line(l.as_bytes(), v), Ok(Some(_)))).count();
     assert!(valid > 2900, "{valid} valid lines");
 }
+
+/// Wall-clock decisions replay identically: a click judged too late because its partition had
+/// gone idle stays uncounted after `kill -9`, although a recomputation from the log alone (both
+/// clicks in one batch, no idle period) would count it.
+#[test]
+fn wall_clock_decisions_replay_identically_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"
+watermark_delay = "1s"
+idle_timeout = "1s"
+allowed_lateness = "0s"
+dedup_horizon = "2m"
+partitions = 1
+checkpoint_interval = "1h"
+"#;
+    let mut server = Server::start(dir.path(), config, &[]);
+    let prev = (now_ms() / 60_000 - 1) * 60_000;
+    let click =
+        |t: i64, id: &str| format!(r#"{{"ad_id":"a","click_timestamp":{t},"click_id":"{id}"}}"#);
+    let count = |s: &Server| {
+        let (_, v) = s.get(&format!("/v1/ads/a/aggregated_count?from={prev}&to={}", prev + 60_000));
+        v["count"].as_u64().unwrap()
+    };
+    let metric = |s: &Server, name: &str| -> u64 {
+        let text = agent()
+            .get(format!("{}/metrics", s.url))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().parse().unwrap()
+    };
+    let wait = |what: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !what() {
+            assert!(Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(server.post(click(prev + 10_000, "e1").as_bytes()).0, 200);
+    wait(&|| count(&server) == 1);
+    // The partition goes idle: the watermark follows the wall clock past the previous minute.
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(server.post(click(prev + 20_000, "e2").as_bytes()).0, 200);
+    wait(&|| metric(&server, "adclick_too_late_total") == 1);
+    assert_eq!(count(&server), 1);
+
+    server.kill();
+    let server = Server::start(dir.path(), config, &[]);
+    assert_eq!(metric(&server, "adclick_too_late_total"), 1, "the replay made the same decision");
+    assert_eq!(count(&server), 1);
+    assert!(server.log().contains("replayed_batches="), "{}", server.log());
+}
