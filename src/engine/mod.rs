@@ -19,9 +19,14 @@
 //!                    an ad lives in one shard), sum counters, emit the [`Output`]
 //! ```
 //!
-//! [`Engine`] runs the three stages in one thread. A threaded caller owns a [`Mapper`], S
-//! [`Shard`]s and a [`Reducer`] itself and passes [`ShardBatch`]es and [`ShardOutput`]s between
-//! them; the results are the same.
+//! **Using it from an adapter.** Build an [`Engine`] from an [`EngineConfig`] and compiled
+//! [`Filters`]; feed it batches with [`Engine::process`] (all stages in the calling thread) or
+//! [`Engine::process_with`], which hands the shard stage to the caller as `(shard, batch)` pairs
+//! to run anywhere (the embedded service uses a fixed pool of OS threads) and to return outputs
+//! in order. Persist [`Output::counts`] (absolute), [`Output::top`] and [`Output::offsets`]
+//! together with [`Engine::snapshot`] bytes, or with enough to replay the batches since the last
+//! snapshot (their records and wall times); restore with [`Engine::restore`]. Records below a
+//! partition's reflected offset are skipped, so re-feeding a batch is harmless.
 //!
 //! **Determinism.** Given the same batches (records and wall times) the engine makes the same
 //! decisions, whatever the shard count and however the records are cut into batches: every
