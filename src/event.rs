@@ -3,7 +3,7 @@
 //!
 //! Parsing borrows from the line: string fields are `Cow::Borrowed` unless the JSON escaped them,
 //! so a typical line costs no heap allocation. The JSON is read by `serde_json` through a visitor
-//! that records each known field as a loosely typed [`Scalar`]; validation then runs in plain
+//! that records each known field as a loosely typed `Scalar`; validation then runs in plain
 //! Rust, so every rule of §1 yields its own [`Invalid`] variant naming the field. Unknown fields
 //! are skipped, `null` means absent, a repeated known field is rejected as ambiguous.
 //!
