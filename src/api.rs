@@ -202,21 +202,36 @@ fn is_final(s: &AppState, to: Minute) -> bool {
     s.query.watermark.load(Ordering::Acquire) >= to.start().0
 }
 
+/// Validates an ad query's parameters and reads its per-minute counts from the store.
+async fn ad_series(
+    s: &AppState,
+    ad: &str,
+    q: &HashMap<String, String>,
+    max_minutes: Option<i64>,
+) -> Result<(Minute, Minute, Value, Vec<(Minute, u64)>), ApiError> {
+    unknown_params(q, &["from", "to", "filter"])?;
+    ad_param(ad)?;
+    let (from, to) = range(q)?;
+    if let Some(max) = max_minutes.filter(|&max| to.0 - from.0 > max) {
+        return Err(ApiError::BadRequest(format!(
+            "from: the range may span at most {max} minutes"
+        )));
+    }
+    let (slot, filter) = slot(s, q)?;
+    let (store, ad) = (s.query.store.clone(), ad.to_owned());
+    let series = tokio::task::spawn_blocking(move || store.series(&ad, slot, from, to))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((from, to, filter, series))
+}
+
 async fn aggregated_count(
     State(s): State<AppState>,
     Path(ad): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    unknown_params(&q, &["from", "to", "filter"])?;
-    ad_param(&ad)?;
-    let (from, to) = range(&q)?;
-    let (slot, filter) = slot(&s, &q)?;
-    let store = s.query.store.clone();
-    let ad2 = ad.clone();
-    let series = tokio::task::spawn_blocking(move || store.series(&ad2, slot, from, to))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (from, to, filter, series) = ad_series(&s, &ad, &q, None).await?;
     let count: u64 = series.iter().map(|(_, c)| c).sum();
     Ok(Json(json!({
         "ad_id": ad,
@@ -233,19 +248,7 @@ async fn timeseries(
     Path(ad): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    unknown_params(&q, &["from", "to", "filter"])?;
-    ad_param(&ad)?;
-    let (from, to) = range(&q)?;
-    if to.0 - from.0 > 1440 {
-        return Err(ApiError::BadRequest("from: the range may span at most 1440 minutes".into()));
-    }
-    let (slot, filter) = slot(&s, &q)?;
-    let store = s.query.store.clone();
-    let ad2 = ad.clone();
-    let series = tokio::task::spawn_blocking(move || store.series(&ad2, slot, from, to))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (from, to, filter, series) = ad_series(&s, &ad, &q, Some(1440)).await?;
     let counts: HashMap<i64, u64> = series.into_iter().map(|(m, c)| (m.0, c)).collect();
     let w = s.query.watermark.load(Ordering::Acquire);
     let points: Vec<Value> = (from.0..to.0)

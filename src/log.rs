@@ -262,12 +262,7 @@ impl Writer {
 impl Partition {
     fn open(dir: &Path) -> Result<Partition, LogError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let mut segments: Vec<u64> = fs::read_dir(dir)
-            .map_err(io_err(dir))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
-            .collect();
-        segments.sort_unstable();
+        let mut segments = segment_bases(dir)?;
         if segments.is_empty() {
             segments.push(0);
             File::create(segment_path(dir, 0)).map_err(io_err(dir))?;
@@ -311,6 +306,17 @@ impl Partition {
         self.dir_dirty = true;
         Ok(())
     }
+}
+
+/// The base offsets of a partition's segment files, ascending.
+fn segment_bases(dir: &Path) -> Result<Vec<u64>, LogError> {
+    let mut bases: Vec<u64> = fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+        .collect();
+    bases.sort_unstable();
+    Ok(bases)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
@@ -449,12 +455,7 @@ impl Reader {
 
     /// Opens the segment holding `offset` and skips to it.
     fn seek(&self, dir: &Path, offset: u64) -> Result<(u64, BufReader<File>, u64), LogError> {
-        let mut bases: Vec<u64> = fs::read_dir(dir)
-            .map_err(io_err(dir))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
-            .collect();
-        bases.sort_unstable();
+        let bases = segment_bases(dir)?;
         let base =
             *bases.iter().rev().find(|&&b| b <= offset).ok_or_else(|| LogError::Corrupt {
                 path: dir.to_owned(),
