@@ -374,7 +374,7 @@ impl Aggregator {
     }
 
     fn rebuild_popular(&self) -> Result<(), crate::store::StoreError> {
-        let since = Minute(now_ms().div_euclid(MINUTE_MS) - i64::from(MAX_WINDOW_MINUTES) - 60);
+        let since = recent_window_start();
         let mut popular: Vec<_> =
             self.query.popular.iter().map(|p| p.lock().expect("not poisoned")).collect();
         self.store.scan_counts(since, |minute, ad, counts| {
@@ -424,6 +424,12 @@ impl Aggregator {
         }
         Ok(())
     }
+}
+
+/// The oldest minute popular-ads queries can reach (their longest window, plus an hour of slack
+/// for `to` in the past); older minutes leave the in-memory index.
+fn recent_window_start() -> Minute {
+    Minute(now_ms().div_euclid(MINUTE_MS) - i64::from(MAX_WINDOW_MINUTES) - 60)
 }
 
 /// Runs each shard's batch on the pool; outputs in shard order.
@@ -555,9 +561,7 @@ impl Aggregator {
                 }
             }
             p.seal_below(sealed);
-            p.evict_before(Minute(
-                now_ms().div_euclid(MINUTE_MS) - i64::from(MAX_WINDOW_MINUTES) - 60,
-            ));
+            p.evict_before(recent_window_start());
         }
         for (p, o) in &output.offsets {
             self.query.committed[p.0 as usize].store(o.0, Ordering::Release);

@@ -4,7 +4,7 @@
 //! # Key layout
 //!
 //! ```text
-//! counts   (ad_id, minute)  → u64 LE per slot (total, then each filter)   absolute values
+//! counts   (minute, ad_id)  → u64 LE per slot (total, then each filter)   absolute values
 //! tops     (minute, slot)   → [len u, (ad str, count u)*]                 top-N of final minutes
 //! offsets  partition        → next offset: every record below is reflected in counts and tops
 //! journal  seq              → wall i64, [(partition, from, to)]            batches since the checkpoint
@@ -34,7 +34,9 @@ use crate::engine::{Counters, Offset, Output, PartitionId, Slot};
 use crate::event::{AdId, Minute};
 use crate::rank::Ranked;
 
-const COUNTS: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("counts");
+/// Keyed minute first: a commit's rows land together at the right edge of the tree, and a restart
+/// rebuilds the popular-ads index from a range scan of the recent minutes, not all history.
+const COUNTS: TableDefinition<(i64, &str), &[u8]> = TableDefinition::new("counts");
 const TOPS: TableDefinition<(i64, u32), &[u8]> = TableDefinition::new("tops");
 const OFFSETS: TableDefinition<u32, u64> = TableDefinition::new("offsets");
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
@@ -145,7 +147,7 @@ impl Store {
                 for v in c {
                     row.extend_from_slice(&v.to_le_bytes());
                 }
-                counts.insert((ad.as_str(), minute.0), row.as_slice()).ctx("write count")?;
+                counts.insert((minute.0, ad.as_str()), row.as_slice()).ctx("write count")?;
             }
             let mut tops = txn.open_table(TOPS).ctx("open tops")?;
             for t in &output.top {
@@ -250,7 +252,8 @@ impl Store {
             .unwrap_or_default())
     }
 
-    /// Per-minute counts of one ad and slot over `[from, to)`, only minutes with clicks.
+    /// Per-minute counts of one ad and slot over `[from, to)`, only minutes with clicks: one
+    /// point lookup per minute, within the minutes the store holds at all.
     pub fn series(
         &self,
         ad: &str,
@@ -260,18 +263,26 @@ impl Store {
     ) -> Result<Vec<(Minute, u64)>, StoreError> {
         let txn = self.db.begin_read().ctx("begin read")?;
         let t = txn.open_table(COUNTS).ctx("open counts")?;
+        let (Some(first), Some(last)) =
+            (t.first().ctx("read counts")?, t.last().ctx("read counts")?)
+        else {
+            return Ok(Vec::new());
+        };
+        let (first, last) = (first.0.value().0, last.0.value().0);
         let mut out = Vec::new();
-        for item in t.range((ad, from.0)..(ad, to.0)).ctx("read counts")? {
-            let (k, v) = item.ctx("read count")?;
-            let c = slot_value(v.value(), slot);
-            if c > 0 {
-                out.push((Minute(k.value().1), c));
+        for minute in from.0.max(first)..to.0.min(last + 1) {
+            if let Some(v) = t.get((minute, ad)).ctx("read count")? {
+                let c = slot_value(v.value(), slot);
+                if c > 0 {
+                    out.push((Minute(minute), c));
+                }
             }
         }
         Ok(out)
     }
 
-    /// Every stored count at or after `since`, for rebuilding in-memory indexes at start.
+    /// Every stored count at or after `since`, for rebuilding in-memory indexes at start: a
+    /// range scan of those minutes only, bounded by the window, not by history.
     pub fn scan_counts(
         &self,
         since: Minute,
@@ -280,14 +291,12 @@ impl Store {
         let txn = self.db.begin_read().ctx("begin read")?;
         let t = txn.open_table(COUNTS).ctx("open counts")?;
         let mut row = Vec::new();
-        for item in t.iter().ctx("scan counts")? {
+        for item in t.range((since.0, "")..).ctx("scan counts")? {
             let (k, v) = item.ctx("read count")?;
-            let (ad, minute) = k.value();
-            if minute >= since.0 {
-                row.clear();
-                row.extend(v.value().chunks_exact(8).map(le_u64));
-                f(Minute(minute), ad, &row);
-            }
+            let (minute, ad) = k.value();
+            row.clear();
+            row.extend(v.value().chunks_exact(8).map(le_u64));
+            f(Minute(minute), ad, &row);
         }
         Ok(())
     }
