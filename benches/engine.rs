@@ -3,6 +3,8 @@
 //! - `engine/pipeline`: 1,000,000 pre-generated NDJSON lines (100,000 ads, Zipf 1.05, 2 filters,
 //!   1% duplicates) through parse + validate + dedup + aggregate + top-N, in batches of 10,000,
 //!   ending with a flush that finalizes every minute.
+//! - `engine/pipeline_grown`: the same with the dedup table grown from empty (`dedup_capacity` 0)
+//!   instead of sized up front (the default, 2^20 identities).
 //! - `engine/prevalidated`: the same clicks validated upstream (the service's aggregator path).
 //! - `engine/parse_only`: the same lines through `parse_line` alone, the baseline for the JSON cost.
 //! - `snapshot/*`: encoding and restoring the state left by those lines (size printed).
@@ -105,6 +107,15 @@ fn bench(c: &mut Criterion) {
     g.bench_function("pipeline", |b| {
         b.iter_batched(
             || Engine::new(config.clone(), filters.clone()).expect("valid"),
+            |mut engine| run(&mut engine, &input, true),
+            BatchSize::PerIteration,
+        )
+    });
+    // The same with a dedup table grown from empty instead of sized up front (dedup_capacity 0).
+    let grown = EngineConfig { dedup_capacity: 0, ..config.clone() };
+    g.bench_function("pipeline_grown", |b| {
+        b.iter_batched(
+            || Engine::new(grown.clone(), filters.clone()).expect("valid"),
             |mut engine| run(&mut engine, &input, true),
             BatchSize::PerIteration,
         )

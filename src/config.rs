@@ -36,6 +36,8 @@ pub struct Config {
     pub checkpoint_interval: String,
     /// Aggregate shards, each on its own thread.
     pub shards: usize,
+    /// Identities each shard's dedup table is sized for up front.
+    pub dedup_capacity: usize,
     /// Log records not yet aggregated beyond which the collector answers 503.
     pub max_lag_records: u64,
     /// Log segment size.
@@ -62,6 +64,7 @@ impl Default for Config {
             commit_interval: "100ms".into(),
             checkpoint_interval: "5s".into(),
             shards: 2,
+            dedup_capacity: 1 << 20,
             max_lag_records: 5_000_000,
             segment_bytes: 128 << 20,
             log_retention: "24h".into(),
@@ -71,7 +74,8 @@ impl Default for Config {
 }
 
 /// The keys `ADCLICK_*` variables may set (filters come from the file only).
-const ENV_KEYS: [&str; 16] = [
+const ENV_KEYS: [&str; 17] = [
+    "dedup_capacity",
     "log_retention",
     "listen",
     "data_dir",
@@ -165,6 +169,7 @@ impl Config {
             max_clock_skew_ms: ms("max_clock_skew", &self.max_clock_skew)?,
             top_n: self.top_n,
             shards: self.shards,
+            dedup_capacity: self.dedup_capacity,
         };
         engine.validate().map_err(|e| invalid(e.key, e.reason))?;
         let commit_interval = duration("commit_interval", &self.commit_interval)?;

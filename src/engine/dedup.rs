@@ -51,10 +51,10 @@ pub struct Dedup {
 }
 
 impl Dedup {
-    pub fn new(horizon_ms: i64) -> Self {
+    pub fn new(horizon_ms: i64, capacity: usize) -> Self {
         Dedup {
             horizon_ms,
-            seen: HashMap::default(),
+            seen: HashMap::with_capacity_and_hasher(capacity, Default::default()),
             many: HashMap::default(),
             expired_below: i64::MIN,
         }
@@ -163,7 +163,7 @@ mod tests {
 
     #[test]
     fn horizon_is_inclusive_and_expiry_forgets() {
-        let mut d = Dedup::new(600_000);
+        let mut d = Dedup::new(600_000, 0);
         let id = Identity(42);
         assert!(d.insert(id, 0));
         assert!(!d.insert(id, 0));

@@ -101,6 +101,10 @@ pub struct EngineConfig {
     pub top_n: usize,
     /// Aggregate shards (S). Fixed for the life of a snapshot.
     pub shards: usize,
+    /// Identities each shard expects to hold within the horizon; the dedup table is sized for
+    /// them up front (growing it while full of entries costs ~14% of throughput while it fills).
+    /// Beyond it the table grows as needed.
+    pub dedup_capacity: usize,
 }
 
 impl Default for EngineConfig {
@@ -113,6 +117,7 @@ impl Default for EngineConfig {
             max_clock_skew_ms: 5 * MINUTE_MS,
             top_n: 100,
             shards: 1,
+            dedup_capacity: 1 << 20,
         }
     }
 }
@@ -151,6 +156,12 @@ impl EngineConfig {
         }
         if !(1..=100_000).contains(&self.top_n) {
             return err("top_n", format!("must be between 1 and 100000, got {}", self.top_n));
+        }
+        if self.dedup_capacity > 1 << 30 {
+            return err(
+                "dedup_capacity",
+                format!("must be at most 2^30, got {}", self.dedup_capacity),
+            );
         }
         if !(1..=1024).contains(&self.shards) {
             return err("shards", format!("must be between 1 and 1024, got {}", self.shards));
@@ -253,6 +264,14 @@ pub struct CountUpdates {
 impl CountUpdates {
     pub fn new(stride: usize) -> Self {
         CountUpdates { stride, ..Default::default() }
+    }
+    pub fn with_capacity(stride: usize, rows: usize) -> Self {
+        CountUpdates {
+            stride,
+            minutes: Vec::with_capacity(rows),
+            ads: Vec::with_capacity(rows),
+            counts: Vec::with_capacity(rows * stride),
+        }
     }
     pub fn push(&mut self, minute: Minute, ad: &AdId, counts: &[u64]) {
         debug_assert_eq!(counts.len(), self.stride);

@@ -37,7 +37,8 @@ impl Reducer {
     /// Combines the map stage's result with every shard's output (in shard order).
     pub fn reduce(&mut self, meta: MapMeta, outputs: Vec<ShardOutput>) -> Output {
         assert_eq!(outputs.len(), self.shards, "one output per shard");
-        let mut counts = CountUpdates::new(self.slots);
+        let rows = outputs.iter().map(|o| o.counts.len()).sum();
+        let mut counts = CountUpdates::with_capacity(self.slots, rows);
         let mut counters = meta.counters;
         let mut changed = Vec::new();
         for (k, mut o) in outputs.into_iter().enumerate() {

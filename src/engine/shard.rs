@@ -93,7 +93,7 @@ impl Shard {
             top_n: config.top_n,
             lateness_ms: config.allowed_lateness_ms,
             windows: BTreeMap::new(),
-            dedup: Dedup::new(config.dedup_horizon_ms),
+            dedup: Dedup::new(config.dedup_horizon_ms, config.dedup_capacity),
             counters: Counters::default(),
             batch_no: 0,
         }
@@ -139,7 +139,10 @@ impl Shard {
             }
         }
 
-        let mut out = ShardOutput { counts: CountUpdates::new(slots), ..Default::default() };
+        let mut out = ShardOutput {
+            counts: CountUpdates::with_capacity(slots, batch.groups.len()),
+            ..Default::default()
+        };
         let watermark = batch.watermark;
         for (&minute, w) in &mut self.windows {
             if w.touched.is_empty() {

@@ -14,6 +14,7 @@ fn config() -> EngineConfig {
         max_clock_skew_ms: 86_400_000,
         top_n: 2,
         shards: 2,
+        dedup_capacity: 0,
     }
 }
 

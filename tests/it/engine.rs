@@ -43,6 +43,7 @@ fn small_config(shards: usize) -> EngineConfig {
         max_clock_skew_ms: 60_000,
         top_n: 5,
         shards,
+        dedup_capacity: 1024,
     }
 }
 
