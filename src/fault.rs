@@ -4,7 +4,8 @@
 //!
 //! Points: `log.before_sync` (records written, not yet durable), `store.mid_commit` (a
 //! transaction half written), `store.after_commit` (committed, not yet published to queries),
-//! `aggregator.after_checkpoint`.
+//! `aggregator.after_checkpoint`. And one that stalls instead of aborting: `aggregator.stall`
+//! (the aggregator stops consuming, to test backpressure).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -12,17 +13,29 @@ use std::sync::OnceLock;
 static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
 static HITS: AtomicU64 = AtomicU64::new(0);
 
-/// Aborts here if this point is armed and its count is reached.
-pub fn point(name: &str) {
+fn armed(name: &str) -> bool {
     let armed = ARMED.get_or_init(|| {
         let v = std::env::var("ADCLICK_FAULT").ok()?;
         let (p, n) = v.rsplit_once(':')?;
         Some((p.to_owned(), n.parse().ok()?))
     });
-    if let Some((p, n)) = armed {
-        if p == name && HITS.fetch_add(1, Ordering::Relaxed) + 1 >= *n {
-            eprintln!("adclick: fault point {name} reached: aborting");
-            std::process::abort();
+    matches!(armed, Some((p, n)) if p == name && HITS.fetch_add(1, Ordering::Relaxed) + 1 >= *n)
+}
+
+/// Blocks this thread for good if this point is armed and its count is reached.
+pub fn stall(name: &str) {
+    if armed(name) {
+        eprintln!("adclick: fault point {name} reached: stalling");
+        loop {
+            std::thread::park();
         }
+    }
+}
+
+/// Aborts here if this point is armed and its count is reached.
+pub fn point(name: &str) {
+    if armed(name) {
+        eprintln!("adclick: fault point {name} reached: aborting");
+        std::process::abort();
     }
 }

@@ -472,6 +472,7 @@ impl Aggregator {
         let mut last_watermark = self.engine.watermark();
         let mut last_commit = Instant::now();
         loop {
+            crate::fault::stall("aggregator.stall");
             let stopping = shutdown.load(Ordering::Acquire);
             let started = Instant::now();
             let ranges: Vec<_> = (0..self.next.len())

@@ -525,3 +525,32 @@ checkpoint_interval = "1h"
     assert_eq!(count(&server), 1);
     assert!(server.log().contains("replayed_batches="), "{}", server.log());
 }
+
+/// When aggregation falls behind by more than `max_lag_records`, the collector answers 503 with
+/// Retry-After instead of growing its backlog; what it accepted before is kept.
+#[test]
+fn backpressure_answers_503_when_aggregation_lags() {
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        format!("{CONFIG}\n").replace("partitions = 4", "partitions = 4\nmax_lag_records = 100");
+    let server = Server::start(dir.path(), &config, &[("ADCLICK_FAULT", "aggregator.stall:1")]);
+    let t = now_ms();
+    let body: Vec<String> =
+        (0..150).map(|i| format!(r#"{{"ad_id":"a{i}","click_timestamp":{t}}}"#)).collect();
+    let (status, v) = server.post(body.join("\n").as_bytes());
+    assert_eq!((status, v["accepted"].as_u64()), (200, Some(150)), "below the limit: accepted");
+    let r =
+        agent().post(format!("{}/v1/clicks", server.url)).send(body.join("\n").as_bytes()).unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(r.headers().get("retry-after").map(|h| h.to_str().unwrap()), Some("1"));
+    let (status, v) = server.get("/healthz");
+    assert_eq!((status, v["lag_records"].as_u64()), (200, Some(150)));
+    let metrics = agent()
+        .get(format!("{}/metrics", server.url))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(metrics.contains("adclick_collector_overloaded_total 1"), "{metrics}");
+}
