@@ -411,7 +411,9 @@ async function load(){
   const t=document.getElementById('t');t.querySelectorAll('tr.r').forEach(e=>e.remove());
   const max=Math.max(1,...(r.ads||[]).map(a=>a.count));
   (r.ads||[]).forEach((a,i)=>{const tr=document.createElement('tr');tr.className='r';
-    tr.innerHTML=`<td>${i+1}</td><td>${a.ad_id}</td><td>${a.count}</td><td><div class=bar style="width:${200*a.count/max}px"></div></td>`;t.appendChild(tr)});
+    for(const v of [i+1,a.ad_id,a.count]){const td=document.createElement('td');td.textContent=String(v);tr.appendChild(td)}
+    const td=document.createElement('td'),bar=document.createElement('div');bar.className='bar';
+    bar.style.width=(200*a.count/max)+'px';td.appendChild(bar);tr.appendChild(td);t.appendChild(tr)});
   document.getElementById('s').textContent=(r.final?'final':'live')+' · to '+r.to;
 }
 (FILTERS).forEach(id=>{const o=document.createElement('option');o.value=id;o.textContent=id;f.appendChild(o)});
