@@ -312,9 +312,10 @@ fn kill_9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
         std::thread::spawn(move || {
             let mut g = generator(29);
             let mut resends = 0;
-            for _ in 0..60 {
+            // 150 batches of 100 spread over the whole kill period, so armed faults meet traffic.
+            for _ in 0..150 {
                 let at = now_ms();
-                let lines: Vec<String> = (0..250).map(|_| g.line(EventTime(at))).collect();
+                let lines: Vec<String> = (0..100).map(|_| g.line(EventTime(at))).collect();
                 let body = lines.join("\n");
                 sent.lock().unwrap().extend(lines.into_iter().map(|l| (l, at)));
                 // Re-send until acknowledged: an unacknowledged batch may or may not be durable.
@@ -335,10 +336,10 @@ fn kill_9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
     };
     let mut rng = SmallRng::seed_from_u64(5);
     let faults = [
-        "store.mid_commit:3",
-        "log.before_sync:4",
+        "store.mid_commit:2",
+        "log.before_sync:1",
         "aggregator.after_checkpoint:1",
-        "store.after_commit:5",
+        "store.after_commit:2",
     ];
     let mut kills = 0;
     for round in 0..9 {
