@@ -144,6 +144,9 @@ fn minute_param(q: &HashMap<String, String>, name: &str) -> Result<Option<Minute
             ))
         })?,
     };
+    if !(EventTime::MIN.0..=EventTime::MAX.0 - MINUTE_MS).contains(&t.0) {
+        return Err(ApiError::BadRequest(format!("{name}: {raw:?} is outside years 0000-9999")));
+    }
     if t.0.rem_euclid(MINUTE_MS) != 0 {
         return Err(ApiError::BadRequest(format!("{name}: {raw:?} is not aligned to a minute")));
     }

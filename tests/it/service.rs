@@ -412,6 +412,13 @@ fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
         (format!("/v1/ads/a/aggregated_count?from={m}&to={}", m - 60_000), 400, "from: "),
         (format!("/v1/ads/a/aggregated_count?from={m}&to={m}"), 400, "from: "),
         ("/v1/ads/a/aggregated_count?to=yesterday".into(), 400, "to: "),
+        ("/v1/ads/a/aggregated_count?to=9223372036854740000".into(), 400, "to: "),
+        ("/v1/ads/popular_ads?to=-9223372036854760000".into(), 400, "to: "),
+        (
+            "/v1/ads/a/timeseries?from=0&to=86460000".into(),
+            400,
+            "from: the range may span at most 1440",
+        ),
         ("/v1/ads/a/aggregated_count?filter=nope".into(), 404, "filter: unknown filter"),
         ("/v1/ads/a/aggregated_count?color=red".into(), 400, "color: unknown parameter"),
         ("/v1/ads/popular_ads?count=1001".into(), 400, "count: "),
