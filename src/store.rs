@@ -351,6 +351,75 @@ mod tests {
     use super::*;
 
     #[test]
+    fn commits_read_back_and_checkpoints_trim_the_journal() {
+        use crate::engine::{Engine, EngineConfig, Payload, Record};
+        use crate::event::EventTime;
+        use crate::filter::Filters;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let mut engine =
+            Engine::new(EngineConfig::default(), std::sync::Arc::new(Filters::default())).unwrap();
+        let lines: Vec<String> = (0..5)
+            .map(|i| {
+                format!(
+                    r#"{{"ad_id":"ad-{}","click_timestamp":{},"click_id":"{i}"}}"#,
+                    i % 2,
+                    60_000 + i
+                )
+            })
+            .chain([r#"{"ad_id":"x","click_timestamp":200000}"#.to_string()])
+            .collect();
+        let records: Vec<Record> = lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| Record {
+                partition: PartitionId(0),
+                offset: Offset(i as u64),
+                payload: Payload::Line(l.as_bytes()),
+            })
+            .collect();
+        let out = engine.process(EventTime(0), &records);
+        assert!(!out.top.is_empty(), "minute 1 is final in this batch");
+        let batch = BatchRecord { wall: 0, ranges: vec![(PartitionId(0), Offset(0), Offset(6))] };
+        store.commit(0, &batch, &out, &[], None).unwrap();
+
+        assert_eq!(
+            store.series("ad-0", Slot::Total, Minute(0), Minute(10)).unwrap(),
+            vec![(Minute(1), 3)]
+        );
+        assert_eq!(store.series("ad-1", Slot::Total, Minute(2), Minute(10)).unwrap(), vec![]);
+        assert_eq!(
+            store.top(Minute(1), Slot::Total).unwrap(),
+            Some(vec![(AdId::new("ad-0"), 3), (AdId::new("ad-1"), 2)])
+        );
+        assert_eq!(store.offsets().unwrap(), vec![(PartitionId(0), Offset(6))]);
+        assert_eq!(store.watermark().unwrap(), 185_000);
+        assert_eq!(store.counters().unwrap().counted, 6);
+        let mut seen = Vec::new();
+        store
+            .scan_counts(Minute(2), |m, ad, c| seen.push((m, ad.to_string(), c.to_vec())))
+            .unwrap();
+        assert_eq!(seen, vec![(Minute(3), "x".to_string(), vec![1])]);
+        let rec = store.recovery().unwrap();
+        assert_eq!((rec.journal.len(), rec.next_seq, rec.checkpoint.is_some()), (1, 1, false));
+
+        let snapshot = engine.snapshot();
+        store
+            .commit(
+                1,
+                &BatchRecord::default(),
+                &engine.process(EventTime(0), &[]),
+                &[],
+                Some(&snapshot),
+            )
+            .unwrap();
+        let rec = store.recovery().unwrap();
+        assert_eq!((rec.journal.len(), rec.next_seq), (0, 2), "the checkpoint covers the journal");
+        assert_eq!(rec.checkpoint.as_deref(), Some(snapshot.as_slice()));
+    }
+
+    #[test]
     fn batch_records_round_trip() {
         let b = BatchRecord {
             wall: -5,

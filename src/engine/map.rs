@@ -44,12 +44,6 @@ pub struct ShardBatch {
     pub(crate) watermark: i64,
 }
 
-impl ShardBatch {
-    pub fn events(&self) -> usize {
-        self.events.len()
-    }
-}
-
 /// What the map stage hands the reducer directly.
 #[derive(Clone, Debug, Default)]
 pub struct MapMeta {
