@@ -103,6 +103,16 @@ impl Server {
         post(&self.url, body).expect("POST")
     }
 
+    fn metrics(&self) -> String {
+        agent()
+            .get(format!("{}/metrics", self.url))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
@@ -438,13 +448,7 @@ fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
     let (status, v) =
         server.post(format!("{{\"ad_id\":\"b\",\"click_timestamp\":{t}}}").as_bytes());
     assert_eq!((status, v["accepted"].as_u64()), (200, Some(1)));
-    let metrics = agent()
-        .get(format!("{}/metrics", server.url))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = server.metrics();
     assert!(metrics.contains("adclick_invalid_total{reason=\"not_json\"} 1"), "{metrics}");
     assert!(metrics.contains("adclick_invalid_total{reason=\"in_future\"} 1"));
 }
@@ -503,13 +507,7 @@ checkpoint_interval = "1h"
         v["count"].as_u64().unwrap()
     };
     let metric = |s: &Server, name: &str| -> u64 {
-        let text = agent()
-            .get(format!("{}/metrics", s.url))
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap();
+        let text = s.metrics();
         text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().parse().unwrap()
     };
     let wait = |what: &dyn Fn() -> bool| {
@@ -553,12 +551,6 @@ fn backpressure_answers_503_when_aggregation_lags() {
     assert_eq!(r.headers().get("retry-after").map(|h| h.to_str().unwrap()), Some("1"));
     let (status, v) = server.get("/healthz");
     assert_eq!((status, v["lag_records"].as_u64()), (200, Some(150)));
-    let metrics = agent()
-        .get(format!("{}/metrics", server.url))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = server.metrics();
     assert!(metrics.contains("adclick_collector_overloaded_total 1"), "{metrics}");
 }
