@@ -1,5 +1,5 @@
-//! The aggregate store, embedded: results, source offsets, the replay journal and engine
-//! checkpoints in one redb database (`<data_dir>/store.redb`).
+//! The aggregate store, embedded: results, source offsets and the replay journal in one redb
+//! database (`<data_dir>/store.redb`), engine checkpoints in files beside it.
 //!
 //! # Key layout
 //!
@@ -8,16 +8,24 @@
 //! tops     (minute, slot)   → [len u, (ad str, count u)*]                 top-N of final minutes
 //! offsets  partition        → next offset: every record below is reflected in counts and tops
 //! journal  seq              → wall i64, [(partition, from, to)]            batches since the checkpoint
-//! meta     "watermark" i64 · "counters" · "filters" (ids) · "checkpoint" (engine snapshot)
-//!          · "checkpoint_seq" u64 (the last batch the snapshot includes)
+//! meta     "watermark" i64 · "counters" · "filters" (ids)
+//!          · "checkpoint_seq" u64 (the last batch the checkpoint includes)
+//!
+//! checkpoints/<seq>.snap   the engine snapshot after batch <seq>, beside the database
 //! ```
+//!
+//! Snapshots live in files, not in the database: they are large (tens of bytes per identity
+//! held for deduplication) and rewritten whole, which would bloat a copy-on-write B-tree with
+//! stale pages. A checkpoint file is written to a temporary name, fsynced, renamed and its
+//! directory fsynced *before* the transaction that names it commits; older files are removed
+//! only after. A crash in between leaves an orphan file, never a dangling reference.
 //!
 //! # Commit protocol (exactly once)
 //!
 //! Each engine batch is committed in **one** write transaction with `Durability::Immediate`:
 //! its absolute counts, its top-N lists, the offsets it advanced to, the watermark, and a journal
 //! entry saying which records (and which wall-clock time) made it. Every few seconds the same
-//! transaction also stores an engine snapshot and drops the journal entries it covers. So the
+//! transaction records a freshly written checkpoint file and drops the journal entries it covers. So the
 //! cost of a commit follows the batch, not the state.
 //!
 //! Recovery restores the snapshot and replays the journal's batches from the log with their
@@ -25,7 +33,9 @@
 //! committed offsets. Absolute counts make a replayed write harmless. A crash before a commit
 //! loses nothing: the records are in the log and the offsets were not advanced.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -111,10 +121,17 @@ pub struct Recovery {
 
 pub struct Store {
     db: Database,
+    /// Where checkpoint files live: `checkpoints/` beside the database file.
+    checkpoints: PathBuf,
 }
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let checkpoints = path.parent().unwrap_or(Path::new(".")).join("checkpoints");
+        std::fs::create_dir_all(&checkpoints).map_err(|e| StoreError {
+            what: "creating the checkpoints directory",
+            source: redb::Error::Io(e),
+        })?;
         let db = Database::create(path).ctx("open")?;
         let txn = db.begin_write().ctx("begin")?;
         {
@@ -125,7 +142,7 @@ impl Store {
             txn.open_table(META).ctx("create meta")?;
         }
         txn.commit().ctx("commit")?;
-        Ok(Store { db })
+        Ok(Store { db, checkpoints })
     }
 
     /// Commits one batch's results atomically (see the module doc). With `checkpoint`, also
@@ -180,7 +197,7 @@ impl Store {
             meta.insert("filters", e.buf.as_slice()).ctx("write filters")?;
             match checkpoint {
                 Some(snapshot) => {
-                    meta.insert("checkpoint", snapshot).ctx("write checkpoint")?;
+                    self.write_checkpoint(seq, snapshot)?;
                     meta.insert("checkpoint_seq", seq.to_le_bytes().as_slice())
                         .ctx("write checkpoint seq")?;
                     journal.retain(|k, _| k > seq).ctx("trim journal")?;
@@ -192,15 +209,56 @@ impl Store {
                 }
             }
         }
-        txn.commit().ctx("commit")
+        txn.commit().ctx("commit")?;
+        if checkpoint.is_some() {
+            self.remove_checkpoints_except(seq);
+        }
+        Ok(())
+    }
+
+    fn checkpoint_path(&self, seq: u64) -> PathBuf {
+        self.checkpoints.join(format!("{seq:020}.snap"))
+    }
+
+    /// Writes a checkpoint file durably (temporary name, fsync, rename, directory fsync).
+    fn write_checkpoint(&self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError> {
+        let io = |what| move |e: std::io::Error| StoreError { what, source: redb::Error::Io(e) };
+        let path = self.checkpoint_path(seq);
+        let tmp = path.with_extension("tmp");
+        let mut f = File::create(&tmp).map_err(io("create checkpoint file"))?;
+        f.write_all(snapshot).map_err(io("write checkpoint file"))?;
+        f.sync_all().map_err(io("sync checkpoint file"))?;
+        std::fs::rename(&tmp, &path).map_err(io("rename checkpoint file"))?;
+        File::open(&self.checkpoints)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync checkpoint directory"))
+    }
+
+    fn remove_checkpoints_except(&self, keep: u64) {
+        let Ok(entries) = std::fs::read_dir(&self.checkpoints) else { return };
+        for e in entries.flatten() {
+            if e.path() != self.checkpoint_path(keep) {
+                if let Err(err) = std::fs::remove_file(e.path()) {
+                    tracing::warn!(path = %e.path().display(), "removing an old checkpoint: {err}");
+                }
+            }
+        }
     }
 
     pub fn recovery(&self) -> Result<Recovery, StoreError> {
         let txn = self.db.begin_read().ctx("begin read")?;
         let meta = txn.open_table(META).ctx("open meta")?;
-        let checkpoint = meta.get("checkpoint").ctx("read checkpoint")?.map(|v| v.value().to_vec());
         let checkpoint_seq =
             meta.get("checkpoint_seq").ctx("read checkpoint seq")?.map(|v| le_u64(v.value()));
+        let checkpoint = match checkpoint_seq {
+            None => None,
+            Some(seq) => {
+                Some(std::fs::read(self.checkpoint_path(seq)).map_err(|e| StoreError {
+                    what: "reading the committed checkpoint file",
+                    source: redb::Error::Io(e),
+                })?)
+            }
+        };
         let filters = meta.get("filters").ctx("read filters")?.and_then(|v| {
             let mut d = Decoder::raw(v.value());
             (0..d.count().ok()?).map(|_| d.str().ok().map(str::to_owned)).collect()
@@ -417,6 +475,25 @@ mod tests {
         let rec = store.recovery().unwrap();
         assert_eq!((rec.journal.len(), rec.next_seq), (0, 2), "the checkpoint covers the journal");
         assert_eq!(rec.checkpoint.as_deref(), Some(snapshot.as_slice()));
+        // A later checkpoint replaces the file; an orphan from a crash before commit goes too.
+        std::fs::write(dir.path().join("checkpoints").join(format!("{:020}.snap", 9)), b"orphan")
+            .unwrap();
+        store
+            .commit(
+                2,
+                &BatchRecord::default(),
+                &engine.process(EventTime(0), &[]),
+                &[],
+                Some(&snapshot),
+            )
+            .unwrap();
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("checkpoints"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(files, vec![std::ffi::OsString::from(format!("{:020}.snap", 2))]);
+        assert_eq!(store.recovery().unwrap().checkpoint.as_deref(), Some(snapshot.as_slice()));
     }
 
     #[test]
