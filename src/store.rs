@@ -187,7 +187,7 @@ impl Store {
             meta.insert("watermark", output.watermark.to_le_bytes().as_slice())
                 .ctx("write watermark")?;
             let mut e = Encoder::default();
-            encode_counters(&output.counters, &mut e);
+            output.counters.encode(&mut e);
             meta.insert("counters", e.buf.as_slice()).ctx("write counters")?;
             let mut e = Encoder::default();
             e.u(filters.len() as u64);
@@ -306,7 +306,7 @@ impl Store {
         Ok(meta
             .get("counters")
             .ctx("read counters")?
-            .and_then(|v| decode_counters(&mut Decoder::raw(v.value())))
+            .and_then(|v| Counters::decode(&mut Decoder::raw(v.value())).ok())
             .unwrap_or_default())
     }
 
@@ -376,32 +376,6 @@ fn slot_value(row: &[u8], slot: Slot) -> u64 {
 
 fn le_u64(b: &[u8]) -> u64 {
     u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))
-}
-
-fn encode_counters(c: &Counters, e: &mut Encoder) {
-    for v in [c.valid, c.counted, c.late_corrected, c.duplicate, c.too_late] {
-        e.u(v);
-    }
-    e.u(c.invalid.len() as u64);
-    for v in c.invalid {
-        e.u(v);
-    }
-}
-
-fn decode_counters(d: &mut Decoder) -> Option<Counters> {
-    let mut c = Counters {
-        valid: d.u().ok()?,
-        counted: d.u().ok()?,
-        late_corrected: d.u().ok()?,
-        duplicate: d.u().ok()?,
-        too_late: d.u().ok()?,
-        ..Counters::default()
-    };
-    let n = d.count().ok()?;
-    for v in c.invalid.iter_mut().take(n) {
-        *v = d.u().ok()?;
-    }
-    Some(c)
 }
 
 #[cfg(test)]

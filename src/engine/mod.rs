@@ -223,7 +223,8 @@ impl Counters {
             *a += b;
         }
     }
-    fn encode(&self, e: &mut snapshot::Encoder) {
+    /// Appends the counters in the snapshot encoding (the store keeps them the same way).
+    pub fn encode(&self, e: &mut snapshot::Encoder) {
         for v in [self.valid, self.counted, self.late_corrected, self.duplicate, self.too_late] {
             e.u(v);
         }
@@ -232,7 +233,7 @@ impl Counters {
             e.u(v);
         }
     }
-    fn decode(d: &mut snapshot::Decoder) -> Result<Counters, SnapshotError> {
+    pub fn decode(d: &mut snapshot::Decoder) -> Result<Counters, SnapshotError> {
         let mut c = Counters {
             valid: d.u()?,
             counted: d.u()?,
