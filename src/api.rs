@@ -3,7 +3,13 @@
 //!
 //! Handlers validate every parameter themselves so that each 4xx names it: errors are
 //! [`ApiError`] values rendered as `{"error": "…"}`. Queries read the store's committed
-//! transactions and the in-memory popular index; they never wait on ingestion.
+//! transactions and the in-memory popular index; they never wait on ingestion, and nothing a
+//! query holds makes the aggregator wait.
+//!
+//! Every request's cost is bounded by its size: an ingest body is read chunk by chunk against
+//! `max_body_bytes` (after decompression) and against `max_inflight_bytes` across all requests
+//! (503 past it); its answer lists at most [`MAX_REJECTED_LISTED`] rejected lines plus totals;
+//! an ad's series reads only the hours in which the ad has counts.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -11,17 +17,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use tokio::sync::Semaphore;
 
-use crate::engine::{PartitionId, Slot};
+use crate::engine::{PartitionId, Slot, Watermark};
 use crate::event::{
-    format_rfc3339, parse_line, parse_rfc3339, route_hash, wire, EventTime, InvalidKind, Minute,
-    Validation, MAX_AD_ID_BYTES, MINUTE_MS,
+    format_rfc3339, parse_line, parse_rfc3339, partition_of, route_hash, wire, EventTime,
+    InvalidKind, Minute, Validation, MAX_AD_ID_BYTES, MINUTE_MS,
 };
 use crate::pipeline::{now_ms, Ingest, QueryState};
 
@@ -33,7 +42,13 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub max_skew_ms: i64,
     pub max_lag_records: u64,
+    /// Permits are bytes of ingest bodies held in memory across all requests.
+    pub inflight: Arc<Semaphore>,
+    pub max_inflight_bytes: usize,
 }
+
+/// Most rejected lines an ingest answer lists one by one; the rest are in its totals.
+pub const MAX_REJECTED_LISTED: usize = 1000;
 
 /// A failed request: a status and a message naming what is wrong.
 #[derive(Debug)]
@@ -41,7 +56,9 @@ pub enum ApiError {
     BadRequest(String),
     NotFound(String),
     TooLarge(usize),
-    Overloaded(u64),
+    UnsupportedEncoding(String),
+    Overloaded(String),
+    MethodNotAllowed,
     Internal(String),
 }
 
@@ -54,8 +71,15 @@ impl IntoResponse for ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body is larger than the limit of {limit} bytes (max_body_bytes)"),
             ),
-            ApiError::Overloaded(lag) => {
-                let body = json!({"error": format!("overloaded: {lag} records wait for aggregation; retry later")});
+            ApiError::UnsupportedEncoding(enc) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("Content-Encoding: {enc:?} is not supported (use gzip, zstd or none)"),
+            ),
+            ApiError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint".into())
+            }
+            ApiError::Overloaded(why) => {
+                let body = json!({"error": format!("overloaded: {why}; retry later")});
                 return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body))
                     .into_response();
             }
@@ -81,29 +105,127 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/", get(dashboard))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
 }
 
-async fn clicks(State(s): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
+/// How an ingest body is encoded (`Content-Encoding`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoding {
+    Identity,
+    Gzip,
+    Zstd,
+}
+
+impl Encoding {
+    fn of(headers: &HeaderMap) -> Result<Encoding, ApiError> {
+        let Some(v) = headers.get(header::CONTENT_ENCODING) else { return Ok(Encoding::Identity) };
+        let text = String::from_utf8_lossy(v.as_bytes()).trim().to_ascii_lowercase();
+        match text.as_str() {
+            "" | "identity" => Ok(Encoding::Identity),
+            "gzip" | "x-gzip" => Ok(Encoding::Gzip),
+            "zstd" => Ok(Encoding::Zstd),
+            _ => Err(ApiError::UnsupportedEncoding(text.chars().take(64).collect())),
+        }
+    }
+}
+
+/// Decompresses at most `max` bytes; more is a 413 (a zip bomb stops at the limit).
+fn decompress(encoding: Encoding, raw: &[u8], max: usize) -> Result<Vec<u8>, ApiError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let (name, read) = match encoding {
+        Encoding::Identity => return Ok(raw.to_vec()),
+        Encoding::Gzip => (
+            "gzip",
+            flate2::read::MultiGzDecoder::new(raw).take(max as u64 + 1).read_to_end(&mut out),
+        ),
+        Encoding::Zstd => (
+            "zstd",
+            zstd::stream::read::Decoder::new(raw)
+                .and_then(|d| d.take(max as u64 + 1).read_to_end(&mut out)),
+        ),
+    };
+    if let Err(e) = read {
+        return Err(ApiError::BadRequest(format!(
+            "body is not valid {name} (Content-Encoding: {name}): {e}"
+        )));
+    }
+    if out.len() > max {
+        return Err(ApiError::TooLarge(max));
+    }
+    Ok(out)
+}
+
+/// Holds `n` more bytes of the in-flight budget, or answers 503.
+fn reserve(
+    s: &AppState,
+    held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    n: usize,
+) -> Result<(), ApiError> {
+    if n == 0 {
+        return Ok(());
+    }
+    let permit = u32::try_from(n)
+        .ok()
+        .and_then(|n| s.inflight.clone().try_acquire_many_owned(n).ok())
+        .ok_or_else(|| {
+            s.query.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
+            ApiError::Overloaded("too many ingest bytes in flight (max_inflight_bytes)".into())
+        })?;
+    match held {
+        Some(h) => h.merge(permit),
+        None => *held = Some(permit),
+    }
+    Ok(())
+}
+
+async fn clicks(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    mut body: Body,
+) -> Result<Json<Value>, ApiError> {
     s.query.metrics.requests.fetch_add(1, Ordering::Relaxed);
-    let bytes = axum::body::to_bytes(body, s.max_body_bytes)
-        .await
-        .map_err(|_| ApiError::TooLarge(s.max_body_bytes))?;
+    let encoding = Encoding::of(&headers)?;
+    let lag = s.query.lag();
+    if lag > s.max_lag_records {
+        s.query.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::Overloaded(format!("{lag} records wait for aggregation")));
+    }
+    // Read chunk by chunk, within the body limit and the in-flight budget.
+    let mut held = None;
+    let mut raw = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if raw.len() + data.len() > s.max_body_bytes {
+                return Err(ApiError::TooLarge(s.max_body_bytes));
+            }
+            reserve(&s, &mut held, data.len())?;
+            raw.extend_from_slice(&data);
+        }
+    }
+    let bytes = if encoding == Encoding::Identity {
+        raw
+    } else {
+        let max = s.max_body_bytes;
+        let out = tokio::task::spawn_blocking(move || decompress(encoding, &raw, max))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        reserve(&s, &mut held, out.len())?;
+        out
+    };
     if let Err(e) = std::str::from_utf8(&bytes) {
         return Err(ApiError::BadRequest(format!(
             "body is not UTF-8 (invalid byte at offset {})",
             e.valid_up_to()
         )));
     }
-    let lag = s.query.lag();
-    if lag > s.max_lag_records {
-        s.query.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
-        return Err(ApiError::Overloaded(lag));
-    }
     let v = Validation { now: EventTime(now_ms()), max_skew_ms: s.max_skew_ms };
     let partitions = s.ingest.partitions();
     let mut parts: Vec<Vec<Vec<u8>>> = vec![Vec::new(); partitions as usize];
     let mut rejected = Vec::new();
+    let mut by_reason = [0u64; InvalidKind::ALL.len()];
     let mut accepted = 0u64;
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         match parse_line(line, v) {
@@ -111,15 +233,18 @@ async fn clicks(State(s): State<AppState>, body: Body) -> Result<Json<Value>, Ap
             Ok(Some(click)) => {
                 let mut rec = Vec::with_capacity(64);
                 wire::encode(&click, &mut rec);
-                parts[(route_hash(&click.ad_id) % partitions as u64) as usize].push(rec);
+                parts[partition_of(route_hash(&click.ad_id), partitions) as usize].push(rec);
                 accepted += 1;
             }
             Err(e) => {
-                s.query.metrics.rejected[e.kind().index()].fetch_add(1, Ordering::Relaxed);
-                rejected.push(json!({"line": i + 1, "error": e.to_string()}));
+                by_reason[e.kind().index()] += 1;
+                if rejected.len() < MAX_REJECTED_LISTED {
+                    rejected.push(json!({"line": i + 1, "error": e.to_string()}));
+                }
             }
         }
     }
+    drop(bytes);
     let parts: Vec<_> = parts
         .into_iter()
         .enumerate()
@@ -129,8 +254,30 @@ async fn clicks(State(s): State<AppState>, body: Body) -> Result<Json<Value>, Ap
     if !parts.is_empty() {
         s.ingest.append(parts).await.map_err(|e| ApiError::Internal(e.to_string()))?;
     }
+    drop(held);
     s.query.metrics.accepted.fetch_add(accepted, Ordering::Relaxed);
-    Ok(Json(json!({"accepted": accepted, "rejected": rejected})))
+    let mut totals = serde_json::Map::new();
+    for kind in InvalidKind::ALL {
+        let n = by_reason[kind.index()];
+        s.query.metrics.rejected[kind.index()].fetch_add(n, Ordering::Relaxed);
+        if n > 0 {
+            totals.insert(kind.label().to_string(), json!(n));
+        }
+    }
+    Ok(Json(json!({
+        "accepted": accepted,
+        "rejected": rejected,
+        "rejected_total": by_reason.iter().sum::<u64>(),
+        "rejected_by_reason": totals,
+    })))
+}
+
+/// The query string as a map; a malformed one is a 400 in the usual shape.
+fn query_map(
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<HashMap<String, String>, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::BadRequest(format!("query string: {}", e.body_text())))
 }
 
 /// Parses a minute-aligned time parameter: RFC 3339 or epoch milliseconds.
@@ -201,17 +348,13 @@ fn unknown_params(q: &HashMap<String, String>, known: &[&str]) -> Result<(), Api
     }
 }
 
-fn is_final(s: &AppState, to: Minute) -> bool {
-    s.query.watermark.load(Ordering::Acquire) >= to.start().0
-}
-
 /// Validates an ad query's parameters and reads its per-minute counts from the store.
 async fn ad_series(
     s: &AppState,
     ad: &str,
     q: &HashMap<String, String>,
     max_minutes: Option<i64>,
-) -> Result<(Minute, Minute, Value, Vec<(Minute, u64)>), ApiError> {
+) -> Result<(Minute, Minute, Value, Vec<(Minute, u64)>, Watermark), ApiError> {
     unknown_params(q, &["from", "to", "filter"])?;
     ad_param(ad)?;
     let (from, to) = range(q)?;
@@ -222,19 +365,21 @@ async fn ad_series(
     }
     let (slot, filter) = slot(s, q)?;
     let (store, ad) = (s.query.store.clone(), ad.to_owned());
-    let series = tokio::task::spawn_blocking(move || store.series(&ad, slot, from, to))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok((from, to, filter, series))
+    let (series, watermark) =
+        tokio::task::spawn_blocking(move || store.series(&ad, slot, from, to))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((from, to, filter, series, watermark))
 }
 
 async fn aggregated_count(
     State(s): State<AppState>,
     Path(ad): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let (from, to, filter, series) = ad_series(&s, &ad, &q, None).await?;
+    let q = query_map(q)?;
+    let (from, to, filter, series, watermark) = ad_series(&s, &ad, &q, None).await?;
     let count: u64 = series.iter().map(|(_, c)| c).sum();
     Ok(Json(json!({
         "ad_id": ad,
@@ -242,25 +387,25 @@ async fn aggregated_count(
         "to": format_rfc3339(to.start()),
         "filter": filter,
         "count": count,
-        "final": is_final(&s, to),
+        "final": watermark.all_final_before(to),
     })))
 }
 
 async fn timeseries(
     State(s): State<AppState>,
     Path(ad): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let (from, to, filter, series) = ad_series(&s, &ad, &q, Some(1440)).await?;
+    let q = query_map(q)?;
+    let (from, to, filter, series, w) = ad_series(&s, &ad, &q, Some(1440)).await?;
     let counts: HashMap<i64, u64> = series.into_iter().map(|(m, c)| (m.0, c)).collect();
-    let w = s.query.watermark.load(Ordering::Acquire);
     let points: Vec<Value> = (from.0..to.0)
         .map(|m| {
             let minute = Minute(m);
             json!({
                 "minute": format_rfc3339(minute.start()),
                 "count": counts.get(&m).copied().unwrap_or(0),
-                "final": w >= minute.end().0,
+                "final": w.is_final(minute),
             })
         })
         .collect();
@@ -269,7 +414,7 @@ async fn timeseries(
         "from": format_rfc3339(from.start()),
         "to": format_rfc3339(to.start()),
         "filter": filter,
-        "final": is_final(&s, to),
+        "final": w.all_final_before(to),
         "points": points,
     })))
 }
@@ -293,19 +438,29 @@ fn int_param(
 
 async fn popular_ads(
     State(s): State<AppState>,
-    Query(q): Query<HashMap<String, String>>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let q = query_map(q)?;
     unknown_params(&q, &["count", "window", "filter", "to"])?;
     let count = int_param(&q, "count", 10, 1000)?;
     let window = int_param(&q, "window", 1, crate::popular::MAX_WINDOW_MINUTES)?;
     let to = minute_param(&q, "to")?.unwrap_or_else(current_minute);
     let (slot, filter) = slot(&s, &q)?;
     let query = s.query.clone();
-    let ads = tokio::task::spawn_blocking(move || {
-        let mut p = query.popular[slot.index()].lock().expect("not poisoned");
-        p.top(to, window, count as usize)
+    // Recent windows from the in-memory index, older ones from the store; each answer's counts
+    // and watermark come from one consistent read.
+    let (ads, watermark) = tokio::task::spawn_blocking(move || {
+        let from = Minute(to.0 - i64::from(window));
+        let mut live = query.live.read();
+        if from >= live.keep_from {
+            let ads = live.slots[slot.index()].top(to, window, count as usize);
+            return Ok((ads, live.watermark));
+        }
+        drop(live);
+        query.store.popular(slot, from, to, count as usize)
     })
     .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     let ads: Vec<Value> =
         ads.into_iter().map(|(ad, c)| json!({"ad_id": ad.as_str(), "count": c})).collect();
@@ -313,7 +468,7 @@ async fn popular_ads(
         "window": window,
         "to": format_rfc3339(to.start()),
         "filter": filter,
-        "final": is_final(&s, to),
+        "final": watermark.all_final_before(to),
         "ads": ads,
     })))
 }
@@ -325,10 +480,10 @@ async fn dashboard(State(s): State<AppState>) -> Html<String> {
 
 async fn healthz(State(s): State<AppState>) -> Response {
     let ready = s.query.ready.load(Ordering::Acquire);
-    let w = s.query.watermark.load(Ordering::Acquire);
+    let w = Watermark::from_raw(s.query.watermark.load(Ordering::Acquire));
     let body = json!({
         "status": if ready { "ok" } else { "starting" },
-        "watermark": (w != i64::MIN).then(|| format_rfc3339(EventTime(w))),
+        "watermark": w.ms().map(|w| format_rfc3339(EventTime(w))),
         "lag_records": s.query.lag(),
     });
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -387,10 +542,10 @@ async fn metrics(State(s): State<AppState>) -> Response {
         );
     }
     let _ = writeln!(out, "# HELP adclick_lag_records Durable records not yet aggregated.\n# TYPE adclick_lag_records gauge\nadclick_lag_records {}", q.lag());
-    let w = q.watermark.load(Ordering::Acquire);
-    if w != i64::MIN {
-        let _ = writeln!(out, "# HELP adclick_watermark_seconds The event-time watermark.\n# TYPE adclick_watermark_seconds gauge\nadclick_watermark_seconds {}", w / 1000);
+    if let Some(w) = Watermark::from_raw(q.watermark.load(Ordering::Acquire)).ms() {
+        let _ = writeln!(out, "# HELP adclick_watermark_seconds The event-time watermark.\n# TYPE adclick_watermark_seconds gauge\nadclick_watermark_seconds {}", w as f64 / 1000.0);
     }
+    let _ = writeln!(out, "# HELP adclick_ingest_inflight_bytes Ingest body bytes held in memory.\n# TYPE adclick_ingest_inflight_bytes gauge\nadclick_ingest_inflight_bytes {}", s.max_inflight_bytes.saturating_sub(s.inflight.available_permits()));
     let _ = writeln!(out, "# HELP adclick_checkpoint_bytes Size of the last checkpoint.\n# TYPE adclick_checkpoint_bytes gauge\nadclick_checkpoint_bytes {}", m.checkpoint_bytes.load(Ordering::Relaxed));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -215,6 +215,8 @@ fn serve(settings: Settings, demo_rate: Option<u64>) -> anyhow::Result<()> {
         max_body_bytes: settings.max_body_bytes,
         max_skew_ms: settings.engine.max_clock_skew_ms,
         max_lag_records: settings.max_lag_records,
+        inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(settings.max_inflight_bytes)),
+        max_inflight_bytes: settings.max_inflight_bytes,
     };
     let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(settings.listen)

@@ -28,8 +28,10 @@ pub struct Config {
     pub dedup_horizon: String,
     pub max_clock_skew: String,
     pub top_n: usize,
-    /// Largest accepted `POST /v1/clicks` body.
+    /// Largest accepted `POST /v1/clicks` body, after decompression.
     pub max_body_bytes: usize,
+    /// Ingest body bytes held in memory across all requests; past it the collector answers 503.
+    pub max_inflight_bytes: usize,
     /// How often the aggregator commits results (freshness of queries).
     pub commit_interval: String,
     /// How often the engine state is checkpointed (bounds recovery time).
@@ -61,6 +63,7 @@ impl Default for Config {
             max_clock_skew: "5m".into(),
             top_n: 100,
             max_body_bytes: 16 << 20,
+            max_inflight_bytes: 64 << 20,
             commit_interval: "100ms".into(),
             checkpoint_interval: "5s".into(),
             shards: 2,
@@ -74,7 +77,8 @@ impl Default for Config {
 }
 
 /// The keys `ADCLICK_*` variables may set (filters come from the file only).
-const ENV_KEYS: [&str; 17] = [
+const ENV_KEYS: [&str; 18] = [
+    "max_inflight_bytes",
     "dedup_capacity",
     "log_retention",
     "listen",
@@ -115,6 +119,7 @@ pub struct Settings {
     pub filters: Filters,
     pub filter_configs: Vec<FilterConfig>,
     pub max_body_bytes: usize,
+    pub max_inflight_bytes: usize,
     pub commit_interval: Duration,
     pub checkpoint_interval: Duration,
     pub max_lag_records: u64,
@@ -170,6 +175,7 @@ impl Config {
             top_n: self.top_n,
             shards: self.shards,
             dedup_capacity: self.dedup_capacity,
+            identity_key: Default::default(),
         };
         engine.validate().map_err(|e| invalid(e.key, e.reason))?;
         let commit_interval = duration("commit_interval", &self.commit_interval)?;
@@ -186,6 +192,17 @@ impl Config {
                 format!("must be at least 1024, got {}", self.max_body_bytes),
             ));
         }
+        if self.max_inflight_bytes < self.max_body_bytes
+            || self.max_inflight_bytes > tokio::sync::Semaphore::MAX_PERMITS
+        {
+            return Err(invalid(
+                "max_inflight_bytes",
+                format!(
+                    "must be at least max_body_bytes ({}), got {}",
+                    self.max_body_bytes, self.max_inflight_bytes
+                ),
+            ));
+        }
         Ok(Settings {
             listen,
             data_dir: self.data_dir.clone(),
@@ -194,12 +211,35 @@ impl Config {
             filters: Filters::compile(&self.filters)?,
             filter_configs: self.filters.clone(),
             max_body_bytes: self.max_body_bytes,
+            max_inflight_bytes: self.max_inflight_bytes,
             commit_interval,
             checkpoint_interval,
             max_lag_records: self.max_lag_records,
             segment_bytes: self.segment_bytes.max(1 << 16),
             log_retention: duration("log_retention", &self.log_retention)?,
         })
+    }
+}
+
+impl Settings {
+    /// The settings that change results, as (key, value) pairs recorded with the data: a
+    /// restart with other values is refused (see `Store::check_settings`).
+    pub fn recorded(&self) -> Vec<(String, String)> {
+        let d = |ms: i64| humantime::format_duration(Duration::from_millis(ms as u64)).to_string();
+        let e = &self.engine;
+        let mut out = vec![
+            ("partitions".to_string(), self.partitions.to_string()),
+            ("watermark_delay".to_string(), d(e.watermark_delay_ms)),
+            ("idle_timeout".to_string(), d(e.idle_timeout_ms)),
+            ("allowed_lateness".to_string(), d(e.allowed_lateness_ms)),
+            ("dedup_horizon".to_string(), d(e.dedup_horizon_ms)),
+            ("filters".to_string(), format!("{:?}", self.filters.ids())),
+        ];
+        for f in &self.filter_configs {
+            let json = serde_json::to_string(f).expect("filters serialize");
+            out.push((format!("filters.{}", f.id), json));
+        }
+        out
     }
 }
 

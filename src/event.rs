@@ -16,7 +16,7 @@ use std::net::IpAddr;
 
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
-use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+use xxhash_rust::xxh3::xxh3_64;
 
 /// The longest line accepted, in bytes, not counting its line terminator.
 pub const MAX_LINE_BYTES: usize = 65_536;
@@ -42,9 +42,24 @@ impl AdId {
     }
 }
 
+/// The routing rules, side by side. Every click of an ad lands in one log partition and, within
+/// an aggregator, in one engine shard, so deduplication and an ad's counts stay in one place.
+///
 /// The routing hash of an ad id (stable across runs and machines: xxh3-64, seed 0).
 pub fn route_hash(ad_id: &str) -> u64 {
     xxh3_64(ad_id.as_bytes())
+}
+
+/// The log partition of an ad: its routing hash modulo the partition count (fixed for the life
+/// of a data directory or topic).
+pub fn partition_of(ad_hash: u64, partitions: u32) -> u32 {
+    (ad_hash % u64::from(partitions.max(1))) as u32
+}
+
+/// The engine shard of an ad: the high bits of its routing hash, scaled to the shard count
+/// (independent of the partition, which uses the low bits).
+pub fn shard_of(ad_hash: u64, shards: usize) -> usize {
+    (((ad_hash >> 32) * shards as u64) >> 32) as usize
 }
 
 impl fmt::Debug for AdId {
@@ -182,8 +197,50 @@ pub struct Click<'a> {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub struct Identity(pub u128);
 
+/// The secret that keys identity hashes (xxh3-128 with a custom secret), so that lines crafted
+/// to collide with another ad's click cannot be made without it. The service keeps one per data
+/// directory (`identity.key`); the default is a fixed key for tests and benchmarks.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IdentityKey(pub [u8; IdentityKey::LEN]);
+
+impl IdentityKey {
+    pub const LEN: usize = 192;
+
+    /// A key expanded from a seed (splitmix64); deterministic.
+    pub fn from_seed(seed: u64) -> IdentityKey {
+        let mut key = [0u8; Self::LEN];
+        let mut x = seed;
+        for chunk in key.chunks_mut(8) {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        }
+        IdentityKey(key)
+    }
+}
+
+impl Default for IdentityKey {
+    fn default() -> Self {
+        IdentityKey::from_seed(0)
+    }
+}
+
+impl fmt::Debug for IdentityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdentityKey(..)")
+    }
+}
+
 impl Click<'_> {
+    /// The identity under the default key (tests and tools; the engine uses its own key).
     pub fn identity(&self) -> Identity {
+        self.identity_with(&IdentityKey::default())
+    }
+
+    /// SPEC §1 identity: a keyed 128-bit hash of a tagged, length-prefixed encoding.
+    pub fn identity_with(&self, key: &IdentityKey) -> Identity {
         // ad 1+64, tag 1, then either click_id 1+128 or time 8 + user 2+128 + ip 17: at most 221.
         let mut buf = [0u8; 224];
         let mut n = 0;
@@ -221,7 +278,7 @@ impl Click<'_> {
                 }
             }
         }
-        Identity(xxh3_128(&buf[..n]))
+        Identity(xxhash_rust::xxh3::xxh3_128_with_secret(&buf[..n], &key.0))
     }
 
     /// Copies the borrowed strings so the click outlives its line.
@@ -542,9 +599,9 @@ pub fn parse_line<'a>(line: &'a [u8], v: Validation) -> Result<Option<Click<'a>>
     if !line.is_ascii() {
         std::str::from_utf8(line).map_err(|e| Invalid::NotUtf8 { at: e.valid_up_to() })?;
     }
-    let mut raw = RawClick::default();
+    let mut raw = RawClick { line, ..RawClick::default() };
     if !fast::scan(line, &mut raw) {
-        raw = RawClick::default();
+        raw = RawClick { line, ..RawClick::default() };
         let text = std::str::from_utf8(line).expect("validated above");
         parse_with_serde(text, &mut raw)?;
     }
@@ -574,7 +631,7 @@ pub fn parse_line_serde_only<'a>(
         return Ok(None);
     }
     let text = std::str::from_utf8(line).map_err(|e| Invalid::NotUtf8 { at: e.valid_up_to() })?;
-    let mut raw = RawClick::default();
+    let mut raw = RawClick { line, ..RawClick::default() };
     parse_with_serde(text, &mut raw)?;
     raw.validate(v).map(Some)
 }
@@ -587,6 +644,8 @@ enum Scalar<'a> {
     Unsigned(u64),
     Negative(i64),
     Float,
+    /// A `-0` or `-0.0`: serde_json reads both as a float; `-0` is the integer 0 (SPEC §1).
+    NegZero,
     Str(Cow<'a, str>),
     Array,
     Object,
@@ -598,7 +657,7 @@ impl Scalar<'_> {
             Scalar::Null => "null",
             Scalar::Bool => "a boolean",
             Scalar::Unsigned(_) | Scalar::Negative(_) => "an integer",
-            Scalar::Float => "a non-integer number",
+            Scalar::Float | Scalar::NegZero => "a non-integer number",
             Scalar::Str(_) => "a string",
             Scalar::Array => "an array",
             Scalar::Object => "an object",
@@ -629,8 +688,8 @@ impl<'de> Deserialize<'de> for Scalar<'de> {
             fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
                 Ok(if v >= 0 { Scalar::Unsigned(v as u64) } else { Scalar::Negative(v) })
             }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Scalar::Float)
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(if v == 0.0 && v.is_sign_negative() { Scalar::NegZero } else { Scalar::Float })
             }
             fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
                 Ok(Scalar::Str(Cow::Borrowed(v)))
@@ -657,6 +716,8 @@ impl<'de> Deserialize<'de> for Scalar<'de> {
 /// The object's known fields as the JSON gave them.
 #[derive(Default)]
 struct RawClick<'a> {
+    /// The whole line, to tell `-0` from `-0.0` (see [`Scalar::NegZero`]).
+    line: &'a [u8],
     fields: [Option<Scalar<'a>>; 6],
     duplicate: Option<Field>,
 }
@@ -753,6 +814,7 @@ impl<'a> RawClick<'a> {
             Some(Scalar::Str(s)) => parse_rfc3339(&s).map_err(Invalid::BadTimestamp)?,
             Some(Scalar::Unsigned(n)) => integer_time(i64::try_from(n).unwrap_or(i64::MAX))?,
             Some(Scalar::Negative(n)) => integer_time(n)?,
+            Some(Scalar::NegZero) if minus_zero_literal(self.line) => EventTime(0),
             Some(other) => {
                 return Err(wrong_type(
                     Field::ClickTimestamp,
@@ -839,6 +901,17 @@ fn wrong_type(field: Field, expected: &'static str, found: &Scalar) -> Invalid {
 
 fn time_in_range(ms: i64) -> Option<EventTime> {
     (EventTime::MIN.0..=EventTime::MAX.0).contains(&ms).then_some(EventTime(ms))
+}
+
+/// Whether the line's `click_timestamp` is written `-0` (the integer 0), not `-0.0` or `-0e0`.
+/// Only asked for the rare line whose timestamp parsed as a negative zero.
+fn minus_zero_literal(line: &[u8]) -> bool {
+    let Ok(map) = serde_json::from_slice::<
+        std::collections::BTreeMap<Cow<str>, &serde_json::value::RawValue>,
+    >(line) else {
+        return false;
+    };
+    map.get("click_timestamp").is_some_and(|v| v.get() == "-0")
 }
 
 fn integer_time(ms: i64) -> Result<EventTime, Invalid> {
@@ -972,9 +1045,9 @@ mod fast {
                 b'-' => {
                     self.i += 1;
                     let n = self.digits()?;
-                    // serde_json reads -0, and anything below i64::MIN, as a float: decline them.
+                    // serde_json reads -0 as a float: so does this path (see Scalar::NegZero).
                     if n == 0 {
-                        return None;
+                        return Some(Scalar::NegZero);
                     }
                     let v = 0i64.checked_sub_unsigned(n)?;
                     Some(Scalar::Negative(v))

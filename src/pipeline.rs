@@ -26,8 +26,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Settings;
-use crate::engine::{Counters, Engine, Offset, PartitionId, Payload, Record};
-use crate::event::{wire, EventTime, Minute, MINUTE_MS};
+use crate::engine::{
+    CountUpdates, Counters, Engine, EngineConfig, Offset, PartitionId, Payload, Record, Watermark,
+};
+use crate::event::{wire, EventTime, IdentityKey, Minute, MINUTE_MS};
 use crate::filter::Filters;
 use crate::log::{LogHandle, Records, Writer};
 use crate::popular::{Popular, MAX_WINDOW_MINUTES};
@@ -69,12 +71,93 @@ pub struct Metrics {
     pub checkpoint_bytes: AtomicU64,
 }
 
+/// What one committed batch changed, for the in-memory popular-ads index.
+struct Published {
+    counts: CountUpdates,
+    watermark: Watermark,
+    /// Minutes below this can no longer be corrected by the live path.
+    sealed_below: Minute,
+    /// Minutes below this leave the index (older windows are read from the store).
+    keep_from: Minute,
+}
+
+/// The popular-ads index of recent minutes, one [`Popular`] per slot, with the watermark of the
+/// same commits so that a query's `final` matches its counts.
+///
+/// Publishing never waits for a query: the aggregator appends to `pending` (a short lock) and
+/// applies it only if the index is free; a query applies whatever is pending before it reads.
+pub struct LiveIndex {
+    state: Mutex<LiveState>,
+    pending: Mutex<Vec<Published>>,
+}
+
+pub struct LiveState {
+    /// Total, then each filter.
+    pub slots: Vec<Popular>,
+    pub watermark: Watermark,
+    /// The oldest minute the index holds; older windows are answered from the store.
+    pub keep_from: Minute,
+}
+
+impl LiveState {
+    fn apply(&mut self, p: Published) {
+        for (slot, index) in self.slots.iter_mut().enumerate() {
+            for (minute, ad, counts) in p.counts.iter() {
+                if minute < p.keep_from {
+                    continue;
+                }
+                if let Some(&c) = counts.get(slot) {
+                    index.set(minute, ad, c);
+                }
+            }
+            index.seal_below(p.sealed_below);
+            index.evict_before(p.keep_from);
+        }
+        self.watermark = self.watermark.max(p.watermark);
+        self.keep_from = self.keep_from.max(p.keep_from);
+    }
+}
+
+impl LiveIndex {
+    fn new(slots: usize) -> LiveIndex {
+        LiveIndex {
+            state: Mutex::new(LiveState {
+                slots: (0..slots).map(|_| Popular::new()).collect(),
+                watermark: Watermark::NONE,
+                keep_from: Minute(i64::MIN),
+            }),
+            pending: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn publish(&self, p: Published) {
+        self.pending.lock().expect("not poisoned").push(p);
+        if let Ok(mut state) = self.state.try_lock() {
+            self.drain(&mut state);
+        }
+    }
+
+    fn drain(&self, state: &mut LiveState) {
+        let pending = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
+        for p in pending {
+            state.apply(p);
+        }
+    }
+
+    /// The index with every published commit applied. Holding it blocks other queries only.
+    pub fn read(&self) -> std::sync::MutexGuard<'_, LiveState> {
+        let mut state = self.state.lock().expect("not poisoned");
+        self.drain(&mut state);
+        state
+    }
+}
+
 /// What queries read: committed state only.
 pub struct QueryState {
     pub store: Arc<Store>,
     pub filters: Arc<Filters>,
-    /// One popular-ads index per slot (total, then each filter).
-    pub popular: Vec<Mutex<Popular>>,
+    pub live: LiveIndex,
+    /// The committed watermark, for health and metrics (`i64::MIN` for none).
     pub watermark: AtomicI64,
     pub counters: Mutex<Counters>,
     pub metrics: Metrics,
@@ -155,12 +238,15 @@ impl Pipeline {
         let store = Arc::new(
             Store::open(&settings.data_dir.join("store.redb")).context("opening the store")?,
         );
+        store.check_settings(&settings.recorded()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut engine_config = settings.engine.clone();
+        engine_config.identity_key = identity_key(&settings.data_dir)?;
         let filters = Arc::new(settings.filters.clone());
         let slots = filters.len() + 1;
         let query = Arc::new(QueryState {
             store: store.clone(),
             filters: filters.clone(),
-            popular: (0..slots).map(|_| Mutex::new(Popular::new())).collect(),
+            live: LiveIndex::new(slots),
             watermark: AtomicI64::new(i64::MIN),
             counters: Mutex::new(Counters::default()),
             metrics: Metrics::default(),
@@ -171,7 +257,8 @@ impl Pipeline {
         let shutdown = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::sync_channel(1024);
 
-        let mut aggregator = Aggregator::recover(settings, store, log, query.clone(), tx.clone())?;
+        let mut aggregator =
+            Aggregator::recover(settings, engine_config, store, log, query.clone(), tx.clone())?;
         let writer_thread = {
             let shutdown = shutdown.clone();
             let retention = settings.log_retention;
@@ -278,11 +365,15 @@ struct Aggregator {
     lateness_ms: i64,
     readers: Vec<crate::log::Reader>,
     buf: Vec<Records>,
+    /// The offsets of the previous checkpoint: the log is kept from there, so that a start can
+    /// fall back to it.
+    previous_checkpoint: Option<Vec<(PartitionId, Offset)>>,
 }
 
 impl Aggregator {
     fn recover(
         settings: &Settings,
+        engine_config: EngineConfig,
         store: Arc<Store>,
         log: LogHandle,
         query: Arc<QueryState>,
@@ -292,137 +383,252 @@ impl Aggregator {
         let started = Instant::now();
         let filters = query.filters.clone();
         let rec = store.recovery().context("reading the store for recovery")?;
-        if let Some(ids) = &rec.filters {
-            if ids != filters.ids() {
-                anyhow::bail!(
-                    "filters: the data directory was aggregated with filters {ids:?}, the config has {:?}; \
-                     use the same filters, or a new data_dir",
-                    filters.ids()
-                );
-            }
+        // A log that ends below what the store committed lost records (damaged, deleted or
+        // restored files): new clicks would reuse those offsets and be skipped as replays.
+        for &(p, committed) in &rec.offsets {
+            let end =
+                if (p.0 as usize) < log.partitions() { log.durable_end(p) } else { Offset(0) };
+            anyhow::ensure!(
+                end >= committed,
+                "partition {}: the log ends at offset {} but the store has committed offset {}; \
+                 the log lost records that were aggregated (damaged, deleted or restored files). \
+                 Restore the log, or start a new data_dir",
+                p.0,
+                end.0,
+                committed.0
+            );
         }
-        let engine = match &rec.checkpoint {
-            Some(bytes) => Engine::restore(settings.engine.clone(), filters.clone(), bytes)
-                .context("restoring the checkpoint")?,
-            None => {
-                Engine::new(settings.engine.clone(), filters.clone()).context("engine settings")?
-            }
-        };
+        let (mut engine, base) = restore_engine(&engine_config, &filters, &rec)?;
         let partitions = settings.partitions as usize;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(settings.engine.shards)
             .thread_name(|i| format!("adclick-shard-{i}"))
             .build()
             .context("starting the shard threads")?;
+        let mut next = vec![0; partitions];
+        for (p, o) in engine.offsets() {
+            anyhow::ensure!((p.0 as usize) < partitions, "checkpoint holds partition {}", p.0);
+            next[p.0 as usize] = o.0;
+        }
+        let readers: Vec<_> = (0..partitions).map(|p| log.reader(PartitionId(p as u32))).collect();
+        let mut buf: Vec<Records> = (0..partitions).map(|_| Records::default()).collect();
+        let journal: Vec<_> =
+            rec.journal.iter().filter(|(seq, _)| base.is_none_or(|b| *seq > b)).collect();
+        let mut readers = readers;
+        for (seq, batch) in &journal {
+            for &(p, from, to) in &batch.ranges {
+                anyhow::ensure!(
+                    from.0 == next[p.0 as usize],
+                    "journal batch {seq} does not continue the checkpoint at partition {}",
+                    p.0
+                );
+                next[p.0 as usize] = to.0;
+            }
+            read_ranges(&mut readers, &mut buf, &batch.ranges)
+                .context("reading the log to replay the journal")?;
+            let records = decode_records(&buf, &batch.ranges)
+                .map_err(|e| anyhow::anyhow!("replaying the journal: {e}"))?;
+            if !batch.assign.is_empty() {
+                engine.assign(&batch.assign, EventTime(batch.wall));
+            }
+            engine.process_with(EventTime(batch.wall), &records, |work| run_shards(&pool, work));
+        }
+        for (p, o) in &rec.offsets {
+            anyhow::ensure!(
+                next[p.0 as usize] == o.0,
+                "after replay partition {} is at offset {} but the store committed {}",
+                p.0,
+                next[p.0 as usize],
+                o.0
+            );
+        }
         let mut agg = Aggregator {
             engine,
             pool,
             store,
-            readers: (0..partitions).map(|p| log.reader(PartitionId(p as u32))).collect(),
-            buf: (0..partitions).map(|_| Records::default()).collect(),
+            readers,
+            buf,
             log,
             query,
             writer,
-            next: vec![0; partitions],
+            next,
             seq: rec.next_seq,
             commit_interval: settings.commit_interval,
             checkpoint_interval: settings.checkpoint_interval,
             lateness_ms: settings.engine.allowed_lateness_ms,
+            previous_checkpoint: None,
         };
-        for (p, o) in agg.engine.offsets() {
-            agg.next[p.0 as usize] = o.0;
-        }
-        let replayed = rec.journal.len();
-        for (_, batch) in &rec.journal {
-            for &(p, from, to) in &batch.ranges {
-                anyhow::ensure!(
-                    from.0 == agg.next[p.0 as usize],
-                    "journal does not continue the checkpoint at partition {}",
-                    p.0
-                );
-                agg.next[p.0 as usize] = to.0;
-            }
-            let ranges = batch.ranges.clone();
-            agg.read_ranges(&ranges).context("reading the log to replay the journal")?;
-            let records = decode_records(&agg.buf, &ranges);
-            let pool = &agg.pool;
-            agg.engine.process_with(EventTime(batch.wall), &records, |work| run_shards(pool, work));
-        }
-        for (p, o) in &rec.offsets {
-            anyhow::ensure!(
-                agg.next[p.0 as usize] == o.0,
-                "after replay partition {} is at offset {} but the store committed {}",
-                p.0,
-                agg.next[p.0 as usize],
-                o.0
-            );
-        }
         for (p, o) in agg.next.iter().enumerate() {
             agg.query.committed[p].store(*o, Ordering::Release);
         }
-        agg.query.watermark.store(agg.engine.watermark(), Ordering::Release);
         *agg.query.counters.lock().expect("not poisoned") =
             agg.store.counters().unwrap_or_default();
         agg.rebuild_popular().context("rebuilding the popular-ads index")?;
+        agg.assign_all().context("assigning the partitions")?;
         agg.query.ready.store(true, Ordering::Release);
         tracing::info!(
-            replayed_batches = replayed,
+            replayed_batches = journal.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered"
         );
         Ok(agg)
     }
 
+    /// Takes every partition at the current wall time (SPEC §2: each holds the watermark back
+    /// until it delivers or idles), committed as a journaled batch so that a replay after a
+    /// crash assigns at the same instant.
+    fn assign_all(&mut self) -> Result<(), crate::store::StoreError> {
+        let wall = now_ms();
+        let all: Vec<PartitionId> = (0..self.next.len()).map(|p| PartitionId(p as u32)).collect();
+        self.engine.assign(&all, EventTime(wall));
+        let output =
+            self.engine.process_with(EventTime(wall), &[], |work| run_shards(&self.pool, work));
+        let batch = BatchRecord { wall, ranges: Vec::new(), assign: all };
+        self.store.commit(self.seq, &batch, &output, self.query.filters.ids(), None)?;
+        self.seq += 1;
+        self.publish(output);
+        Ok(())
+    }
+
     fn rebuild_popular(&self) -> Result<(), crate::store::StoreError> {
-        let since = recent_window_start();
-        let mut popular: Vec<_> =
-            self.query.popular.iter().map(|p| p.lock().expect("not poisoned")).collect();
-        self.store.scan_counts(since, |minute, ad, counts| {
+        let keep_from = recent_window_start();
+        let mut live = self.query.live.read();
+        let store_watermark = self.store.watermark()?;
+        self.store.scan_counts(keep_from, |minute, ad, counts| {
             let ad = crate::event::AdId::new(ad);
             for (slot, &c) in counts.iter().enumerate() {
                 if c > 0 {
-                    if let Some(p) = popular.get_mut(slot) {
+                    if let Some(p) = live.slots.get_mut(slot) {
                         p.set(minute, &ad, c);
                     }
                 }
             }
         })?;
         let sealed = self.sealed_below();
-        for p in &mut popular {
+        for p in &mut live.slots {
             p.seal_below(sealed);
         }
+        live.keep_from = keep_from;
+        live.watermark = store_watermark;
         Ok(())
     }
 
     /// Minutes below this can no longer be corrected by the live path.
     fn sealed_below(&self) -> Minute {
-        let w = self.engine.watermark();
-        if w == i64::MIN {
-            return Minute(i64::MIN);
+        match self.engine.watermark().oldest_countable(self.lateness_ms) {
+            Some(start) => Minute(start.div_euclid(MINUTE_MS)),
+            None => Minute(i64::MIN),
         }
-        Minute((w - self.lateness_ms).div_euclid(MINUTE_MS) - 1)
     }
+}
 
-    fn read_ranges(
-        &mut self,
-        ranges: &[(PartitionId, Offset, Offset)],
-    ) -> Result<(), crate::log::LogError> {
-        for &(p, from, to) in ranges {
-            let i = p.0 as usize;
-            self.buf[i].clear();
-            let mut at = from;
-            while at < to {
-                let before = at;
-                at = self.readers[i].read(at, to, usize::MAX, &mut self.buf[i])?;
-                if at == before {
-                    return Err(crate::log::LogError::Corrupt {
-                        path: Default::default(),
-                        what: format!("partition {} ends at offset {} before {}", p.0, at.0, to.0),
-                    });
-                }
+/// Reads the records `[from, to)` of each range into `buf` (one buffer per partition).
+fn read_ranges(
+    readers: &mut [crate::log::Reader],
+    buf: &mut [Records],
+    ranges: &[(PartitionId, Offset, Offset)],
+) -> Result<(), crate::log::LogError> {
+    for &(p, from, to) in ranges {
+        let i = p.0 as usize;
+        buf[i].clear();
+        let mut at = from;
+        while at < to {
+            let before = at;
+            at = readers[i].read(at, to, usize::MAX, &mut buf[i])?;
+            if at == before {
+                return Err(crate::log::LogError::Corrupt {
+                    path: Default::default(),
+                    what: format!("partition {} ends at offset {} before {}", p.0, at.0, to.0),
+                });
             }
         }
-        Ok(())
+    }
+    Ok(())
+}
+
+/// Restores the newest committed checkpoint that can be read, falling back to the previous one
+/// (and a longer journal replay), and says so. Returns the engine and the batch it includes.
+fn restore_engine(
+    config: &EngineConfig,
+    filters: &Arc<Filters>,
+    rec: &crate::store::Recovery,
+) -> anyhow::Result<(Engine, Option<u64>)> {
+    use anyhow::Context;
+    let mut failures = Vec::new();
+    for (seq, bytes) in &rec.checkpoints {
+        let restored = bytes.as_ref().map_err(Clone::clone).and_then(|b| {
+            Engine::restore(config.clone(), filters.clone(), b).map_err(|e| e.to_string())
+        });
+        match restored {
+            Ok(engine) => {
+                if !failures.is_empty() {
+                    tracing::warn!(
+                        checkpoint = seq,
+                        "falling back to the previous checkpoint: {}",
+                        failures.join("; ")
+                    );
+                    eprintln!(
+                        "adclick: warning: {}; falling back to checkpoint {seq} and replaying the journal from there",
+                        failures.join("; ")
+                    );
+                }
+                return Ok((engine, Some(*seq)));
+            }
+            Err(e) => failures.push(format!("checkpoint {seq} cannot be restored ({e})")),
+        }
+    }
+    // No checkpoint, or none readable: a fresh engine, if the journal reaches back to the start.
+    let from_start = rec.journal.first().is_none_or(|(seq, _)| *seq == 0);
+    anyhow::ensure!(
+        failures.is_empty() || from_start,
+        "{}; the journal does not reach back to the start, so the state cannot be rebuilt. \
+         Restore the checkpoints directory, or start a new data_dir",
+        failures.join("; ")
+    );
+    if !failures.is_empty() {
+        eprintln!("adclick: warning: {}; replaying the whole journal", failures.join("; "));
+    }
+    Ok((Engine::new(config.clone(), filters.clone()).context("engine settings")?, None))
+}
+
+/// The identity key of a data directory: read, or created (random, durable) on first start.
+fn identity_key(data_dir: &std::path::Path) -> anyhow::Result<IdentityKey> {
+    use anyhow::Context;
+    use std::io::{Read, Write};
+    let path = data_dir.join("identity.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let key: [u8; IdentityKey::LEN] = bytes.as_slice().try_into().map_err(|_| {
+                anyhow::anyhow!(
+                    "{}: must hold {} bytes, holds {}; it keys deduplication and cannot be replaced",
+                    path.display(),
+                    IdentityKey::LEN,
+                    bytes.len()
+                )
+            })?;
+            Ok(IdentityKey(key))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::ensure!(
+                !data_dir.join("checkpoints").exists()
+                    || std::fs::read_dir(data_dir.join("checkpoints"))?.next().is_none(),
+                "{} is missing but the data directory holds checkpoints keyed with it; restore it",
+                path.display()
+            );
+            let mut key = [0u8; IdentityKey::LEN];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut key))
+                .context("reading random bytes for the identity key")?;
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            f.write_all(&key)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(data_dir)?.sync_all()?;
+            Ok(IdentityKey(key))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 
@@ -441,11 +647,13 @@ fn run_shards(
     pool.install(|| work.into_par_iter().map(|(shard, batch)| shard.apply(batch)).collect())
 }
 
-/// Decodes what `read_ranges` read into engine records, in journal order.
+/// Decodes what `read_ranges` read into engine records, in journal order. Only the collector
+/// writes the log, with `wire::encode`, behind a CRC: a record that does not decode is damage or
+/// a bug, and skipping it would lose an acknowledged click, so it is an error.
 fn decode_records<'a>(
     buf: &'a [Records],
     ranges: &[(PartitionId, Offset, Offset)],
-) -> Vec<Record<'a>> {
+) -> Result<Vec<Record<'a>>, String> {
     let mut out = Vec::new();
     for &(p, _, _) in ranges {
         for (offset, bytes) in buf[p.0 as usize].iter() {
@@ -453,17 +661,16 @@ fn decode_records<'a>(
                 Some(click) => {
                     out.push(Record { partition: p, offset, payload: Payload::Click(click) })
                 }
-                // Only the collector writes the log, with wire::encode; a record that does not
-                // decode is damage. It is skipped visibly rather than stopping the pipeline.
-                None => tracing::error!(
-                    partition = p.0,
-                    offset = offset.0,
-                    "log record does not decode; skipped"
-                ),
+                None => return Err(format!(
+                    "partition {} offset {}: the log record ({} bytes) does not decode as a click",
+                    p.0,
+                    offset.0,
+                    bytes.len()
+                )),
             }
         }
     }
-    out
+    Ok(out)
 }
 
 impl Aggregator {
@@ -484,12 +691,16 @@ impl Aggregator {
                 })
                 .filter(|(_, a, b)| a < b)
                 .collect();
-            if let Err(e) = self.read_ranges(&ranges) {
+            crate::fault::point("aggregator.before_read");
+            if let Err(e) = read_ranges(&mut self.readers, &mut self.buf, &ranges) {
                 fatal("reading the log", e);
             }
             let wall = now_ms();
             let (output, snapshot) = {
-                let records = decode_records(&self.buf, &ranges);
+                let records = match decode_records(&self.buf, &ranges) {
+                    Ok(records) => records,
+                    Err(e) => fatal("reading the log", e),
+                };
                 let pool = &self.pool;
                 let output = self
                     .engine
@@ -499,14 +710,14 @@ impl Aggregator {
                 (output, checkpoint_due.then(|| self.engine.snapshot()))
             };
             // A tick without records changes only the watermark; skipping its commit is safe for
-            // replay (the next tick recomputes the same watermark from its wall clock), so such
-            // progress is committed at most once a second, or at once when a minute turns final.
+            // replay (ticks are path-independent, see `engine::Watermark`), so such progress is
+            // committed at most once a second, or at once when a minute turns final.
             let changed = !ranges.is_empty()
                 || !output.top.is_empty()
                 || (output.watermark != last_watermark
                     && last_commit.elapsed() >= Duration::from_secs(1));
             if changed || snapshot.is_some() {
-                let batch = BatchRecord { wall, ranges: ranges.clone() };
+                let batch = BatchRecord { wall, ranges: ranges.clone(), assign: Vec::new() };
                 let commit_started = Instant::now();
                 if let Err(e) = self.store.commit(
                     self.seq,
@@ -527,15 +738,18 @@ impl Aggregator {
                 for &(p, _, to) in &ranges {
                     self.next[p.0 as usize] = to.0;
                 }
-                self.publish(&output);
                 last_watermark = output.watermark;
+                self.publish(output);
                 if let Some(bytes) = snapshot {
                     crate::fault::point("aggregator.after_checkpoint");
                     last_checkpoint = Instant::now();
                     m.checkpoints.fetch_add(1, Ordering::Relaxed);
                     m.checkpoint_bytes.store(bytes.len() as u64, Ordering::Relaxed);
+                    // The log is kept from the previous checkpoint on, for a fallback to it.
                     let offsets = self.engine.offsets();
-                    let _ = self.writer.try_send(ToWriter::DeleteBelow(offsets));
+                    if let Some(previous) = self.previous_checkpoint.replace(offsets) {
+                        let _ = self.writer.try_send(ToWriter::DeleteBelow(previous));
+                    }
                 }
             }
             if stopping {
@@ -550,24 +764,17 @@ impl Aggregator {
     }
 
     /// Makes a committed batch visible to queries.
-    fn publish(&self, output: &crate::engine::Output) {
-        let sealed = self.sealed_below();
-        for (slot, p) in self.query.popular.iter().enumerate() {
-            let mut p = p.lock().expect("not poisoned");
-            for (minute, ad, counts) in output.counts.iter() {
-                if let Some(&c) = counts.get(slot) {
-                    if c > 0 {
-                        p.set(minute, ad, c);
-                    }
-                }
-            }
-            p.seal_below(sealed);
-            p.evict_before(recent_window_start());
-        }
+    fn publish(&self, output: crate::engine::Output) {
         for (p, o) in &output.offsets {
             self.query.committed[p.0 as usize].store(o.0, Ordering::Release);
         }
-        self.query.watermark.store(output.watermark, Ordering::Release);
-        *self.query.counters.lock().expect("not poisoned") = output.counters.clone();
+        self.query.watermark.store(output.watermark.to_raw(), Ordering::Release);
+        *self.query.counters.lock().expect("not poisoned") = output.counters;
+        self.query.live.publish(Published {
+            counts: output.counts,
+            watermark: output.watermark,
+            sealed_below: self.sealed_below(),
+            keep_from: recent_window_start(),
+        });
     }
 }

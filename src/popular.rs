@@ -12,6 +12,9 @@
 //! 5 ten-minute blocks and 18 minutes (or one hour block), and M = 1440 about 23 hour blocks.
 //! Replacing a sealed minute (recalculation) drops the blocks that contain it.
 //!
+//! Memory is bounded by the minutes held: an ad id no minute refers to any more is dead, and
+//! once dead ids outnumber live ones the interner is rebuilt (ids renumbered, blocks dropped).
+//!
 //! The structure does no I/O; the service fills it from engine output and its store.
 
 use std::collections::{BTreeMap, HashMap};
@@ -33,6 +36,9 @@ type Column = Arc<Vec<(u32, u64)>>;
 pub struct Popular {
     ids: HashMap<AdId, u32>,
     ads: Vec<AdId>,
+    /// Per id, how many minutes hold it; `dead` ids have none.
+    refs: Vec<u32>,
+    dead: usize,
     minutes: BTreeMap<i64, HashMap<u32, u64>>,
     /// Per level, block start minute → summed column. Only over sealed minutes.
     blocks: [HashMap<i64, Column>; LEVELS.len()],
@@ -53,14 +59,22 @@ impl Popular {
                 let id = u32::try_from(self.ads.len()).expect("fewer than 2^32 distinct ads");
                 self.ids.insert(ad.clone(), id);
                 self.ads.push(ad.clone());
+                self.refs.push(0);
+                self.dead += 1;
                 id
             }
         };
         let column = self.minutes.entry(minute.0).or_default();
-        if count == 0 {
-            column.remove(&id);
-        } else {
-            column.insert(id, count);
+        let had = if count == 0 { column.remove(&id) } else { column.insert(id, count) };
+        match (had.is_some(), count > 0) {
+            (false, true) => {
+                self.refs[id as usize] += 1;
+                if self.refs[id as usize] == 1 {
+                    self.dead -= 1;
+                }
+            }
+            (true, false) => self.unref(id),
+            _ => {}
         }
         if minute.0 < self.sealed_below {
             for (level, size) in LEVELS.iter().enumerate() {
@@ -75,12 +89,55 @@ impl Popular {
         self.sealed_below = self.sealed_below.max(minute.0);
     }
 
-    /// Forgets every minute before `minute` (retention).
+    fn unref(&mut self, id: u32) {
+        self.refs[id as usize] -= 1;
+        if self.refs[id as usize] == 0 {
+            self.dead += 1;
+        }
+    }
+
+    /// Forgets every minute before `minute` (retention), and the ads no minute holds any more.
     pub fn evict_before(&mut self, minute: Minute) {
-        self.minutes = self.minutes.split_off(&minute.0);
+        let kept = self.minutes.split_off(&minute.0);
+        let evicted = std::mem::replace(&mut self.minutes, kept);
+        for column in evicted.into_values() {
+            for id in column.into_keys() {
+                self.unref(id);
+            }
+        }
         for (level, size) in LEVELS.iter().enumerate() {
             self.blocks[level].retain(|start, _| start + size > minute.0);
         }
+        if self.dead > self.ads.len() / 2 + 1024 {
+            self.compact();
+        }
+    }
+
+    /// Renumbers the live ads densely and drops the dead ones (and the blocks, rebuilt lazily).
+    fn compact(&mut self) {
+        let mut remap = vec![u32::MAX; self.ads.len()];
+        let mut ads = Vec::with_capacity(self.ads.len() - self.dead);
+        let mut refs = Vec::with_capacity(ads.capacity());
+        for (old, ad) in self.ads.drain(..).enumerate() {
+            if self.refs[old] > 0 {
+                remap[old] = ads.len() as u32;
+                refs.push(self.refs[old]);
+                ads.push(ad);
+            }
+        }
+        for column in self.minutes.values_mut() {
+            *column = column.drain().map(|(id, c)| (remap[id as usize], c)).collect();
+        }
+        self.ids = ads.iter().enumerate().map(|(i, a)| (a.clone(), i as u32)).collect();
+        self.ads = ads;
+        self.refs = refs;
+        self.dead = 0;
+        self.blocks = Default::default();
+    }
+
+    /// Ads interned (live and dead), for tests of the memory bound.
+    pub fn interned(&self) -> usize {
+        self.ads.len()
     }
 
     /// The count of one ad over `[from, to)`.
@@ -245,6 +302,27 @@ mod tests {
                 prop_assert_eq!(got, naive(&model, to, m, k), "to {} m {} k {}", to, m, k);
             }
         }
+    }
+
+    #[test]
+    fn the_interner_is_bounded_by_the_minutes_held() {
+        let mut p = Popular::new();
+        for minute in 0..200i64 {
+            // 100 new ads a minute; a window of 10 minutes is kept.
+            for i in 0..100 {
+                p.set(Minute(minute), &AdId::new(&format!("ad-{minute}-{i}")), 1 + i as u64 % 3);
+            }
+            p.seal_below(Minute(minute - 2));
+            let _ = p.top(Minute(minute + 1), 60, 5);
+            p.evict_before(Minute(minute - 9));
+            // Dead ids are dropped once they outnumber the live ones by 2048.
+            assert!(p.interned() <= 2 * 1000 + 2048 + 100, "minute {minute}: {}", p.interned());
+        }
+        // Still exact after compactions.
+        let got = p.top(Minute(200), 2, 2);
+        assert_eq!(got, vec![(AdId::new("ad-198-11"), 3), (AdId::new("ad-198-14"), 3)]);
+        assert_eq!(p.count(&AdId::new("ad-199-2"), Minute(199), Minute(200)), 3);
+        assert_eq!(p.count(&AdId::new("ad-5-2"), Minute(0), Minute(200)), 0, "evicted");
     }
 
     #[test]

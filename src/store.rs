@@ -5,13 +5,19 @@
 //!
 //! ```text
 //! counts   (minute, ad_id)  → u64 LE per slot (total, then each filter)   absolute values
+//! ad_hours (ad_id, hour)    → ()   the hours in which an ad has counts: an ad's series reads
+//!                                   only those hours, whatever the calendar span asked for
 //! tops     (minute, slot)   → [len u, (ad str, count u)*]                 top-N of final minutes
 //! offsets  partition        → next offset: every record below is reflected in counts and tops
-//! journal  seq              → wall i64, [(partition, from, to)]            batches since the checkpoint
+//! journal  seq              → wall i64, [(partition, from, to)], [assigned partition]
+//!                             every batch since the previous checkpoint
 //! meta     "watermark" i64 · "counters" · "filters" (ids)
-//!          · "checkpoint_seq" u64 (the last batch the checkpoint includes)
+//!          · "checkpoint_seq" u64, "previous_checkpoint_seq" u64 (the last batch each includes)
+//!          · "settings" (the settings that change results, as JSON; see `check_settings`)
 //!
-//! checkpoints/<seq>.snap   the engine snapshot after batch <seq>, beside the database
+//! checkpoints/<seq>.snap   the engine snapshot after batch <seq>, beside the database; the
+//!                          newest two are kept, so a start falls back to the previous one
+//!                          (and a longer journal replay) when the newest is missing or corrupt
 //! ```
 //!
 //! Snapshots live in files, not in the database: they are large (tens of bytes per identity
@@ -25,28 +31,32 @@
 //! Each engine batch is committed in **one** write transaction with `Durability::Immediate`:
 //! its absolute counts, its top-N lists, the offsets it advanced to, the watermark, and a journal
 //! entry saying which records (and which wall-clock time) made it. Every few seconds the same
-//! transaction records a freshly written checkpoint file and drops the journal entries it covers. So the
-//! cost of a commit follows the batch, not the state.
+//! transaction records a freshly written checkpoint file and drops the journal entries that the
+//! *previous* checkpoint covers (so either can be restored). So the cost of a commit follows the
+//! batch, not the state.
 //!
 //! Recovery restores the snapshot and replays the journal's batches from the log with their
 //! recorded wall times: the engine makes the same decisions again and ends exactly at the
 //! committed offsets. Absolute counts make a replayed write harmless. A crash before a commit
 //! loses nothing: the records are in the log and the offsets were not advanced.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::engine::snapshot::{Decoder, Encoder};
-use crate::engine::{Counters, Offset, Output, PartitionId, Slot};
+use crate::engine::{Counters, Offset, Output, PartitionId, Slot, Watermark};
 use crate::event::{AdId, Minute};
 use crate::rank::Ranked;
 
 /// Keyed minute first: a commit's rows land together at the right edge of the tree, and a restart
 /// rebuilds the popular-ads index from a range scan of the recent minutes, not all history.
 const COUNTS: TableDefinition<(i64, &str), &[u8]> = TableDefinition::new("counts");
+const AD_HOURS: TableDefinition<(&str, i64), ()> = TableDefinition::new("ad_hours");
 const TOPS: TableDefinition<(i64, u32), &[u8]> = TableDefinition::new("tops");
 const OFFSETS: TableDefinition<u32, u64> = TableDefinition::new("offsets");
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
@@ -77,6 +87,8 @@ pub struct BatchRecord {
     pub wall: i64,
     /// (partition, from, to): the records `[from, to)` of each partition, in this order.
     pub ranges: Vec<(PartitionId, Offset, Offset)>,
+    /// Partitions assigned to the engine at `wall`, before the records (the aggregator's start).
+    pub assign: Vec<PartitionId>,
 }
 
 impl BatchRecord {
@@ -88,6 +100,10 @@ impl BatchRecord {
             e.u(p.0 as u64);
             e.u(a.0);
             e.u(b.0);
+        }
+        e.u(self.assign.len() as u64);
+        for p in &self.assign {
+            e.u(p.0 as u64);
         }
         e.buf
     }
@@ -103,27 +119,41 @@ impl BatchRecord {
                 Offset(d.u().ok()?),
             ));
         }
+        let mut assign = Vec::new();
+        for _ in 0..d.count().ok()? {
+            assign.push(PartitionId(u32::try_from(d.u().ok()?).ok()?));
+        }
         d.finish().ok()?;
-        Some(BatchRecord { wall, ranges })
+        Some(BatchRecord { wall, ranges, assign })
     }
 }
 
 /// What a restart needs.
 #[derive(Debug, Default)]
 pub struct Recovery {
-    pub checkpoint: Option<Vec<u8>>,
-    /// Batches after the checkpoint, in order.
+    /// Committed checkpoints, newest first: (the last batch it includes, its file's bytes or why
+    /// it cannot be read).
+    pub checkpoints: Vec<(u64, Result<Vec<u8>, String>)>,
+    /// Batches after the oldest kept checkpoint, in order.
     pub journal: Vec<(u64, BatchRecord)>,
     pub next_seq: u64,
     pub offsets: Vec<(PartitionId, Offset)>,
     pub filters: Option<Vec<String>>,
+    pub watermark: Watermark,
 }
 
 pub struct Store {
     db: Database,
     /// Where checkpoint files live: `checkpoints/` beside the database file.
     checkpoints: PathBuf,
+    /// (hour, ad) pairs already in `ad_hours`, so a commit writes each once. Only the committing
+    /// thread uses it; bounded by dropping everything past a size.
+    ad_hours_written: Mutex<HashSet<(i64, AdId)>>,
 }
+
+/// Most (hour, ad) pairs remembered as written; past it the memory starts again (re-writing a
+/// pair is harmless).
+const AD_HOURS_REMEMBERED: usize = 1 << 21;
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -140,9 +170,62 @@ impl Store {
             txn.open_table(OFFSETS).ctx("create offsets")?;
             txn.open_table(JOURNAL).ctx("create journal")?;
             txn.open_table(META).ctx("create meta")?;
+            txn.open_table(AD_HOURS).ctx("create ad_hours")?;
         }
         txn.commit().ctx("commit")?;
-        Ok(Store { db, checkpoints })
+        let store = Store { db, checkpoints, ad_hours_written: Mutex::default() };
+        store.build_ad_hours()?;
+        Ok(store)
+    }
+
+    /// Fills `ad_hours` from `counts` once, for a store written before the index existed.
+    fn build_ad_hours(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().ctx("begin")?;
+        {
+            let mut meta = txn.open_table(META).ctx("open meta")?;
+            if meta.get("ad_hours_built").ctx("read meta")?.is_some() {
+                return Ok(());
+            }
+            let counts = txn.open_table(COUNTS).ctx("open counts")?;
+            let mut hours = txn.open_table(AD_HOURS).ctx("open ad_hours")?;
+            for item in counts.iter().ctx("scan counts")? {
+                let (k, _) = item.ctx("read count")?;
+                let (minute, ad) = k.value();
+                hours.insert((ad, hour_of(minute)), ()).ctx("write ad hour")?;
+            }
+            meta.insert("ad_hours_built", [1u8].as_slice()).ctx("write meta")?;
+        }
+        txn.commit().ctx("commit")
+    }
+
+    /// Compares the settings that change results with those recorded with the data, and
+    /// records them when there are none yet. Each entry is (key, value as written).
+    pub fn check_settings(&self, settings: &[(String, String)]) -> Result<(), SettingsError> {
+        let txn = self.db.begin_write().ctx("begin")?;
+        {
+            let mut meta = txn.open_table(META).ctx("open meta")?;
+            let stored: Option<Vec<(String, String)>> = meta
+                .get("settings")
+                .ctx("read settings")?
+                .map(|v| serde_json::from_slice(v.value()))
+                .transpose()
+                .map_err(|e| SettingsError::Corrupt(e.to_string()))?;
+            match stored {
+                Some(stored) => {
+                    let changed = diff_settings(&stored, settings);
+                    if !changed.is_empty() {
+                        return Err(SettingsError::Changed(changed));
+                    }
+                    return Ok(());
+                }
+                None => {
+                    let json = serde_json::to_vec(settings).expect("strings serialize");
+                    meta.insert("settings", json.as_slice()).ctx("write settings")?;
+                }
+            }
+        }
+        txn.commit().ctx("commit")?;
+        Ok(())
     }
 
     /// Commits one batch's results atomically (see the module doc). With `checkpoint`, also
@@ -156,15 +239,26 @@ impl Store {
         checkpoint: Option<&[u8]>,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().ctx("begin commit")?;
+        let mut new_hours = Vec::new();
         {
             let mut counts = txn.open_table(COUNTS).ctx("open counts")?;
             let mut row = Vec::new();
+            let written = self.ad_hours_written.lock().expect("not poisoned");
             for (minute, ad, c) in output.counts.iter() {
                 row.clear();
                 for v in c {
                     row.extend_from_slice(&v.to_le_bytes());
                 }
                 counts.insert((minute.0, ad.as_str()), row.as_slice()).ctx("write count")?;
+                let key = (hour_of(minute.0), ad.clone());
+                if !written.contains(&key) {
+                    new_hours.push(key);
+                }
+            }
+            drop(written);
+            let mut hours = txn.open_table(AD_HOURS).ctx("open ad_hours")?;
+            for (hour, ad) in &new_hours {
+                hours.insert((ad.as_str(), *hour), ()).ctx("write ad hour")?;
             }
             let mut tops = txn.open_table(TOPS).ctx("open tops")?;
             for t in &output.top {
@@ -184,7 +278,7 @@ impl Store {
             crate::fault::point("store.mid_commit");
             let mut journal = txn.open_table(JOURNAL).ctx("open journal")?;
             let mut meta = txn.open_table(META).ctx("open meta")?;
-            meta.insert("watermark", output.watermark.to_le_bytes().as_slice())
+            meta.insert("watermark", output.watermark.to_raw().to_le_bytes().as_slice())
                 .ctx("write watermark")?;
             let mut e = Encoder::default();
             output.counters.encode(&mut e);
@@ -195,23 +289,38 @@ impl Store {
                 e.bytes(f.as_bytes());
             }
             meta.insert("filters", e.buf.as_slice()).ctx("write filters")?;
-            match checkpoint {
-                Some(snapshot) => {
-                    self.write_checkpoint(seq, snapshot)?;
-                    meta.insert("checkpoint_seq", seq.to_le_bytes().as_slice())
-                        .ctx("write checkpoint seq")?;
-                    journal.retain(|k, _| k > seq).ctx("trim journal")?;
-                }
-                None => {
-                    journal
-                        .insert(seq, BatchRecord::encode(batch).as_slice())
-                        .ctx("write journal")?;
+            journal.insert(seq, BatchRecord::encode(batch).as_slice()).ctx("write journal")?;
+            if let Some(snapshot) = checkpoint {
+                self.write_checkpoint(seq, snapshot)?;
+                let previous = meta
+                    .get("checkpoint_seq")
+                    .ctx("read checkpoint seq")?
+                    .map(|v| le_u64(v.value()));
+                meta.insert("checkpoint_seq", seq.to_le_bytes().as_slice())
+                    .ctx("write checkpoint seq")?;
+                match previous {
+                    Some(previous) => {
+                        meta.insert("previous_checkpoint_seq", previous.to_le_bytes().as_slice())
+                            .ctx("write checkpoint seq")?;
+                        // Keep what a fallback to the previous checkpoint replays.
+                        journal.retain(|k, _| k > previous).ctx("trim journal")?;
+                    }
+                    None => {
+                        meta.remove("previous_checkpoint_seq").ctx("write checkpoint seq")?;
+                    }
                 }
             }
         }
         txn.commit().ctx("commit")?;
+        if !new_hours.is_empty() {
+            let mut written = self.ad_hours_written.lock().expect("not poisoned");
+            if written.len() + new_hours.len() > AD_HOURS_REMEMBERED {
+                written.clear();
+            }
+            written.extend(new_hours);
+        }
         if checkpoint.is_some() {
-            self.remove_checkpoints_except(seq);
+            self.remove_old_checkpoints()?;
         }
         Ok(())
     }
@@ -234,31 +343,50 @@ impl Store {
             .map_err(io("sync checkpoint directory"))
     }
 
-    fn remove_checkpoints_except(&self, keep: u64) {
-        let Ok(entries) = std::fs::read_dir(&self.checkpoints) else { return };
+    /// The committed checkpoints, newest first.
+    fn checkpoint_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        let txn = self.db.begin_read().ctx("begin read")?;
+        let meta = txn.open_table(META).ctx("open meta")?;
+        let mut seqs = Vec::new();
+        for key in ["checkpoint_seq", "previous_checkpoint_seq"] {
+            if let Some(v) = meta.get(key).ctx("read checkpoint seq")? {
+                seqs.push(le_u64(v.value()));
+            }
+        }
+        Ok(seqs)
+    }
+
+    /// Removes every checkpoint file the store no longer names (older ones, and orphans of a
+    /// crash before their commit).
+    fn remove_old_checkpoints(&self) -> Result<(), StoreError> {
+        let keep: Vec<PathBuf> =
+            self.checkpoint_seqs()?.into_iter().map(|s| self.checkpoint_path(s)).collect();
+        let Ok(entries) = std::fs::read_dir(&self.checkpoints) else { return Ok(()) };
         for e in entries.flatten() {
-            if e.path() != self.checkpoint_path(keep) {
+            if !keep.contains(&e.path()) {
                 if let Err(err) = std::fs::remove_file(e.path()) {
                     tracing::warn!(path = %e.path().display(), "removing an old checkpoint: {err}");
                 }
             }
         }
+        Ok(())
     }
 
     pub fn recovery(&self) -> Result<Recovery, StoreError> {
+        let seqs = self.checkpoint_seqs()?;
+        let checkpoints = seqs
+            .iter()
+            .map(|&seq| {
+                let path = self.checkpoint_path(seq);
+                (seq, std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display())))
+            })
+            .collect();
         let txn = self.db.begin_read().ctx("begin read")?;
         let meta = txn.open_table(META).ctx("open meta")?;
-        let checkpoint_seq =
-            meta.get("checkpoint_seq").ctx("read checkpoint seq")?.map(|v| le_u64(v.value()));
-        let checkpoint = match checkpoint_seq {
-            None => None,
-            Some(seq) => {
-                Some(std::fs::read(self.checkpoint_path(seq)).map_err(|e| StoreError {
-                    what: "reading the committed checkpoint file",
-                    source: redb::Error::Io(e),
-                })?)
-            }
-        };
+        let watermark = meta
+            .get("watermark")
+            .ctx("read watermark")?
+            .map_or(Watermark::NONE, |v| Watermark::from_raw(le_u64(v.value()) as i64));
         let filters = meta.get("filters").ctx("read filters")?.and_then(|v| {
             let mut d = Decoder::raw(v.value());
             (0..d.count().ok()?).map(|_| d.str().ok().map(str::to_owned)).collect()
@@ -274,9 +402,9 @@ impl Store {
             journal.push((k.value(), record));
         }
         let next_seq =
-            journal.last().map(|(s, _)| s + 1).or(checkpoint_seq.map(|s| s + 1)).unwrap_or(0);
+            journal.last().map(|(s, _)| s + 1).or(seqs.first().map(|s| s + 1)).unwrap_or(0);
         let offsets = self.offsets()?;
-        Ok(Recovery { checkpoint, journal, next_seq, offsets, filters })
+        Ok(Recovery { checkpoints, journal, next_seq, offsets, filters, watermark })
     }
 
     pub fn offsets(&self) -> Result<Vec<(PartitionId, Offset)>, StoreError> {
@@ -290,14 +418,10 @@ impl Store {
         Ok(out)
     }
 
-    /// The committed watermark (`i64::MIN` before any).
-    pub fn watermark(&self) -> Result<i64, StoreError> {
+    /// The committed watermark.
+    pub fn watermark(&self) -> Result<Watermark, StoreError> {
         let txn = self.db.begin_read().ctx("begin read")?;
-        let meta = txn.open_table(META).ctx("open meta")?;
-        Ok(meta
-            .get("watermark")
-            .ctx("read watermark")?
-            .map_or(i64::MIN, |v| le_u64(v.value()) as i64))
+        read_watermark(&txn)
     }
 
     pub fn counters(&self) -> Result<Counters, StoreError> {
@@ -310,33 +434,67 @@ impl Store {
             .unwrap_or_default())
     }
 
-    /// Per-minute counts of one ad and slot over `[from, to)`, only minutes with clicks: one
-    /// point lookup per minute, within the minutes the store holds at all.
+    /// Per-minute counts of one ad and slot over `[from, to)`, only minutes with clicks, and
+    /// the watermark, from one read transaction (so `final` matches the counts). Reads only the
+    /// hours in which the ad has counts: at most 60 point lookups per such hour, whatever the
+    /// calendar span.
     pub fn series(
         &self,
         ad: &str,
         slot: Slot,
         from: Minute,
         to: Minute,
-    ) -> Result<Vec<(Minute, u64)>, StoreError> {
+    ) -> Result<(Vec<(Minute, u64)>, Watermark), StoreError> {
         let txn = self.db.begin_read().ctx("begin read")?;
+        let watermark = read_watermark(&txn)?;
         let t = txn.open_table(COUNTS).ctx("open counts")?;
-        let (Some(first), Some(last)) =
-            (t.first().ctx("read counts")?, t.last().ctx("read counts")?)
-        else {
-            return Ok(Vec::new());
-        };
-        let (first, last) = (first.0.value().0, last.0.value().0);
+        let hours = txn.open_table(AD_HOURS).ctx("open ad_hours")?;
         let mut out = Vec::new();
-        for minute in from.0.max(first)..to.0.min(last + 1) {
-            if let Some(v) = t.get((minute, ad)).ctx("read count")? {
-                let c = slot_value(v.value(), slot);
-                if c > 0 {
-                    out.push((Minute(minute), c));
+        let last_hour = hour_of(to.0 - 1);
+        for item in hours.range((ad, hour_of(from.0))..=(ad, last_hour)).ctx("scan ad hours")? {
+            let (k, _) = item.ctx("read ad hour")?;
+            let hour = k.value().1;
+            for minute in (hour * 60).max(from.0)..(hour * 60 + 60).min(to.0) {
+                if let Some(v) = t.get((minute, ad)).ctx("read count")? {
+                    let c = slot_value(v.value(), slot);
+                    if c > 0 {
+                        out.push((Minute(minute), c));
+                    }
                 }
             }
         }
-        Ok(out)
+        Ok((out, watermark))
+    }
+
+    /// The `k` ads with the most clicks of `slot` over `[from, to)`, summed from the stored
+    /// counts, with the watermark of the same read: for windows older than the in-memory index
+    /// holds. Costs one pass over the rows of those minutes.
+    pub fn popular(
+        &self,
+        slot: Slot,
+        from: Minute,
+        to: Minute,
+        k: usize,
+    ) -> Result<(Vec<Ranked>, Watermark), StoreError> {
+        let txn = self.db.begin_read().ctx("begin read")?;
+        let watermark = read_watermark(&txn)?;
+        let t = txn.open_table(COUNTS).ctx("open counts")?;
+        let mut sums: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        for item in t.range((from.0, "")..(to.0, "")).ctx("scan counts")? {
+            let (key, v) = item.ctx("read count")?;
+            let c = slot_value(v.value(), slot);
+            if c > 0 {
+                let ad = key.value().1;
+                match sums.get_mut(ad) {
+                    Some(s) => *s += c,
+                    None => {
+                        sums.insert(ad.to_owned(), c);
+                    }
+                }
+            }
+        }
+        let ranked = sums.into_iter().map(|(a, c)| (AdId::new(&a), c)).collect();
+        Ok((crate::rank::top(ranked, k), watermark))
     }
 
     /// Every stored count at or after `since`, for rebuilding in-memory indexes at start: a
@@ -368,6 +526,63 @@ impl Store {
             (0..d.count().ok()?).map(|_| Some((AdId::new(d.str().ok()?), d.u().ok()?))).collect()
         }))
     }
+}
+
+/// Why a data directory refuses the configured settings.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{}", describe_changes(.0))]
+    Changed(Vec<(String, String, String)>),
+    #[error("the recorded settings are unreadable: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn describe_changes(changes: &[(String, String, String)]) -> String {
+    let list: Vec<String> = changes
+        .iter()
+        .map(|(k, old, new)| {
+            format!("{k}: the data was aggregated with {old}, the config has {new}")
+        })
+        .collect();
+    format!(
+        "settings that change results differ from those this data directory was aggregated with:\n  {}\n\
+         Counts already stored would mix two definitions. Use the recorded values, or start a new \
+         data_dir with the new ones (and send the raw clicks again, or recalculate once that exists).",
+        list.join("\n  ")
+    )
+}
+
+/// (key, old, new) for every key whose value differs, is missing or is new.
+fn diff_settings(
+    old: &[(String, String)],
+    new: &[(String, String)],
+) -> Vec<(String, String, String)> {
+    let get = |list: &[(String, String)], k: &str| {
+        list.iter().find(|(key, _)| key == k).map_or("(none)".to_string(), |(_, v)| v.clone())
+    };
+    let mut keys: Vec<&String> = old.iter().chain(new).map(|(k, _)| k).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (a, b) = (get(old, k), get(new, k));
+            (a != b).then(|| (k.clone(), a, b))
+        })
+        .collect()
+}
+
+fn hour_of(minute: i64) -> i64 {
+    minute.div_euclid(60)
+}
+
+fn read_watermark(txn: &redb::ReadTransaction) -> Result<Watermark, StoreError> {
+    let meta = txn.open_table(META).ctx("open meta")?;
+    Ok(meta
+        .get("watermark")
+        .ctx("read watermark")?
+        .map_or(Watermark::NONE, |v| Watermark::from_raw(le_u64(v.value()) as i64)))
 }
 
 fn slot_value(row: &[u8], slot: Slot) -> u64 {
@@ -413,20 +628,34 @@ mod tests {
             .collect();
         let out = engine.process(EventTime(0), &records);
         assert!(!out.top.is_empty(), "minute 1 is final in this batch");
-        let batch = BatchRecord { wall: 0, ranges: vec![(PartitionId(0), Offset(0), Offset(6))] };
+        let batch = BatchRecord {
+            wall: 0,
+            ranges: vec![(PartitionId(0), Offset(0), Offset(6))],
+            assign: vec![PartitionId(0)],
+        };
         store.commit(0, &batch, &out, &[], None).unwrap();
 
+        let w = Watermark::at(185_000);
         assert_eq!(
             store.series("ad-0", Slot::Total, Minute(0), Minute(10)).unwrap(),
-            vec![(Minute(1), 3)]
+            (vec![(Minute(1), 3)], w)
         );
-        assert_eq!(store.series("ad-1", Slot::Total, Minute(2), Minute(10)).unwrap(), vec![]);
+        assert_eq!(store.series("ad-1", Slot::Total, Minute(2), Minute(10)).unwrap(), (vec![], w));
+        // A 10,000-year range reads only the hours that hold the ad.
+        assert_eq!(
+            store.series("x", Slot::Total, Minute(-5_000_000_000), Minute(5_000_000_000)).unwrap(),
+            (vec![(Minute(3), 1)], w)
+        );
+        assert_eq!(
+            store.popular(Slot::Total, Minute(0), Minute(10), 2).unwrap(),
+            (vec![(AdId::new("ad-0"), 3), (AdId::new("ad-1"), 2)], w)
+        );
         assert_eq!(
             store.top(Minute(1), Slot::Total).unwrap(),
             Some(vec![(AdId::new("ad-0"), 3), (AdId::new("ad-1"), 2)])
         );
         assert_eq!(store.offsets().unwrap(), vec![(PartitionId(0), Offset(6))]);
-        assert_eq!(store.watermark().unwrap(), 185_000);
+        assert_eq!(store.watermark().unwrap(), w);
         assert_eq!(store.counters().unwrap().counted, 6);
         let mut seen = Vec::new();
         store
@@ -434,40 +663,64 @@ mod tests {
             .unwrap();
         assert_eq!(seen, vec![(Minute(3), "x".to_string(), vec![1])]);
         let rec = store.recovery().unwrap();
-        assert_eq!((rec.journal.len(), rec.next_seq, rec.checkpoint.is_some()), (1, 1, false));
+        assert_eq!((rec.journal.len(), rec.next_seq, rec.checkpoints.len()), (1, 1, 0));
+        assert_eq!(rec.journal[0].1, batch);
 
         let snapshot = engine.snapshot();
-        store
-            .commit(
-                1,
-                &BatchRecord::default(),
-                &engine.process(EventTime(0), &[]),
-                &[],
-                Some(&snapshot),
-            )
-            .unwrap();
+        let empty = |e: &mut Engine| e.process(EventTime(0), &[]);
+        let nothing = BatchRecord::default();
+        store.commit(1, &nothing, &empty(&mut engine), &[], Some(&snapshot)).unwrap();
         let rec = store.recovery().unwrap();
-        assert_eq!((rec.journal.len(), rec.next_seq), (0, 2), "the checkpoint covers the journal");
-        assert_eq!(rec.checkpoint.as_deref(), Some(snapshot.as_slice()));
-        // A later checkpoint replaces the file; an orphan from a crash before commit goes too.
+        assert_eq!(rec.next_seq, 2);
+        assert_eq!(rec.journal.len(), 2, "no previous checkpoint: the journal stays whole");
+        assert_eq!(rec.checkpoints, vec![(1, Ok(snapshot.clone()))]);
+        // A second checkpoint keeps the first (and the journal after it) for a fallback; a
+        // third drops the first. An orphan from a crash before its commit goes too.
         std::fs::write(dir.path().join("checkpoints").join(format!("{:020}.snap", 9)), b"orphan")
             .unwrap();
-        store
-            .commit(
-                2,
-                &BatchRecord::default(),
-                &engine.process(EventTime(0), &[]),
-                &[],
-                Some(&snapshot),
-            )
-            .unwrap();
-        let files: Vec<_> = std::fs::read_dir(dir.path().join("checkpoints"))
+        store.commit(2, &nothing, &empty(&mut engine), &[], Some(b"second")).unwrap();
+        store.commit(3, &nothing, &empty(&mut engine), &[], None).unwrap();
+        let rec = store.recovery().unwrap();
+        assert_eq!(rec.checkpoints, vec![(2, Ok(b"second".to_vec())), (1, Ok(snapshot.clone()))]);
+        assert_eq!(rec.journal.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2, 3]);
+        store.commit(4, &nothing, &empty(&mut engine), &[], Some(b"third")).unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(dir.path().join("checkpoints"))
             .unwrap()
             .flatten()
-            .map(|e| e.file_name())
+            .map(|e| e.file_name().into_string().unwrap())
             .collect();
-        assert_eq!(files, vec![std::ffi::OsString::from(format!("{:020}.snap", 2))]);
-        assert_eq!(store.recovery().unwrap().checkpoint.as_deref(), Some(snapshot.as_slice()));
+        files.sort();
+        assert_eq!(files, vec![format!("{:020}.snap", 2), format!("{:020}.snap", 4)]);
+        std::fs::remove_file(dir.path().join("checkpoints").join(format!("{:020}.snap", 4)))
+            .unwrap();
+        let rec = store.recovery().unwrap();
+        assert!(rec.checkpoints[0].1.is_err(), "a missing newest checkpoint is reported");
+        assert_eq!(rec.checkpoints[1], (2, Ok(b"second".to_vec())));
+        assert_eq!(rec.journal.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![3, 4]);
+    }
+
+    #[test]
+    fn changed_settings_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let kv = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let first = kv(&[("partitions", "4"), ("watermark_delay", "15s"), ("filters.us", "a")]);
+        store.check_settings(&first).unwrap();
+        store.check_settings(&first).unwrap();
+        let changed = kv(&[("partitions", "8"), ("watermark_delay", "15s"), ("filters.eu", "b")]);
+        let err = store.check_settings(&changed).unwrap_err().to_string();
+        assert!(
+            err.contains("partitions: the data was aggregated with 4, the config has 8"),
+            "{err}"
+        );
+        assert!(err.contains("filters.us: the data was aggregated with a, the config has (none)"));
+        assert!(err.contains("filters.eu: the data was aggregated with (none), the config has b"));
+        assert!(!err.contains("watermark_delay"), "{err}");
+        drop(store);
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        assert!(store.check_settings(&changed).is_err(), "recorded durably");
     }
 
     #[test]
@@ -478,6 +731,7 @@ mod tests {
                 (PartitionId(3), Offset(10), Offset(20)),
                 (PartitionId(0), Offset(0), Offset(1)),
             ],
+            assign: vec![PartitionId(0), PartitionId(7)],
         };
         assert_eq!(BatchRecord::decode(&b.encode()), Some(b));
         assert_eq!(BatchRecord::decode(&[1, 2, 3]), None);

@@ -9,11 +9,13 @@ use std::sync::Arc;
 
 use hashbrown::HashTable;
 
-use crate::event::{parse_line, route_hash, AdId, Click, EventTime, Identity, Minute, Validation};
+use crate::event::{
+    parse_line, route_hash, shard_of, AdId, Click, EventTime, Identity, Minute, Validation,
+};
 use crate::filter::{FilterMask, Filters};
 
 use super::snapshot::{Decoder, Encoder, SnapshotError};
-use super::watermark::Watermarks;
+use super::watermark::{Watermark, Watermarks};
 use super::{Counters, EngineConfig, Offset, PartitionId, Payload, Record, Rejected};
 
 /// One (ad, minute, filter mask) of a batch.
@@ -41,13 +43,13 @@ pub struct ShardBatch {
     pub(crate) groups: Vec<Group>,
     pub(crate) events: Vec<ShardEvent>,
     /// The watermark after the whole batch.
-    pub(crate) watermark: i64,
+    pub(crate) watermark: Watermark,
 }
 
 /// What the map stage hands the reducer directly.
 #[derive(Clone, Debug, Default)]
 pub struct MapMeta {
-    pub(crate) watermark: i64,
+    pub(crate) watermark: Watermark,
     pub(crate) offsets: Vec<(PartitionId, Offset)>,
     pub(crate) rejected: Vec<Rejected>,
     pub(crate) counters: Counters,
@@ -85,17 +87,17 @@ impl Mapper {
         }
     }
 
-    pub fn watermark(&self) -> i64 {
+    pub fn watermark(&self) -> Watermark {
         self.watermarks.current()
+    }
+
+    /// See [`Watermarks::assign`].
+    pub fn assign(&mut self, partitions: &[PartitionId], wall: EventTime) {
+        self.watermarks.assign(partitions, wall);
     }
 
     pub fn offsets(&self) -> Vec<(PartitionId, Offset)> {
         self.watermarks.offsets()
-    }
-
-    /// The shard that owns an ad: high bits of its routing hash (log partitions use the low bits).
-    pub fn shard_of(ad_hash: u64, shards: usize) -> usize {
-        (((ad_hash >> 32) * shards as u64) >> 32) as usize
     }
 
     pub fn map(&mut self, wall: EventTime, records: &[Record<'_>]) -> Mapped {
@@ -105,7 +107,7 @@ impl Mapper {
             .map(|_| ShardBatch {
                 groups: Vec::with_capacity(per_shard / 2),
                 events: Vec::with_capacity(per_shard),
-                watermark: 0,
+                watermark: Watermark::NONE,
             })
             .collect();
         let mut rejected = Vec::new();
@@ -156,16 +158,15 @@ impl Mapper {
     ) {
         self.counters.valid += 1;
         let minute = click.time.minute();
-        let end = minute.end().0;
         let w = self.watermarks.current();
         self.watermarks.observe(partition, click.time, wall);
-        if w.saturating_sub(end) > self.config.allowed_lateness_ms {
+        if w.is_too_late(minute, self.config.allowed_lateness_ms) {
             self.counters.too_late += 1;
             return;
         }
         let mask = self.filters.matches(click);
         let ad_hash = route_hash(&click.ad_id);
-        let shard = Self::shard_of(ad_hash, batches.len());
+        let shard = shard_of(ad_hash, batches.len());
         let key = group_key(ad_hash, minute, mask);
         let batch = &mut batches[shard];
         let found = self.groups.find(key, |&(k, s, g)| {
@@ -185,10 +186,10 @@ impl Mapper {
             }
         };
         batch.events.push(ShardEvent {
-            identity: click.identity(),
+            identity: click.identity_with(&self.config.identity_key),
             time: click.time.0,
             group,
-            late: w >= end,
+            late: w.is_final(minute),
         });
     }
 

@@ -53,8 +53,9 @@ pub use map::{Mapper, ShardBatch};
 pub use reduce::Reducer;
 pub use shard::{Shard, ShardOutput};
 pub use snapshot::SnapshotError;
+pub use watermark::Watermark;
 
-use crate::event::{AdId, Click, EventTime, Invalid, InvalidKind, Minute, MINUTE_MS};
+use crate::event::{AdId, Click, EventTime, IdentityKey, Invalid, InvalidKind, Minute, MINUTE_MS};
 use crate::filter::Filters;
 use crate::rank::Ranked;
 
@@ -105,6 +106,8 @@ pub struct EngineConfig {
     /// them up front (growing it while full of entries costs ~14% of throughput while it fills).
     /// Beyond it the table grows as needed.
     pub dedup_capacity: usize,
+    /// Keys the identity hashes dedup compares (crafted collisions need it).
+    pub identity_key: IdentityKey,
 }
 
 impl Default for EngineConfig {
@@ -118,6 +121,7 @@ impl Default for EngineConfig {
             top_n: 100,
             shards: 1,
             dedup_capacity: 1 << 20,
+            identity_key: IdentityKey::default(),
         }
     }
 }
@@ -315,9 +319,8 @@ pub struct TopUpdate {
 pub struct Output {
     pub counts: CountUpdates,
     pub top: Vec<TopUpdate>,
-    /// The watermark after the batch, ms (`i64::MIN` before the first advance). Minutes whose end
-    /// is at or below it are final.
-    pub watermark: i64,
+    /// The watermark after the batch; see [`Watermark::is_final`].
+    pub watermark: Watermark,
     /// Per partition seen so far, the offset below which every record is reflected.
     pub offsets: Vec<(PartitionId, Offset)>,
     pub rejected: Vec<Rejected>,
@@ -362,8 +365,16 @@ impl Engine {
         self.reducer.reduce(meta, outputs)
     }
 
-    pub fn watermark(&self) -> i64 {
+    pub fn watermark(&self) -> Watermark {
         self.mapper.watermark()
+    }
+
+    /// Declares the source partitions this engine owns, at wall time `wall` (start, or a
+    /// rebalance): each holds the watermark back until it delivers or idles (SPEC §2). A caller
+    /// that replays must give the same assignment at the same point (the embedded service
+    /// journals it).
+    pub fn assign(&mut self, partitions: &[PartitionId], wall: EventTime) {
+        self.mapper.assign(partitions, wall);
     }
 
     pub fn offsets(&self) -> Vec<(PartitionId, Offset)> {

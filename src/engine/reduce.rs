@@ -12,7 +12,7 @@ use crate::rank::{self, Ranked};
 
 use super::map::MapMeta;
 use super::shard::{MinuteTops, ShardOutput};
-use super::{CountUpdates, EngineConfig, Output, Slot, TopUpdate};
+use super::{CountUpdates, EngineConfig, Output, Slot, TopUpdate, Watermark};
 
 pub struct Reducer {
     shards: usize,
@@ -84,9 +84,9 @@ impl Reducer {
         }
     }
 
-    fn evict(&mut self, watermark: i64) {
+    fn evict(&mut self, watermark: Watermark) {
         while let Some(entry) = self.minutes.first_entry() {
-            if watermark.saturating_sub(entry.key().end().0) <= self.lateness_ms {
+            if !watermark.is_too_late(*entry.key(), self.lateness_ms) {
                 break;
             }
             entry.remove();
@@ -94,7 +94,7 @@ impl Reducer {
     }
 
     /// Rebuilds the state from the shards' final tops after a restore.
-    pub fn restore(&mut self, watermark: i64, tops: Vec<Vec<MinuteTops>>) {
+    pub fn restore(&mut self, watermark: Watermark, tops: Vec<Vec<MinuteTops>>) {
         for (k, t) in tops.into_iter().enumerate() {
             self.accept(k, t);
         }

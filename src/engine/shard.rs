@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use hashbrown::HashTable;
 
-use crate::event::{AdId, Minute, MINUTE_MS};
+use crate::event::{AdId, Minute};
 use crate::rank::{self, Ranked};
 
 use super::dedup::Dedup;
@@ -166,7 +166,7 @@ impl Shard {
             }
         }
         for (&minute, w) in &mut self.windows {
-            if minute.end().0 > watermark {
+            if !watermark.is_final(minute) {
                 break;
             }
             if !w.is_final {
@@ -177,12 +177,14 @@ impl Shard {
         }
         out.tops.sort_by_key(|(m, _)| *m);
         while let Some(entry) = self.windows.first_entry() {
-            if watermark.saturating_sub(entry.key().end().0) <= self.lateness_ms {
+            if !watermark.is_too_late(*entry.key(), self.lateness_ms) {
                 break;
             }
             entry.remove();
         }
-        self.dedup.expire(watermark.saturating_sub(self.lateness_ms).saturating_sub(MINUTE_MS));
+        if let Some(oldest) = watermark.oldest_countable(self.lateness_ms) {
+            self.dedup.expire(oldest);
+        }
         out.counters = self.counters.clone();
         out
     }

@@ -15,6 +15,7 @@ fn config() -> EngineConfig {
         top_n: 2,
         shards: 2,
         dedup_capacity: 0,
+        identity_key: Default::default(),
     }
 }
 
@@ -58,13 +59,13 @@ fn final_exactly_when_the_watermark_reaches_the_end() {
     f.send(0, 0, &[click("a", 10_000, "1")]);
     // Watermark 59_999: minute 0 is still open.
     let o = f.send(0, 0, &[click("b", 64_999, "2")]);
-    assert_eq!(o.watermark, 59_999);
+    assert_eq!(o.watermark, Watermark::at(59_999));
     assert!(o.top.is_empty());
     let o = f.send(0, 0, &[click("a", 20_000, "3")]);
     assert_eq!(o.counters.late_corrected, 0);
     // Watermark 60_000: minute 0 is final, its top-N emitted once.
     let o = f.send(0, 0, &[click("b", 65_000, "4")]);
-    assert_eq!(o.watermark, 60_000);
+    assert_eq!(o.watermark, Watermark::at(60_000));
     assert_eq!(o.top.len(), 1);
     assert_eq!(o.top[0].minute, Minute(0));
     assert_eq!(o.top[0].ads, vec![(AdId::new("a"), 2)]);
@@ -114,16 +115,16 @@ fn idle_partitions_stop_holding_the_watermark() {
     let mut f = Feed::new();
     f.send(0, 1_000_000, &[click("a", 100_000, "1")]);
     f.send(1, 1_010_000, &[click("b", 300_000, "2")]);
-    assert_eq!(f.engine.watermark(), 95_000, "the minimum over partitions");
+    assert_eq!(f.engine.watermark(), Watermark::at(95_000), "the minimum over partitions");
     // Partition 0 has been quiet for the idle timeout: only partition 1 holds the watermark.
     let o = f.send(1, 1_020_000, &[]);
-    assert_eq!(o.watermark, 295_000);
+    assert_eq!(o.watermark, Watermark::at(295_000));
     // Every partition idle: the watermark follows the wall clock.
     let o = f.send(1, 1_030_000, &[]);
-    assert_eq!(o.watermark, 1_025_000);
+    assert_eq!(o.watermark, Watermark::at(1_025_000));
     // And never goes back, even when a partition wakes up behind it.
     let o = f.send(0, 1_030_001, &[click("a", 1_000_000, "3")]);
-    assert_eq!(o.watermark, 1_025_001);
+    assert_eq!(o.watermark, Watermark::at(1_025_001));
     assert_eq!((o.counters.too_late, o.counters.late_corrected), (0, 1), "within the lateness");
 }
 
@@ -131,11 +132,11 @@ fn idle_partitions_stop_holding_the_watermark() {
 fn the_wall_clock_moves_nothing_before_the_first_event() {
     let mut f = Feed::new();
     let o = f.send(0, 600_000, &[]);
-    assert_eq!(o.watermark, i64::MIN);
+    assert_eq!(o.watermark, Watermark::NONE);
     let o = f.send(0, 700_000, &["{bad".into()]);
-    assert_eq!(o.watermark, i64::MIN, "an invalid line is no event time");
+    assert_eq!(o.watermark, Watermark::NONE, "an invalid line is no event time");
     let o = f.send(0, 800_000, &[click("a", 0, "1")]);
-    assert_eq!(o.watermark, -5_000);
+    assert_eq!(o.watermark, Watermark::at(-5_000));
     assert_eq!(o.counters.counted, 1, "history sent to a fresh engine is counted");
 }
 

@@ -1,28 +1,108 @@
-//! Event-time watermarks (SPEC §2): per source partition the largest event time seen minus
-//! `watermark_delay`; the engine's watermark is the minimum over the partitions that are not idle,
-//! and it advances with the wall clock when every partition is idle. It never moves backwards.
+//! Event-time watermarks (SPEC §2).
 //!
-//! Wall-clock input arrives only through [`Watermarks::tick`], once per batch with the batch's
-//! wall time, so replaying the same batches with the same wall times makes the same decisions.
+//! [`Watermark`] is the one finality rule: a minute is final once the watermark has reached its
+//! end, and too late once the watermark is more than `allowed_lateness` past its end.
+//!
+//! [`Watermarks`] computes it. Per source partition: the largest event time seen minus
+//! `watermark_delay`. The engine's watermark is the minimum over the partitions it owns that are
+//! not idle; an owned partition that has delivered nothing yet holds it back entirely (at "none")
+//! until it delivers or has been quiet for `idle_timeout` since it was assigned. When every
+//! partition is idle, the watermark advances to the later of the wall clock and the latest event
+//! time seen, both minus `watermark_delay` (so a lone future-stamped click cannot make the
+//! value depend on when the wall clock was sampled). Before any partition has delivered, it waits
+//! for data: a fresh engine fed history counts it. It never moves backwards.
+//!
+//! **Replay.** Wall-clock input arrives only through [`Watermarks::assign`] and
+//! [`Watermarks::tick`] (once per batch, with the batch's wall time). Between two batches that
+//! bring records, the value a tick computes is a non-decreasing function of the wall time (the
+//! set of non-idle partitions only shrinks, and the all-idle value is at least every
+//! partition's), and the wall time used is clamped to be non-decreasing. So ticks that were
+//! never committed cannot change what a replay of the committed batches computes: the
+//! decision is path-independent, not only replayable.
+//!
 //! The partition table also keeps each partition's next offset, the resume point.
 
 use std::collections::HashMap;
 
-use crate::event::EventTime;
+use crate::event::{EventTime, Minute, MINUTE_MS};
 
 use super::snapshot::{Decoder, Encoder, SnapshotError};
 use super::{Offset, PartitionId};
+
+/// The event-time watermark: `None` until something advanced it. Ordered, `None` lowest.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct Watermark(Option<i64>);
+
+impl Watermark {
+    pub const NONE: Watermark = Watermark(None);
+
+    pub fn at(ms: i64) -> Watermark {
+        Watermark(Some(ms))
+    }
+
+    /// The watermark in ms, if any.
+    pub fn ms(self) -> Option<i64> {
+        self.0
+    }
+
+    /// A minute is final once the watermark has reached its end.
+    pub fn is_final(self, minute: Minute) -> bool {
+        self.0.is_some_and(|w| w >= minute.end().0)
+    }
+
+    /// Every minute before `to` is final.
+    pub fn all_final_before(self, to: Minute) -> bool {
+        self.0.is_some_and(|w| w >= to.start().0)
+    }
+
+    /// A click of `minute` can no longer be counted: the watermark is more than `lateness_ms`
+    /// past the minute's end.
+    pub fn is_too_late(self, minute: Minute, lateness_ms: i64) -> bool {
+        self.0.is_some_and(|w| w.saturating_sub(minute.end().0) > lateness_ms)
+    }
+
+    /// The start of the oldest minute whose clicks can still be counted (see
+    /// [`Self::is_too_late`]); `None` while everything can be.
+    pub fn oldest_countable(self, lateness_ms: i64) -> Option<i64> {
+        self.0.map(|w| {
+            // The first minute m with w - end(m) <= lateness, i.e. end(m) >= w - lateness.
+            let bound = w.saturating_sub(lateness_ms);
+            let ceil = bound.div_euclid(MINUTE_MS) + i64::from(bound.rem_euclid(MINUTE_MS) != 0);
+            Minute(ceil - 1).start().0
+        })
+    }
+
+    /// For atomics and the store: `i64::MIN` stands for none.
+    pub fn to_raw(self) -> i64 {
+        self.0.unwrap_or(i64::MIN)
+    }
+
+    pub fn from_raw(v: i64) -> Watermark {
+        Watermark((v != i64::MIN).then_some(v))
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Partition {
     id: PartitionId,
     /// Largest event time seen; `None` before the first valid event.
     max_time: Option<i64>,
-    /// Wall time of the last batch that brought this partition a valid event.
+    /// Wall time of the last batch that brought this partition a valid event, or of its
+    /// assignment, whichever is later.
     last_active_wall: i64,
     idle: bool,
     /// Every record below this offset is reflected in the state.
     next_offset: Offset,
+}
+
+/// What the non-idle partitions say.
+enum Active {
+    /// Some non-idle partition has delivered nothing: the watermark stays where it is.
+    Hold,
+    /// The minimum of the non-idle partitions' (max time − delay).
+    At(i64),
+    /// Every partition is idle.
+    AllIdle,
 }
 
 /// The watermark state of one engine.
@@ -32,8 +112,9 @@ pub struct Watermarks {
     idle_timeout_ms: i64,
     parts: Vec<Partition>,
     index: HashMap<PartitionId, usize>,
-    /// The watermark in ms; `i64::MIN` until the first advance.
-    current: i64,
+    current: Watermark,
+    /// The latest wall time given; earlier ones are raised to it (clocks can step back).
+    wall: i64,
     /// The last partition looked up: records come in runs of one partition.
     last: Option<(PartitionId, usize)>,
 }
@@ -45,36 +126,69 @@ impl Watermarks {
             idle_timeout_ms,
             parts: Vec::new(),
             index: HashMap::new(),
-            current: i64::MIN,
+            current: Watermark::NONE,
+            wall: i64::MIN,
             last: None,
         }
     }
 
-    /// The watermark, in ms (`i64::MIN` when nothing has advanced it yet).
-    pub fn current(&self) -> i64 {
+    pub fn current(&self) -> Watermark {
         self.current
+    }
+
+    fn clamp_wall(&mut self, wall: EventTime) -> i64 {
+        self.wall = self.wall.max(wall.0);
+        self.wall
+    }
+
+    /// Takes ownership of `ids` at wall time `wall` (the aggregator's start, or a rebalance):
+    /// each holds the watermark back until it delivers or has been quiet for `idle_timeout`
+    /// from now. A partition that has delivered before starts a new quiet period too, so a
+    /// restart after downtime does not judge the backlog too late.
+    pub fn assign(&mut self, ids: &[PartitionId], wall: EventTime) {
+        let wall = self.clamp_wall(wall);
+        for &id in ids {
+            let i = self.slot(id);
+            let p = &mut self.parts[i];
+            p.last_active_wall = p.last_active_wall.max(wall);
+            p.idle = false;
+        }
     }
 
     /// Applies the idle rule at the start of a batch stamped with wall time `wall`.
     pub fn tick(&mut self, wall: EventTime) {
+        let wall = self.clamp_wall(wall);
         for p in &mut self.parts {
-            p.idle = wall.0.saturating_sub(p.last_active_wall) >= self.idle_timeout_ms;
+            p.idle = wall.saturating_sub(p.last_active_wall) >= self.idle_timeout_ms;
         }
-        // With no event seen yet there is no quiet period to end: the watermark waits for data.
-        if self.parts.iter().all(|p| p.max_time.is_none()) {
-            return;
+        match self.active() {
+            Active::Hold => {}
+            Active::At(t) => self.advance(t),
+            Active::AllIdle => {
+                // With no event seen yet there is no quiet period to end: wait for data.
+                if let Some(latest) = self.parts.iter().filter_map(|p| p.max_time).max() {
+                    self.advance(wall.max(latest).saturating_sub(self.delay_ms));
+                }
+            }
         }
-        let active = self.active_min();
-        self.current = self.current.max(active.unwrap_or(wall.0.saturating_sub(self.delay_ms)));
     }
 
-    fn active_min(&self) -> Option<i64> {
-        self.parts
-            .iter()
-            .filter(|p| !p.idle)
-            .filter_map(|p| p.max_time)
-            .min()
-            .map(|t| t - self.delay_ms)
+    fn advance(&mut self, t: i64) {
+        self.current = self.current.max(Watermark::at(t));
+    }
+
+    fn active(&self) -> Active {
+        let mut min: Option<i64> = None;
+        for p in self.parts.iter().filter(|p| !p.idle) {
+            match p.max_time {
+                None => return Active::Hold,
+                Some(t) => min = Some(min.map_or(t, |m| m.min(t))),
+            }
+        }
+        match min {
+            Some(t) => Active::At(t.saturating_sub(self.delay_ms)),
+            None => Active::AllIdle,
+        }
     }
 
     fn slot(&mut self, id: PartitionId) -> usize {
@@ -108,16 +222,17 @@ impl Watermarks {
         true
     }
 
-    /// Records a valid event of partition `id` at event time `t`.
+    /// Records a valid event of partition `id` at event time `t`, in a batch stamped `wall`.
     pub fn observe(&mut self, id: PartitionId, t: EventTime, wall: EventTime) {
+        let wall = self.wall.max(wall.0);
         let i = self.slot(id);
         let p = &mut self.parts[i];
-        p.last_active_wall = wall.0;
+        p.last_active_wall = wall;
         p.idle = false;
         if p.max_time.is_none_or(|m| t.0 > m) {
             p.max_time = Some(t.0);
-            if let Some(min) = self.active_min() {
-                self.current = self.current.max(min);
+            if let Active::At(min) = self.active() {
+                self.advance(min);
             }
         }
     }
@@ -126,15 +241,18 @@ impl Watermarks {
         self.index.get(&id).map(|&i| self.parts[i].next_offset)
     }
 
-    /// Every partition seen and its next offset, by partition id.
+    /// Every partition known and its next offset, by partition id.
     pub fn offsets(&self) -> Vec<(PartitionId, Offset)> {
         let mut v: Vec<_> = self.parts.iter().map(|p| (p.id, p.next_offset)).collect();
         v.sort();
         v
     }
 
+    /// Layout: watermark i (`i64::MIN` for none), wall i, partition count u, per partition: id
+    /// u, has-max bool, max i, last active wall i, idle bool, next offset u.
     pub fn encode(&self, e: &mut Encoder) {
-        e.i(self.current);
+        e.i(self.current.to_raw());
+        e.i(self.wall);
         e.u(self.parts.len() as u64);
         for p in &self.parts {
             e.u(p.id.0 as u64);
@@ -147,7 +265,8 @@ impl Watermarks {
     }
 
     pub fn decode(&mut self, d: &mut Decoder) -> Result<(), SnapshotError> {
-        self.current = d.i()?;
+        self.current = Watermark::from_raw(d.i()?);
+        self.wall = d.i()?;
         for _ in 0..d.count()? {
             let id = PartitionId(
                 u32::try_from(d.u()?).map_err(|_| SnapshotError::Corrupt("partition"))?,
@@ -162,5 +281,70 @@ impl Watermarks {
             p.next_offset = Offset(d.u()?);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finality_rules() {
+        let m = Minute(10); // [600_000, 660_000)
+        assert!(!Watermark::NONE.is_final(m));
+        assert!(!Watermark::at(659_999).is_final(m));
+        assert!(Watermark::at(660_000).is_final(m));
+        assert!(Watermark::at(660_000).all_final_before(Minute(11)));
+        assert!(!Watermark::at(659_999).all_final_before(Minute(11)));
+        assert!(!Watermark::at(660_000 + 5_000).is_too_late(m, 5_000));
+        assert!(Watermark::at(660_000 + 5_001).is_too_late(m, 5_000));
+        assert!(!Watermark::NONE.is_too_late(m, 0));
+        assert!(Watermark::NONE < Watermark::at(i64::MIN + 1));
+        assert_eq!(Watermark::from_raw(Watermark::NONE.to_raw()), Watermark::NONE);
+        // The oldest countable minute is exactly the first one not too late.
+        for w in [0, 59_999, 60_000, 660_000, -1, -60_001] {
+            for lateness in [0, 1, 60_000, 300_000] {
+                let wm = Watermark::at(w);
+                let oldest = Minute(wm.oldest_countable(lateness).unwrap().div_euclid(60_000));
+                assert!(!wm.is_too_late(oldest, lateness), "w {w} l {lateness}");
+                assert!(wm.is_too_late(Minute(oldest.0 - 1), lateness), "w {w} l {lateness}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_assigned_partition_holds_the_watermark_until_it_delivers_or_idles() {
+        let mut w = Watermarks::new(1_000, 30_000);
+        let (p0, p1) = (PartitionId(0), PartitionId(1));
+        w.assign(&[p0, p1], EventTime(1_000_000));
+        w.tick(EventTime(1_000_000));
+        w.observe(p0, EventTime(600_000), EventTime(1_000_000));
+        assert_eq!(w.current(), Watermark::NONE, "p1 has delivered nothing yet");
+        w.observe(p1, EventTime(120_000), EventTime(1_000_000));
+        assert_eq!(w.current(), Watermark::at(119_000));
+        // p1 goes quiet for idle_timeout: p0 alone decides.
+        w.tick(EventTime(1_010_000));
+        w.observe(p0, EventTime(700_000), EventTime(1_010_000));
+        w.tick(EventTime(1_030_000));
+        assert_eq!(w.current(), Watermark::at(699_000));
+        // Everything idle: the later of wall clock and latest event, minus the delay.
+        w.tick(EventTime(1_040_000));
+        assert_eq!(w.current(), Watermark::at(1_039_000));
+        // A clock stepping back changes nothing.
+        w.tick(EventTime(0));
+        assert_eq!(w.current(), Watermark::at(1_039_000));
+    }
+
+    #[test]
+    fn an_unassigned_never_delivering_partition_stops_holding_after_idle_timeout() {
+        let mut w = Watermarks::new(0, 30_000);
+        w.assign(&[PartitionId(0), PartitionId(1)], EventTime(0));
+        w.tick(EventTime(10));
+        w.observe(PartitionId(0), EventTime(5_000), EventTime(10));
+        assert_eq!(w.current(), Watermark::NONE);
+        w.tick(EventTime(29_999));
+        assert_eq!(w.current(), Watermark::NONE, "p1 is not idle before idle_timeout");
+        w.tick(EventTime(30_000));
+        assert_eq!(w.current(), Watermark::at(5_000), "p1 idle, p0 active (seen at wall 10)");
     }
 }

@@ -193,6 +193,17 @@ fn timestamps_accepted() {
     assert_eq!(c.time, EventTime(-1));
     assert_eq!(c.time.minute(), Minute(-1));
     assert_eq!(ok(r#"{"ad_id":"a","click_timestamp":1796000000000}"#).time.0, 1_796_000_000_000);
+    // SPEC §1: `-0` is 0, by both parsers (an escaped string sends the line to serde_json).
+    assert_eq!(ok(r#"{"ad_id":"a","click_timestamp":-0}"#).time, EventTime(0));
+    assert_eq!(ok(r#"{"ad_id":"\u0061","click_timestamp": -0 }"#).time, EventTime(0));
+    assert_eq!(
+        parse_line_serde_only(br#"{"ad_id":"a","click_timestamp":-0}"#, v()).unwrap().unwrap().time,
+        EventTime(0)
+    );
+    for not_integer in ["-0.0", "-0e0", "-0.0e1", "0.0"] {
+        let line = format!(r#"{{"ad_id":"a","click_timestamp":{not_integer}}}"#);
+        assert!(matches!(err(&line), Invalid::WrongType { .. }), "{line}");
+    }
 }
 
 #[test]
@@ -391,14 +402,9 @@ mod differential {
             br#" { "ad_id" : 1 , "click_timestamp" : 2 } "#,
             &mut RawClick::default()
         ));
-        for declined in [
-            &br#"{"ad_id":"a"b"}"#[..],
-            br#"{"a":1.5}"#,
-            br#"{"a":{}}"#,
-            br#"{"a":-0}"#,
-            br#"{"a":1}x"#,
-            b"[1]",
-        ] {
+        for declined in
+            [&br#"{"ad_id":"a"b"}"#[..], br#"{"a":1.5}"#, br#"{"a":{}}"#, br#"{"a":1}x"#, b"[1]"]
+        {
             assert!(
                 !fast::scan(declined, &mut RawClick::default()),
                 "{}",

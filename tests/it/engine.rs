@@ -44,6 +44,7 @@ fn small_config(shards: usize) -> EngineConfig {
         top_n: 5,
         shards,
         dedup_capacity: 1024,
+        identity_key: Default::default(),
     }
 }
 
@@ -51,6 +52,7 @@ fn small_config(shards: usize) -> EngineConfig {
 /// batch sizes, occasional idle gaps and re-sent (already consumed) records.
 fn workload(seed: u64, events: usize, parts: u32) -> Vec<Batch> {
     let mut rng = SmallRng::seed_from_u64(seed ^ 0xabcdef);
+    let assigned = seed % 2 == 1;
     let mut generator = Generator::new(GenConfig {
         seed,
         ads: 40,
@@ -113,17 +115,24 @@ fn workload(seed: u64, events: usize, parts: u32) -> Vec<Batch> {
         next[p] += take;
         if rng.random_bool(0.4) {
             wall = wall.max(newest) + rng.random_range(0..2_000);
-            batches.push(Batch { wall, records: std::mem::take(&mut records) });
+            // Some runs own every partition from the start, and are re-assigned them now and
+            // then (a restart); others meet partitions as they deliver.
+            let assign = if assigned && (batches.is_empty() || rng.random_bool(0.01)) {
+                (0..parts).collect()
+            } else {
+                Vec::new()
+            };
+            batches.push(Batch { wall, records: std::mem::take(&mut records), assign });
             if rng.random_bool(0.01) {
                 wall += rng.random_range(20_000..40_000);
-                batches.push(Batch { wall, records: Vec::new() });
+                batches.push(Batch { wall, records: Vec::new(), assign: Vec::new() });
             }
         }
     }
     wall = wall.max(newest) + 1_000;
-    batches.push(Batch { wall, records });
+    batches.push(Batch { wall, records, assign: Vec::new() });
     // Flush: every partition idle, the watermark follows the wall clock past every minute.
-    batches.push(Batch { wall: wall + 3_600_000, records: Vec::new() });
+    batches.push(Batch { wall: wall + 3_600_000, records: Vec::new(), assign: Vec::new() });
     batches
 }
 
@@ -242,7 +251,7 @@ fn ev() -> impl Strategy<Value = Ev> {
         })
 }
 
-fn to_batches(base: i64, events: &[Ev], cuts: &[usize]) -> Vec<Batch> {
+fn to_batches(base: i64, events: &[Ev], cuts: &[usize], assign: bool) -> Vec<Batch> {
     let mut offsets = [0u64; 3];
     let mut records = Vec::new();
     for e in events {
@@ -270,12 +279,21 @@ fn to_batches(base: i64, events: &[Ev], cuts: &[usize]) -> Vec<Batch> {
     let wall = base - 3_600_000;
     let mut batches = Vec::new();
     let mut at = 0;
+    let first = |batches: &Vec<Batch>| {
+        if assign && batches.is_empty() {
+            vec![0, 1, 2]
+        } else {
+            Vec::new()
+        }
+    };
     for &cut in cuts {
         let cut = cut.min(records.len()).max(at);
-        batches.push(Batch { wall, records: records[at..cut].to_vec() });
+        let assign = first(&batches);
+        batches.push(Batch { wall, records: records[at..cut].to_vec(), assign });
         at = cut;
     }
-    batches.push(Batch { wall, records: records[at..].to_vec() });
+    let assign = first(&batches);
+    batches.push(Batch { wall, records: records[at..].to_vec(), assign });
     batches
 }
 
@@ -297,14 +315,15 @@ proptest! {
         shards_b in 1..5usize,
         restore in proptest::collection::vec(0..8usize, 0..3),
         base in prop_oneof![Just(0i64), Just(-120_000), Just(-86_400_000 * 365), Just(1_796_000_000_000)],
+        assign in any::<bool>(),
     ) {
         let filters = filters();
         let mut cuts_a = cuts_a;
         cuts_a.sort();
         let mut cuts_b = cuts_b;
         cuts_b.sort();
-        let a = to_batches(base, &events, &cuts_a);
-        let b = to_batches(base, &events, &cuts_b);
+        let a = to_batches(base, &events, &cuts_a, assign);
+        let b = to_batches(base, &events, &cuts_b, assign);
         let model = run_model(&prop_config(1), &filters, &a);
         let ea = run_engine(&prop_config(shards_a), &filters, &a, &[]);
         let eb = run_engine(&prop_config(shards_b), &filters, &b, &restore);
@@ -328,4 +347,97 @@ proptest! {
 
 fn model_without_tops(f: &Folded) -> Folded {
     Folded { tops: Default::default(), ..f.clone() }
+}
+
+/// SPEC §2: the watermark is the minimum over every owned partition, those that have delivered
+/// nothing yet included. One batch reads partition 0's run over ten minutes of history before
+/// partition 1's first records: none of partition 1's clicks is too late.
+#[test]
+fn an_owned_partition_that_has_not_delivered_holds_the_watermark() {
+    use adclick::engine::{Engine, Offset, PartitionId, Payload, Record};
+    let cfg = small_config(2);
+    let month_ago = 1_796_000_000_000 - 30 * 86_400_000;
+    let wall = EventTime(1_796_000_000_000);
+    let line = |ad: &str, t: i64, id: usize| {
+        format!(r#"{{"ad_id":"{ad}","click_timestamp":{t},"click_id":"{id}"}}"#)
+    };
+    // Partition 0: 600 clicks over ten minutes; partition 1: 60 clicks in the first minute.
+    let p0: Vec<String> = (0..600).map(|i| line("a", month_ago + i as i64 * 1_000, i)).collect();
+    let p1: Vec<String> = (0..60).map(|i| line("b", month_ago + i as i64 * 1_000, i)).collect();
+    let records: Vec<Record> = p0
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (0, i, l))
+        .chain(p1.iter().enumerate().map(|(i, l)| (1, i, l)))
+        .map(|(p, i, l)| Record {
+            partition: PartitionId(p),
+            offset: Offset(i as u64),
+            payload: Payload::Line(l.as_bytes()),
+        })
+        .collect();
+    let mut engine = Engine::new(cfg.clone(), Arc::new(Filters::default())).unwrap();
+    engine.assign(&[PartitionId(0), PartitionId(1)], wall);
+    let out = engine.process(wall, &records);
+    assert_eq!(out.counters.too_late, 0, "{:?}", out.counters);
+    assert_eq!(out.counters.counted, 660);
+    // Without the assignment, partition 0's run alone moves the watermark and partition 1's
+    // clicks are judged too late: the case this rule exists for.
+    let mut unassigned = Engine::new(cfg, Arc::new(Filters::default())).unwrap();
+    let out = unassigned.process(wall, &records);
+    assert_eq!(out.counters.too_late, 60);
+}
+
+/// Every wall-clock decision replays identically: ticks that were never committed (the service
+/// commits a tick without records at most once a second) do not change what a replay of the
+/// committed batches computes, even with clicks stamped ahead of the wall clock.
+#[test]
+fn skipped_ticks_do_not_change_a_replay() {
+    use adclick::engine::{Engine, Offset, PartitionId, Payload, Record};
+    let cfg = small_config(1);
+    let base = 1_796_000_000_000i64;
+    let click = |ad: &str, t: i64| format!(r#"{{"ad_id":"{ad}","click_timestamp":{t}}}"#);
+    // Partition 0 delivers a click 50 s ahead of the wall clock, partition 1 one at the clock.
+    let a = click("a", base + 50_000);
+    let b = click("b", base);
+    let late = click("c", base + 40_000);
+    let first = [
+        Record {
+            partition: PartitionId(0),
+            offset: Offset(0),
+            payload: Payload::Line(a.as_bytes()),
+        },
+        Record {
+            partition: PartitionId(1),
+            offset: Offset(0),
+            payload: Payload::Line(b.as_bytes()),
+        },
+    ];
+    let second = [Record {
+        partition: PartitionId(1),
+        offset: Offset(1),
+        payload: Payload::Line(late.as_bytes()),
+    }];
+    let run = |ticks: &[i64]| {
+        let mut e = Engine::new(cfg.clone(), Arc::new(Filters::default())).unwrap();
+        e.assign(&[PartitionId(0), PartitionId(1)], EventTime(base));
+        e.process(EventTime(base), &first);
+        // Partition 1 goes idle at base + 20 s, partition 0 stays active until base + 25 s.
+        e.process(
+            EventTime(base + 5_000),
+            &first[..1]
+                .iter()
+                .map(|r| Record { offset: Offset(1), ..r.clone() })
+                .collect::<Vec<_>>(),
+        );
+        for &t in ticks {
+            e.process(EventTime(t), &[]);
+        }
+        let out = e.process(EventTime(base + 30_000), &second);
+        (out.watermark, out.counters)
+    };
+    let committed_only = run(&[]);
+    // Ticks between the committed batches (their walls lie between those batches' walls).
+    for ticks in [vec![base + 21_000], vec![base + 21_000, base + 26_000], vec![base + 29_000]] {
+        assert_eq!(run(&ticks), committed_only, "ticks {ticks:?}");
+    }
 }

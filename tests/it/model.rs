@@ -15,6 +15,8 @@ use adclick::filter::Filters;
 pub struct Batch {
     pub wall: i64,
     pub records: Vec<(u32, u64, Vec<u8>)>,
+    /// Partitions (re)assigned at this batch's wall time, before its records.
+    pub assign: Vec<u32>,
 }
 
 /// Final state: every non-zero count, the top-N of every final minute, the counters.
@@ -46,20 +48,38 @@ pub fn run_model(cfg: &EngineConfig, filters: &Filters, batches: &[Batch]) -> Fo
     let mut seen: HashMap<Key, Vec<i64>> = HashMap::new();
     let mut out = Folded::default();
     let c = &mut out.counters;
+    // SPEC §2: the minimum over the non-idle partitions, a non-idle one that delivered nothing
+    // holding it back; all idle: the wall clock (or the latest event, if later) minus the delay.
     let recompute = |parts: &BTreeMap<u32, Part>, w: i64, wall: Option<i64>| {
-        let active = parts.values().filter(|p| !p.idle).filter_map(|p| p.max).min();
-        let any_event = parts.values().any(|p| p.max.is_some());
-        match (active, wall.filter(|_| any_event)) {
-            (Some(m), _) => w.max(m - cfg.watermark_delay_ms),
-            (None, Some(wall)) => w.max(wall.saturating_sub(cfg.watermark_delay_ms)),
-            (None, None) => w,
+        let active: Vec<Option<i64>> = parts.values().filter(|p| !p.idle).map(|p| p.max).collect();
+        if !active.is_empty() {
+            if active.contains(&None) {
+                return w;
+            }
+            return w.max(active.into_iter().flatten().min().unwrap() - cfg.watermark_delay_ms);
+        }
+        match (parts.values().filter_map(|p| p.max).max(), wall) {
+            (Some(latest), Some(wall)) => w.max(wall.max(latest) - cfg.watermark_delay_ms),
+            _ => w,
         }
     };
+    let mut clock = i64::MIN;
     for b in batches {
-        for p in parts.values_mut() {
-            p.idle = b.wall.saturating_sub(p.last_active) >= cfg.idle_timeout_ms;
+        clock = clock.max(b.wall);
+        for pid in &b.assign {
+            let p = parts.entry(*pid).or_insert(Part {
+                max: None,
+                last_active: i64::MIN,
+                idle: true,
+                next: 0,
+            });
+            p.last_active = p.last_active.max(clock);
+            p.idle = false;
         }
-        w = recompute(&parts, w, Some(b.wall));
+        for p in parts.values_mut() {
+            p.idle = clock.saturating_sub(p.last_active) >= cfg.idle_timeout_ms;
+        }
+        w = recompute(&parts, w, Some(clock));
         for (pid, offset, line) in &b.records {
             let p = parts.entry(*pid).or_insert(Part {
                 max: None,
@@ -85,7 +105,7 @@ pub fn run_model(cfg: &EngineConfig, filters: &Filters, batches: &[Batch]) -> Fo
             let minute = t.div_euclid(60_000);
             let end = (minute + 1) * 60_000;
             let before = w;
-            p.last_active = b.wall;
+            p.last_active = clock;
             p.idle = false;
             p.max = Some(p.max.map_or(t, |m| m.max(t)));
             w = recompute(&parts, w, None);
@@ -164,6 +184,10 @@ pub fn run_engine_with(
             let bytes = engine.snapshot();
             engine = Engine::restore(cfg.clone(), filters.clone(), &bytes).expect("restore");
         }
+        if !b.assign.is_empty() {
+            let ids: Vec<PartitionId> = b.assign.iter().map(|&p| PartitionId(p)).collect();
+            engine.assign(&ids, EventTime(b.wall));
+        }
         let records: Vec<Record> = b
             .records
             .iter()
@@ -208,7 +232,7 @@ pub fn fold(out: &mut Folded, o: &adclick::engine::Output) {
         out.tops.insert((t.minute.0, t.slot.index()), list);
     }
     out.counters = o.counters.clone();
-    out.watermark = o.watermark;
+    out.watermark = o.watermark.to_raw();
 }
 
 /// Compares with a readable first difference instead of a wall of debug output.
