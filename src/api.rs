@@ -195,15 +195,30 @@ async fn clicks(
     // Read chunk by chunk, within the body limit and the in-flight budget.
     let mut held = None;
     let mut raw = Vec::new();
+    let mut refused = None;
+    let mut read = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
         if let Ok(data) = frame.into_data() {
-            if raw.len() + data.len() > s.max_body_bytes {
+            read += data.len();
+            if read > s.max_body_bytes {
                 return Err(ApiError::TooLarge(s.max_body_bytes));
             }
-            reserve(&s, &mut held, data.len())?;
-            raw.extend_from_slice(&data);
+            if refused.is_some() {
+                continue; // Read on without keeping it, so the client gets its answer.
+            }
+            match reserve(&s, &mut held, data.len()) {
+                Ok(()) => raw.extend_from_slice(&data),
+                Err(e) => {
+                    refused = Some(e);
+                    raw = Vec::new();
+                    held = None;
+                }
+            }
         }
+    }
+    if let Some(e) = refused {
+        return Err(e);
     }
     let bytes = if encoding == Encoding::Identity {
         raw

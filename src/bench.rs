@@ -8,7 +8,11 @@
 //!    Latency, per minute: from the moment the client has sent the first click at or past the
 //!    minute's end + watermark delay (the minute could be final from then on), to the moment
 //!    `popular_ads?to=` reports it final (polled every 5 ms).
-//! 2. **Recovery**: a fresh server with checkpoints effectively off takes `--recovery-events`
+//! 2. **History queries**: `--history-events` clicks stamped a month back (older than the
+//!    in-memory popular index holds) are ingested into the same server; then `popular_ads` over
+//!    M = 60 and M = 1440 minutes ending in that history (answered from the store) and an
+//!    `aggregated_count` over a 10,000-year range are timed.
+//! 3. **Recovery**: a fresh server with checkpoints effectively off takes `--recovery-events`
 //!    clicks, is killed with SIGKILL, and is restarted; the time until it listens again (after
 //!    replaying the whole uncommitted tail) is reported.
 
@@ -40,6 +44,9 @@ pub struct BenchArgs {
     /// Events per minute of event time.
     #[arg(long, default_value_t = 20_000)]
     pub per_minute: usize,
+    /// Clicks a month old for the history-query phase (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub history_events: usize,
     /// Clicks left uncommitted before the kill of the recovery phase (0 skips it).
     #[arg(long, default_value_t = 1_000_000)]
     pub recovery_events: usize,
@@ -159,6 +166,64 @@ fn send_all(
     })
 }
 
+/// Times a query `n` times; returns (p50, max) in ms and the last body.
+fn time_query(agent: &ureq::Agent, url: &str, n: usize) -> anyhow::Result<(f64, f64, String)> {
+    let mut took = Vec::with_capacity(n);
+    let mut body = String::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut r = agent.get(url).call()?;
+        body = r.body_mut().read_to_string()?;
+        took.push(t.elapsed().as_secs_f64() * 1000.0);
+        if r.status() != 200 {
+            bail!("{url}: {} {body}", r.status());
+        }
+    }
+    took.sort_by(f64::total_cmp);
+    Ok((took[took.len() / 2], took[took.len() - 1], body))
+}
+
+/// Phase 2: history a month old, queried from the store.
+fn history_queries(server: &Server, args: &BenchArgs) -> anyhow::Result<()> {
+    let start = (now_ms() / MINUTE_MS - 30 * 1440) * MINUTE_MS;
+    eprintln!("bench: history phase: {} clicks a month old…", args.history_events);
+    let batches = workload(args.history_events, args.batch, args.per_minute, start, 9);
+    let minutes = (args.history_events / args.per_minute.max(1)) as i64 + 1;
+    send_all(&server.url, &batches, args.clients, &Mutex::new(Vec::new()))?;
+    let agent = agent();
+    let to = start + minutes * MINUTE_MS;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let url = format!("{}/v1/ads/popular_ads?window=1&to={to}", server.url);
+        let body = agent.get(&url).call()?.body_mut().read_to_string()?;
+        if body.contains("\"final\":true") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the history never became final");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for window in [60, 1440] {
+        let url = format!("{}/v1/ads/popular_ads?count=10&window={window}&to={to}", server.url);
+        let (p50, max, body) = time_query(&agent, &url, 20)?;
+        if !body.contains("\"ad_id\"") {
+            bail!("popular_ads over history answered no ads: {body}");
+        }
+        println!(
+            "  popular_ads M={window:<4} over history:  p50 {p50:.1} ms  max {max:.1} ms  ({} clicks, {minutes} minutes, from the store)",
+            args.history_events
+        );
+    }
+    let url = format!(
+        "{}/v1/ads/ad-1/aggregated_count?from=0000-01-01T00:00:00Z&to=9999-12-31T23:00:00Z",
+        server.url
+    );
+    let (p50, max, _) = time_query(&agent, &url, 20)?;
+    println!("  aggregated_count, 10,000 years:   p50 {p50:.1} ms  max {max:.1} ms");
+    Ok(())
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let delay_ms = 15_000;
     // Whole minutes, two hours back: every minute is in the past and within any clock skew.
@@ -269,6 +334,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     if let Some(kib) = rss {
         println!("  server peak RSS:                  {:>10.1} MiB", kib as f64 / 1024.0);
+    }
+    if args.history_events > 0 {
+        history_queries(&server, &args)?;
     }
     drop(server);
 

@@ -228,6 +228,11 @@ impl Pipeline {
         use anyhow::Context;
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating data_dir {}", settings.data_dir.display()))?;
+        // Settings first: a refused start must not have changed the data directory.
+        let store = Arc::new(
+            Store::open(&settings.data_dir.join("store.redb")).context("opening the store")?,
+        );
+        store.check_settings(&settings.recorded()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let writer = Writer::open(
             &settings.data_dir.join("log"),
             settings.partitions as usize,
@@ -235,10 +240,6 @@ impl Pipeline {
         )
         .context("opening the log")?;
         let log = writer.handle();
-        let store = Arc::new(
-            Store::open(&settings.data_dir.join("store.redb")).context("opening the store")?,
-        );
-        store.check_settings(&settings.recorded()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut engine_config = settings.engine.clone();
         engine_config.identity_key = identity_key(&settings.data_dir)?;
         let filters = Arc::new(settings.filters.clone());
@@ -661,12 +662,14 @@ fn decode_records<'a>(
                 Some(click) => {
                     out.push(Record { partition: p, offset, payload: Payload::Click(click) })
                 }
-                None => return Err(format!(
+                None => {
+                    return Err(format!(
                     "partition {} offset {}: the log record ({} bytes) does not decode as a click",
                     p.0,
                     offset.0,
                     bytes.len()
-                )),
+                ))
+                }
             }
         }
     }
@@ -676,7 +679,6 @@ fn decode_records<'a>(
 impl Aggregator {
     fn run(&mut self, shutdown: &AtomicBool) {
         let mut last_checkpoint = Instant::now();
-        let mut last_watermark = self.engine.watermark();
         let mut last_commit = Instant::now();
         loop {
             crate::fault::stall("aggregator.stall");
@@ -691,11 +693,27 @@ impl Aggregator {
                 })
                 .filter(|(_, a, b)| a < b)
                 .collect();
-            crate::fault::point("aggregator.before_read");
+            let wall = now_ms();
+            let checkpoint_due = last_checkpoint.elapsed() >= self.checkpoint_interval || stopping;
+            if ranges.is_empty() && !checkpoint_due {
+                // A tick without records changes only the watermark, and how depends on the
+                // ticks before it: so every tick that runs is committed (journaled), and ticks
+                // not worth a commit are not run. One runs at once when a minute turns final,
+                // otherwise at most once a second.
+                let current = self.engine.watermark();
+                let next = self.engine.peek_watermark(EventTime(wall));
+                let minute = |w: Watermark| w.ms().map(|w| w.div_euclid(MINUTE_MS));
+                let due = next != current
+                    && (minute(next) > minute(current)
+                        || last_commit.elapsed() >= Duration::from_secs(1));
+                if !due {
+                    std::thread::sleep(self.commit_interval.saturating_sub(started.elapsed()));
+                    continue;
+                }
+            }
             if let Err(e) = read_ranges(&mut self.readers, &mut self.buf, &ranges) {
                 fatal("reading the log", e);
             }
-            let wall = now_ms();
             let (output, snapshot) = {
                 let records = match decode_records(&self.buf, &ranges) {
                     Ok(records) => records,
@@ -705,18 +723,9 @@ impl Aggregator {
                 let output = self
                     .engine
                     .process_with(EventTime(wall), &records, |work| run_shards(pool, work));
-                let checkpoint_due =
-                    last_checkpoint.elapsed() >= self.checkpoint_interval || stopping;
                 (output, checkpoint_due.then(|| self.engine.snapshot()))
             };
-            // A tick without records changes only the watermark; skipping its commit is safe for
-            // replay (ticks are path-independent, see `engine::Watermark`), so such progress is
-            // committed at most once a second, or at once when a minute turns final.
-            let changed = !ranges.is_empty()
-                || !output.top.is_empty()
-                || (output.watermark != last_watermark
-                    && last_commit.elapsed() >= Duration::from_secs(1));
-            if changed || snapshot.is_some() {
+            {
                 let batch = BatchRecord { wall, ranges: ranges.clone(), assign: Vec::new() };
                 let commit_started = Instant::now();
                 if let Err(e) = self.store.commit(
@@ -738,7 +747,6 @@ impl Aggregator {
                 for &(p, _, to) in &ranges {
                     self.next[p.0 as usize] = to.0;
                 }
-                last_watermark = output.watermark;
                 self.publish(output);
                 if let Some(bytes) = snapshot {
                     crate::fault::point("aggregator.after_checkpoint");

@@ -91,6 +91,10 @@ impl Mapper {
         self.watermarks.current()
     }
 
+    pub fn peek_watermark(&self, wall: EventTime) -> Watermark {
+        self.watermarks.peek(wall)
+    }
+
     /// See [`Watermarks::assign`].
     pub fn assign(&mut self, partitions: &[PartitionId], wall: EventTime) {
         self.watermarks.assign(partitions, wall);
@@ -101,6 +105,12 @@ impl Mapper {
     }
 
     pub fn map(&mut self, wall: EventTime, records: &[Record<'_>]) -> Mapped {
+        // A partition with new records in this batch is delivering, not idle: mark it before the
+        // idle rule runs, so that a partition read later in the batch holds the watermark from
+        // the batch's first record on (the batch may span minutes of event time).
+        for r in records {
+            self.watermarks.touch(r.partition, r.offset, wall);
+        }
         self.watermarks.tick(wall);
         let per_shard = records.len() / self.config.shards + 16;
         let mut batches: Vec<ShardBatch> = (0..self.config.shards)

@@ -369,6 +369,11 @@ impl Engine {
         self.mapper.watermark()
     }
 
+    /// The watermark a batch without records at `wall` would leave; changes nothing.
+    pub fn peek_watermark(&self, wall: EventTime) -> Watermark {
+        self.mapper.peek_watermark(wall)
+    }
+
     /// Declares the source partitions this engine owns, at wall time `wall` (start, or a
     /// rebalance): each holds the watermark back until it delivers or idles (SPEC §2). A caller
     /// that replays must give the same assignment at the same point (the embedded service

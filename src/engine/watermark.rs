@@ -6,19 +6,19 @@
 //! [`Watermarks`] computes it. Per source partition: the largest event time seen minus
 //! `watermark_delay`. The engine's watermark is the minimum over the partitions it owns that are
 //! not idle; an owned partition that has delivered nothing yet holds it back entirely (at "none")
-//! until it delivers or has been quiet for `idle_timeout` since it was assigned. When every
-//! partition is idle, the watermark advances to the later of the wall clock and the latest event
-//! time seen, both minus `watermark_delay` (so a lone future-stamped click cannot make the
-//! value depend on when the wall clock was sampled). Before any partition has delivered, it waits
-//! for data: a fresh engine fed history counts it. It never moves backwards.
+//! until it delivers or has been quiet for `idle_timeout` since it was assigned. A partition with
+//! new records in a batch is not idle in that batch, whatever came before: a batch that reads
+//! one partition's run before another's first records cannot judge the latter too late. When
+//! every partition is idle the watermark follows the wall clock minus `watermark_delay`. Before
+//! any partition has delivered, it waits for data: a fresh engine fed history counts it. It never
+//! moves backwards.
 //!
 //! **Replay.** Wall-clock input arrives only through [`Watermarks::assign`] and
-//! [`Watermarks::tick`] (once per batch, with the batch's wall time). Between two batches that
-//! bring records, the value a tick computes is a non-decreasing function of the wall time (the
-//! set of non-idle partitions only shrinks, and the all-idle value is at least every
-//! partition's), and the wall time used is clamped to be non-decreasing. So ticks that were
-//! never committed cannot change what a replay of the committed batches computes: the
-//! decision is path-independent, not only replayable.
+//! [`Watermarks::tick`] (once per batch, with the batch's wall time, raised to be
+//! non-decreasing). A tick's outcome depends on the ticks before it, so a caller that replays
+//! must give every batch it processed, empty ones included, with their wall times: the service
+//! journals every batch it processes, and asks [`Watermarks::peek`] first to skip ticks that
+//! would change nothing worth a commit.
 //!
 //! The partition table also keeps each partition's next offset, the resume point.
 
@@ -155,6 +155,18 @@ impl Watermarks {
         }
     }
 
+    /// Marks partition `id` as delivering at `wall` when `offset` is new to the state (a batch's
+    /// records, before [`Self::tick`]): a partition with records to read is not idle.
+    pub fn touch(&mut self, id: PartitionId, offset: Offset, wall: EventTime) {
+        let wall = self.wall.max(wall.0);
+        let i = self.slot(id);
+        let p = &mut self.parts[i];
+        if offset >= p.next_offset && p.last_active_wall < wall {
+            p.last_active_wall = wall;
+            p.idle = false;
+        }
+    }
+
     /// Applies the idle rule at the start of a batch stamped with wall time `wall`.
     pub fn tick(&mut self, wall: EventTime) {
         let wall = self.clamp_wall(wall);
@@ -166,11 +178,18 @@ impl Watermarks {
             Active::At(t) => self.advance(t),
             Active::AllIdle => {
                 // With no event seen yet there is no quiet period to end: wait for data.
-                if let Some(latest) = self.parts.iter().filter_map(|p| p.max_time).max() {
-                    self.advance(wall.max(latest).saturating_sub(self.delay_ms));
+                if self.parts.iter().any(|p| p.max_time.is_some()) {
+                    self.advance(wall.saturating_sub(self.delay_ms));
                 }
             }
         }
+    }
+
+    /// The watermark a batch without records at `wall` would leave, without changing anything.
+    pub fn peek(&self, wall: EventTime) -> Watermark {
+        let mut w = self.clone();
+        w.tick(wall);
+        w.current()
     }
 
     fn advance(&mut self, t: i64) {
@@ -327,12 +346,21 @@ mod tests {
         w.observe(p0, EventTime(700_000), EventTime(1_010_000));
         w.tick(EventTime(1_030_000));
         assert_eq!(w.current(), Watermark::at(699_000));
-        // Everything idle: the later of wall clock and latest event, minus the delay.
+        // Everything idle: the wall clock minus the delay.
+        assert_eq!(w.peek(EventTime(1_040_000)), Watermark::at(1_039_000));
+        assert_eq!(w.current(), Watermark::at(699_000), "peeking changes nothing");
         w.tick(EventTime(1_040_000));
         assert_eq!(w.current(), Watermark::at(1_039_000));
         // A clock stepping back changes nothing.
         w.tick(EventTime(0));
         assert_eq!(w.current(), Watermark::at(1_039_000));
+        // Records in a batch make their partition active again before the idle rule runs: the
+        // wall clock does not move the watermark past them (it never moves back either).
+        w.touch(p1, Offset(0), EventTime(1_060_000));
+        w.tick(EventTime(1_060_000));
+        assert_eq!(w.current(), Watermark::at(1_039_000), "not wall − delay = 1_059_000");
+        w.observe(p1, EventTime(1_200_000), EventTime(1_060_000));
+        assert_eq!(w.current(), Watermark::at(1_199_000));
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub fn run_model(cfg: &EngineConfig, filters: &Filters, batches: &[Batch]) -> Fo
     let mut out = Folded::default();
     let c = &mut out.counters;
     // SPEC §2: the minimum over the non-idle partitions, a non-idle one that delivered nothing
-    // holding it back; all idle: the wall clock (or the latest event, if later) minus the delay.
+    // holding it back; all idle: the wall clock minus the delay.
     let recompute = |parts: &BTreeMap<u32, Part>, w: i64, wall: Option<i64>| {
         let active: Vec<Option<i64>> = parts.values().filter(|p| !p.idle).map(|p| p.max).collect();
         if !active.is_empty() {
@@ -58,8 +58,8 @@ pub fn run_model(cfg: &EngineConfig, filters: &Filters, batches: &[Batch]) -> Fo
             }
             return w.max(active.into_iter().flatten().min().unwrap() - cfg.watermark_delay_ms);
         }
-        match (parts.values().filter_map(|p| p.max).max(), wall) {
-            (Some(latest), Some(wall)) => w.max(wall.max(latest) - cfg.watermark_delay_ms),
+        match (parts.values().any(|p| p.max.is_some()), wall) {
+            (true, Some(wall)) => w.max(wall - cfg.watermark_delay_ms),
             _ => w,
         }
     };
@@ -75,6 +75,18 @@ pub fn run_model(cfg: &EngineConfig, filters: &Filters, batches: &[Batch]) -> Fo
             });
             p.last_active = p.last_active.max(clock);
             p.idle = false;
+        }
+        // A partition with new records in the batch is delivering: not idle.
+        for (pid, offset, _) in &b.records {
+            let p = parts.entry(*pid).or_insert(Part {
+                max: None,
+                last_active: i64::MIN,
+                idle: true,
+                next: 0,
+            });
+            if *offset >= p.next {
+                p.last_active = clock;
+            }
         }
         for p in parts.values_mut() {
             p.idle = clock.saturating_sub(p.last_active) >= cfg.idle_timeout_ms;
