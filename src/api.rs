@@ -9,7 +9,7 @@
 //! Every request's cost is bounded by its size: an ingest body is read chunk by chunk against
 //! `max_body_bytes` (after decompression) and against `max_inflight_bytes` across all requests
 //! (503 past it); its answer lists at most [`MAX_REJECTED_LISTED`] rejected lines plus totals;
-//! an ad's series reads only the hours in which the ad has counts.
+//! an ad's series reads only the days in which the ad has counts.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -45,6 +45,8 @@ pub struct AppState {
     /// Permits are bytes of ingest bodies held in memory across all requests.
     pub inflight: Arc<Semaphore>,
     pub max_inflight_bytes: usize,
+    /// Bodies validated at once (one per core): more would only take CPU from the aggregator.
+    pub validating: Arc<Semaphore>,
 }
 
 /// Most rejected lines an ingest answer lists one by one; the rest are in its totals.
@@ -238,28 +240,12 @@ async fn clicks(
     }
     let v = Validation { now: EventTime(now_ms()), max_skew_ms: s.max_skew_ms };
     let partitions = s.ingest.partitions();
-    let mut parts: Vec<Vec<Vec<u8>>> = vec![Vec::new(); partitions as usize];
-    let mut rejected = Vec::new();
-    let mut by_reason = [0u64; InvalidKind::ALL.len()];
-    let mut accepted = 0u64;
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        match parse_line(line, v) {
-            Ok(None) => {}
-            Ok(Some(click)) => {
-                let mut rec = Vec::with_capacity(64);
-                wire::encode(&click, &mut rec);
-                parts[partition_of(route_hash(&click.ad_id), partitions) as usize].push(rec);
-                accepted += 1;
-            }
-            Err(e) => {
-                by_reason[e.kind().index()] += 1;
-                if rejected.len() < MAX_REJECTED_LISTED {
-                    rejected.push(json!({"line": i + 1, "error": e.to_string()}));
-                }
-            }
-        }
-    }
-    drop(bytes);
+    // Validation is CPU work (about a second for 16 MiB): the worker hands its other tasks to
+    // another thread meanwhile, so health checks and queries are not held up behind it.
+    let slot = s.validating.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let checked = tokio::task::block_in_place(|| check_body(&bytes, v, partitions));
+    drop(slot);
+    let Checked { parts, rejected, by_reason, accepted } = checked;
     let parts: Vec<_> = parts
         .into_iter()
         .enumerate()
@@ -285,6 +271,41 @@ async fn clicks(
         "rejected_total": by_reason.iter().sum::<u64>(),
         "rejected_by_reason": totals,
     })))
+}
+
+/// A body's lines, validated: encoded clicks per partition, the first rejected lines, totals.
+struct Checked {
+    parts: Vec<Vec<Vec<u8>>>,
+    rejected: Vec<Value>,
+    by_reason: [u64; InvalidKind::ALL.len()],
+    accepted: u64,
+}
+
+fn check_body(bytes: &[u8], v: Validation, partitions: u32) -> Checked {
+    let mut c = Checked {
+        parts: vec![Vec::new(); partitions as usize],
+        rejected: Vec::new(),
+        by_reason: [0; InvalidKind::ALL.len()],
+        accepted: 0,
+    };
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        match parse_line(line, v) {
+            Ok(None) => {}
+            Ok(Some(click)) => {
+                let mut rec = Vec::with_capacity(64);
+                wire::encode(&click, &mut rec);
+                c.parts[partition_of(route_hash(&click.ad_id), partitions) as usize].push(rec);
+                c.accepted += 1;
+            }
+            Err(e) => {
+                c.by_reason[e.kind().index()] += 1;
+                if c.rejected.len() < MAX_REJECTED_LISTED {
+                    c.rejected.push(json!({"line": i + 1, "error": e.to_string()}));
+                }
+            }
+        }
+    }
+    c
 }
 
 /// The query string as a map; a malformed one is a 400 in the usual shape.

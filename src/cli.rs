@@ -217,6 +217,9 @@ fn serve(settings: Settings, demo_rate: Option<u64>) -> anyhow::Result<()> {
         max_lag_records: settings.max_lag_records,
         inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(settings.max_inflight_bytes)),
         max_inflight_bytes: settings.max_inflight_bytes,
+        validating: std::sync::Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )),
     };
     let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(settings.listen)

@@ -5,8 +5,8 @@
 //!
 //! ```text
 //! counts   (minute, ad_id)  → u64 LE per slot (total, then each filter)   absolute values
-//! ad_hours (ad_id, hour)    → ()   the hours in which an ad has counts: an ad's series reads
-//!                                   only those hours, whatever the calendar span asked for
+//! ad_days  (ad_id, day)     → ()   the UTC days in which an ad has counts: an ad's series reads
+//!                                   only those days, whatever the calendar span asked for
 //! tops     (minute, slot)   → [len u, (ad str, count u)*]                 top-N of final minutes
 //! offsets  partition        → next offset: every record below is reflected in counts and tops
 //! journal  seq              → wall i64, [(partition, from, to)], [assigned partition]
@@ -56,7 +56,11 @@ use crate::rank::Ranked;
 /// Keyed minute first: a commit's rows land together at the right edge of the tree, and a restart
 /// rebuilds the popular-ads index from a range scan of the recent minutes, not all history.
 const COUNTS: TableDefinition<(i64, &str), &[u8]> = TableDefinition::new("counts");
-const AD_HOURS: TableDefinition<(&str, i64), ()> = TableDefinition::new("ad_hours");
+const AD_DAYS: TableDefinition<(&str, i64), ()> = TableDefinition::new("ad_days");
+
+/// Minutes per `ad_days` bucket: a day. Coarser buckets mean fewer index writes (one per ad per
+/// day), finer ones fewer lookups per bucket read (at most this many).
+const DAY_MINUTES: i64 = 1440;
 const TOPS: TableDefinition<(i64, u32), &[u8]> = TableDefinition::new("tops");
 const OFFSETS: TableDefinition<u32, u64> = TableDefinition::new("offsets");
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
@@ -146,14 +150,14 @@ pub struct Store {
     db: Database,
     /// Where checkpoint files live: `checkpoints/` beside the database file.
     checkpoints: PathBuf,
-    /// (hour, ad) pairs already in `ad_hours`, so a commit writes each once. Only the committing
+    /// (day, ad) pairs already in `ad_days`, so a commit writes each once. Only the committing
     /// thread uses it; bounded by dropping everything past a size.
-    ad_hours_written: Mutex<HashSet<(i64, AdId)>>,
+    ad_days_written: Mutex<HashSet<(i64, AdId)>>,
 }
 
-/// Most (hour, ad) pairs remembered as written; past it the memory starts again (re-writing a
+/// Most (day, ad) pairs remembered as written; past it the memory starts again (re-writing a
 /// pair is harmless).
-const AD_HOURS_REMEMBERED: usize = 1 << 21;
+const AD_DAYS_REMEMBERED: usize = 1 << 21;
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -170,30 +174,30 @@ impl Store {
             txn.open_table(OFFSETS).ctx("create offsets")?;
             txn.open_table(JOURNAL).ctx("create journal")?;
             txn.open_table(META).ctx("create meta")?;
-            txn.open_table(AD_HOURS).ctx("create ad_hours")?;
+            txn.open_table(AD_DAYS).ctx("create ad_days")?;
         }
         txn.commit().ctx("commit")?;
-        let store = Store { db, checkpoints, ad_hours_written: Mutex::default() };
-        store.build_ad_hours()?;
+        let store = Store { db, checkpoints, ad_days_written: Mutex::default() };
+        store.build_ad_days()?;
         Ok(store)
     }
 
-    /// Fills `ad_hours` from `counts` once, for a store written before the index existed.
-    fn build_ad_hours(&self) -> Result<(), StoreError> {
+    /// Fills `ad_days` from `counts` once, for a store written before the index existed.
+    fn build_ad_days(&self) -> Result<(), StoreError> {
         let txn = self.db.begin_write().ctx("begin")?;
         {
             let mut meta = txn.open_table(META).ctx("open meta")?;
-            if meta.get("ad_hours_built").ctx("read meta")?.is_some() {
+            if meta.get("ad_days_built").ctx("read meta")?.is_some() {
                 return Ok(());
             }
             let counts = txn.open_table(COUNTS).ctx("open counts")?;
-            let mut hours = txn.open_table(AD_HOURS).ctx("open ad_hours")?;
+            let mut days = txn.open_table(AD_DAYS).ctx("open ad_days")?;
             for item in counts.iter().ctx("scan counts")? {
                 let (k, _) = item.ctx("read count")?;
                 let (minute, ad) = k.value();
-                hours.insert((ad, hour_of(minute)), ()).ctx("write ad hour")?;
+                days.insert((ad, day_of(minute)), ()).ctx("write ad day")?;
             }
-            meta.insert("ad_hours_built", [1u8].as_slice()).ctx("write meta")?;
+            meta.insert("ad_days_built", [1u8].as_slice()).ctx("write meta")?;
         }
         txn.commit().ctx("commit")
     }
@@ -239,26 +243,30 @@ impl Store {
         checkpoint: Option<&[u8]>,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().ctx("begin commit")?;
-        let mut new_hours = Vec::new();
+        let mut new_days = Vec::new();
         {
             let mut counts = txn.open_table(COUNTS).ctx("open counts")?;
             let mut row = Vec::new();
-            let written = self.ad_hours_written.lock().expect("not poisoned");
-            for (minute, ad, c) in output.counts.iter() {
+            let written = self.ad_days_written.lock().expect("not poisoned");
+            // In key order: consecutive inserts land in the same B-tree pages.
+            let mut rows: Vec<_> = output.counts.iter().collect();
+            rows.sort_unstable_by(|a, b| (a.0, a.1.as_str()).cmp(&(b.0, b.1.as_str())));
+            for (minute, ad, c) in rows {
                 row.clear();
                 for v in c {
                     row.extend_from_slice(&v.to_le_bytes());
                 }
                 counts.insert((minute.0, ad.as_str()), row.as_slice()).ctx("write count")?;
-                let key = (hour_of(minute.0), ad.clone());
+                let key = (day_of(minute.0), ad.clone());
                 if !written.contains(&key) {
-                    new_hours.push(key);
+                    new_days.push(key);
                 }
             }
             drop(written);
-            let mut hours = txn.open_table(AD_HOURS).ctx("open ad_hours")?;
-            for (hour, ad) in &new_hours {
-                hours.insert((ad.as_str(), *hour), ()).ctx("write ad hour")?;
+            new_days.sort_unstable_by(|a, b| (a.1.as_str(), a.0).cmp(&(b.1.as_str(), b.0)));
+            let mut days = txn.open_table(AD_DAYS).ctx("open ad_days")?;
+            for (day, ad) in &new_days {
+                days.insert((ad.as_str(), *day), ()).ctx("write ad day")?;
             }
             let mut tops = txn.open_table(TOPS).ctx("open tops")?;
             for t in &output.top {
@@ -312,12 +320,12 @@ impl Store {
             }
         }
         txn.commit().ctx("commit")?;
-        if !new_hours.is_empty() {
-            let mut written = self.ad_hours_written.lock().expect("not poisoned");
-            if written.len() + new_hours.len() > AD_HOURS_REMEMBERED {
+        if !new_days.is_empty() {
+            let mut written = self.ad_days_written.lock().expect("not poisoned");
+            if written.len() + new_days.len() > AD_DAYS_REMEMBERED {
                 written.clear();
             }
-            written.extend(new_hours);
+            written.extend(new_days);
         }
         if checkpoint.is_some() {
             self.remove_old_checkpoints()?;
@@ -436,7 +444,7 @@ impl Store {
 
     /// Per-minute counts of one ad and slot over `[from, to)`, only minutes with clicks, and
     /// the watermark, from one read transaction (so `final` matches the counts). Reads only the
-    /// hours in which the ad has counts: at most 60 point lookups per such hour, whatever the
+    /// days in which the ad has counts: at most 1,440 point lookups per such day, whatever the
     /// calendar span.
     pub fn series(
         &self,
@@ -448,13 +456,13 @@ impl Store {
         let txn = self.db.begin_read().ctx("begin read")?;
         let watermark = read_watermark(&txn)?;
         let t = txn.open_table(COUNTS).ctx("open counts")?;
-        let hours = txn.open_table(AD_HOURS).ctx("open ad_hours")?;
+        let days = txn.open_table(AD_DAYS).ctx("open ad_days")?;
         let mut out = Vec::new();
-        let last_hour = hour_of(to.0 - 1);
-        for item in hours.range((ad, hour_of(from.0))..=(ad, last_hour)).ctx("scan ad hours")? {
-            let (k, _) = item.ctx("read ad hour")?;
-            let hour = k.value().1;
-            for minute in (hour * 60).max(from.0)..(hour * 60 + 60).min(to.0) {
+        let last_day = day_of(to.0 - 1);
+        for item in days.range((ad, day_of(from.0))..=(ad, last_day)).ctx("scan ad days")? {
+            let (k, _) = item.ctx("read ad day")?;
+            let day = k.value().1;
+            for minute in (day * DAY_MINUTES).max(from.0)..((day + 1) * DAY_MINUTES).min(to.0) {
                 if let Some(v) = t.get((minute, ad)).ctx("read count")? {
                     let c = slot_value(v.value(), slot);
                     if c > 0 {
@@ -573,8 +581,8 @@ fn diff_settings(
         .collect()
 }
 
-fn hour_of(minute: i64) -> i64 {
-    minute.div_euclid(60)
+fn day_of(minute: i64) -> i64 {
+    minute.div_euclid(DAY_MINUTES)
 }
 
 fn read_watermark(txn: &redb::ReadTransaction) -> Result<Watermark, StoreError> {
@@ -641,7 +649,7 @@ mod tests {
             (vec![(Minute(1), 3)], w)
         );
         assert_eq!(store.series("ad-1", Slot::Total, Minute(2), Minute(10)).unwrap(), (vec![], w));
-        // A 10,000-year range reads only the hours that hold the ad.
+        // A 10,000-year range reads only the days that hold the ad.
         assert_eq!(
             store.series("x", Slot::Total, Minute(-5_000_000_000), Minute(5_000_000_000)).unwrap(),
             (vec![(Minute(3), 1)], w)

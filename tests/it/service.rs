@@ -863,3 +863,40 @@ fn hostile_requests_cost_what_their_size_allows() {
     assert_eq!(v["error"], "method not allowed on this endpoint");
     assert_eq!(server.get("/healthz").0, 200);
 }
+
+/// A log record that passes its CRC but does not decode as a click (a bug, or damage the CRC
+/// missed) stops the aggregator with exit 70; it is never skipped.
+#[test]
+fn an_undecodable_log_record_stops_the_aggregator() {
+    use std::io::Write;
+    let config = "partitions = 1\nwatermark_delay = \"1s\"\nidle_timeout = \"1s\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), config, &[]);
+    feed_and_commit(&server, 10);
+    server.kill();
+    let segment = std::fs::read_dir(dir.path().join("data/log/p000"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .max()
+        .unwrap();
+    let payload = b"\xffnot a wire-encoded click";
+    let len = (payload.len() as u32).to_le_bytes();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), payload);
+    let mut f = std::fs::OpenOptions::new().append(true).open(&segment).unwrap();
+    f.write_all(&len).unwrap();
+    f.write_all(&crc.to_le_bytes()).unwrap();
+    f.write_all(payload).unwrap();
+    drop(f);
+    let mut server = Server::start(dir.path(), config, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server kept running: {}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(70), "{}", server.log());
+    assert!(server.log().contains("partition 0 offset 10: the log record"), "{}", server.log());
+}
