@@ -40,7 +40,6 @@
 //! committed offsets. Absolute counts make a replayed write harmless. A crash before a commit
 //! loses nothing: the records are in the log and the offsets were not advanced.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -152,7 +151,7 @@ pub struct Store {
     checkpoints: PathBuf,
     /// (day, ad) pairs already in `ad_days`, so a commit writes each once. Only the committing
     /// thread uses it; bounded by dropping everything past a size.
-    ad_days_written: Mutex<HashSet<(i64, AdId)>>,
+    ad_days_written: Mutex<hashbrown::HashSet<(i64, AdId)>>,
 }
 
 /// Most (day, ad) pairs remembered as written; past it the memory starts again (re-writing a
@@ -249,8 +248,19 @@ impl Store {
             let mut row = Vec::new();
             let written = self.ad_days_written.lock().expect("not poisoned");
             // In key order: consecutive inserts land in the same B-tree pages.
-            let mut rows: Vec<_> = output.counts.iter().collect();
-            rows.sort_unstable_by(|a, b| (a.0, a.1.as_str()).cmp(&(b.0, b.1.as_str())));
+            let rows: Vec<_> = output.counts.iter().collect();
+            // Integer keys first (minute, the ad's first 8 bytes): few string comparisons.
+            let prefix = |ad: &AdId| {
+                let b = ad.as_str().as_bytes();
+                let mut p = [0u8; 8];
+                p[..b.len().min(8)].copy_from_slice(&b[..b.len().min(8)]);
+                u64::from_be_bytes(p)
+            };
+            let mut rows: Vec<_> = rows.into_iter().map(|r| ((r.0, prefix(r.1)), r)).collect();
+            rows.sort_unstable_by(|(ka, a), (kb, b)| {
+                ka.cmp(kb).then_with(|| a.1.as_str().cmp(b.1.as_str()))
+            });
+            let rows = rows.into_iter().map(|(_, r)| r);
             for (minute, ad, c) in rows {
                 row.clear();
                 for v in c {

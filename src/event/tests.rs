@@ -284,6 +284,16 @@ fn countries() {
 }
 
 #[test]
+fn identities_are_keyed() {
+    let c = ok(r#"{"ad_id":"a","click_timestamp":1,"click_id":"c1"}"#);
+    let (k1, k2) = (IdentityKey::from_seed(1), IdentityKey::from_seed(2));
+    assert_eq!(c.identity_with(&k1), c.identity_with(&k1.clone()));
+    assert_ne!(c.identity_with(&k1), c.identity_with(&k2), "another key, another hash");
+    assert_ne!(k1, k2);
+    assert_eq!(format!("{k1:?}"), "IdentityKey(..)", "the secret is not printed");
+}
+
+#[test]
 fn identity_rules() {
     let id = |s: &str| ok(s).identity();
     // click_id decides when present on both.
