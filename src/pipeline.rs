@@ -443,6 +443,18 @@ impl Aggregator {
                 o.0
             );
         }
+        // The replay must have made every decision again as committed (it is given the same
+        // records, wall times and assignments): the same watermark and the same counters.
+        let committed = store.counters().context("reading the committed counters")?;
+        anyhow::ensure!(
+            engine.watermark() == rec.watermark && engine.counters() == committed,
+            "the replay diverged from what was committed: watermark {:?} against {:?}, \
+             counters {:?} against {:?}; refusing to go on with state that differs from the store",
+            engine.watermark(),
+            rec.watermark,
+            engine.counters(),
+            committed
+        );
         let mut agg = Aggregator {
             engine,
             pool,

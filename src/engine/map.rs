@@ -91,6 +91,10 @@ impl Mapper {
         self.watermarks.current()
     }
 
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
     pub fn peek_watermark(&self, wall: EventTime) -> Watermark {
         self.watermarks.peek(wall)
     }

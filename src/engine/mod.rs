@@ -386,6 +386,15 @@ impl Engine {
         self.mapper.offsets()
     }
 
+    /// The cumulative counters, as the last [`Output::counters`] reported them.
+    pub fn counters(&self) -> Counters {
+        let mut c = self.mapper.counters().clone();
+        for s in &self.shards {
+            c.add(s.counters());
+        }
+        c
+    }
+
     /// State held across shards: (identities kept for dedup, minute windows).
     pub fn shard_stats(&self) -> (usize, usize) {
         self.shards.iter().fold((0, 0), |(d, w), s| (d + s.dedup_len(), w + s.windows()))

@@ -104,6 +104,11 @@ impl Shard {
         self.dedup.len()
     }
 
+    /// This shard's cumulative counted/duplicate/late counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
     /// Windows held (open, or final within the lateness).
     pub fn windows(&self) -> usize {
         self.windows.len()
