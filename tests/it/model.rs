@@ -42,6 +42,12 @@ struct Part {
     next: u64,
 }
 
+impl Part {
+    fn new() -> Part {
+        Part { max: None, last_active: i64::MIN, idle: true, next: 0 }
+    }
+}
+
 pub fn run_model(cfg: &EngineConfig, filters: &Filters, batches: &[Batch]) -> Folded {
     let mut parts: BTreeMap<u32, Part> = BTreeMap::new();
     let mut w = i64::MIN;
@@ -67,23 +73,13 @@ pub fn run_model(cfg: &EngineConfig, filters: &Filters, batches: &[Batch]) -> Fo
     for b in batches {
         clock = clock.max(b.wall);
         for pid in &b.assign {
-            let p = parts.entry(*pid).or_insert(Part {
-                max: None,
-                last_active: i64::MIN,
-                idle: true,
-                next: 0,
-            });
+            let p = parts.entry(*pid).or_insert_with(Part::new);
             p.last_active = p.last_active.max(clock);
             p.idle = false;
         }
         // A partition with new records in the batch is delivering: not idle.
         for (pid, offset, _) in &b.records {
-            let p = parts.entry(*pid).or_insert(Part {
-                max: None,
-                last_active: i64::MIN,
-                idle: true,
-                next: 0,
-            });
+            let p = parts.entry(*pid).or_insert_with(Part::new);
             if *offset >= p.next {
                 p.last_active = clock;
             }
@@ -93,12 +89,7 @@ pub fn run_model(cfg: &EngineConfig, filters: &Filters, batches: &[Batch]) -> Fo
         }
         w = recompute(&parts, w, Some(clock));
         for (pid, offset, line) in &b.records {
-            let p = parts.entry(*pid).or_insert(Part {
-                max: None,
-                last_active: i64::MIN,
-                idle: true,
-                next: 0,
-            });
+            let p = parts.entry(*pid).or_insert_with(Part::new);
             if *offset < p.next {
                 continue;
             }
