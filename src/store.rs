@@ -43,7 +43,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -56,6 +56,9 @@ use crate::rank::Ranked;
 /// rebuilds the popular-ads index from a range scan of the recent minutes, not all history.
 const COUNTS: TableDefinition<(i64, &str), &[u8]> = TableDefinition::new("counts");
 const AD_DAYS: TableDefinition<(&str, i64), ()> = TableDefinition::new("ad_days");
+/// hour → how many commits have written counts into it: a cached sum of the hour is valid for
+/// exactly one version, read in the same transaction as the rest of a query.
+const HOUR_VERSIONS: TableDefinition<i64, u64> = TableDefinition::new("hour_versions");
 
 /// Minutes per `ad_days` bucket: a day. Coarser buckets mean fewer index writes (one per ad per
 /// day), finer ones fewer lookups per bucket read (at most this many).
@@ -152,6 +155,48 @@ pub struct Store {
     /// (day, ad) pairs already in `ad_days`, so a commit writes each once. Only the committing
     /// thread uses it; bounded by dropping everything past a size.
     ad_days_written: Mutex<hashbrown::HashSet<(i64, AdId)>>,
+    /// Summed counts of whole hours, for `popular` over history; see [`HourCache`].
+    hours: Mutex<HourCache>,
+}
+
+/// One hour's summed counts of one slot: every ad with a count, unordered.
+type Block = Arc<Vec<(AdId, u64)>>;
+
+/// Most (ad, count) entries the hour cache holds across its blocks (about 32 bytes each).
+const HOUR_CACHE_ENTRIES: usize = 4 << 20;
+
+/// Per (slot, hour): every ad's count summed over the hour, with the hour's version (see
+/// `HOUR_VERSIONS`) it was summed at. A query uses a block only when the version it reads in its
+/// own transaction matches, so a cached block always equals the committed counts it stands for.
+/// Oldest blocks are dropped first.
+#[derive(Default)]
+struct HourCache {
+    blocks: std::collections::HashMap<(usize, i64), (u64, Block)>,
+    order: std::collections::VecDeque<(usize, i64)>,
+    entries: usize,
+}
+
+impl HourCache {
+    fn get(&self, key: (usize, i64), version: u64) -> Option<Block> {
+        self.blocks.get(&key).filter(|(v, _)| *v == version).map(|(_, b)| b.clone())
+    }
+
+    fn insert(&mut self, key: (usize, i64), version: u64, block: Block) {
+        if block.len() > HOUR_CACHE_ENTRIES / 4 {
+            return;
+        }
+        while self.entries + block.len() > HOUR_CACHE_ENTRIES {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some((_, b)) = self.blocks.remove(&old) {
+                self.entries -= b.len();
+            }
+        }
+        self.entries += block.len();
+        match self.blocks.insert(key, (version, block)) {
+            Some((_, b)) => self.entries -= b.len(),
+            None => self.order.push_back(key),
+        }
+    }
 }
 
 /// Most (day, ad) pairs remembered as written; past it the memory starts again (re-writing a
@@ -174,9 +219,11 @@ impl Store {
             txn.open_table(JOURNAL).ctx("create journal")?;
             txn.open_table(META).ctx("create meta")?;
             txn.open_table(AD_DAYS).ctx("create ad_days")?;
+            txn.open_table(HOUR_VERSIONS).ctx("create hour_versions")?;
         }
         txn.commit().ctx("commit")?;
-        let store = Store { db, checkpoints, ad_days_written: Mutex::default() };
+        let store =
+            Store { db, checkpoints, ad_days_written: Mutex::default(), hours: Mutex::default() };
         store.build_ad_days()?;
         Ok(store)
     }
@@ -243,6 +290,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().ctx("begin commit")?;
         let mut new_days = Vec::new();
+        let mut hours_touched: Vec<i64> = Vec::new();
         {
             let mut counts = txn.open_table(COUNTS).ctx("open counts")?;
             let mut row = Vec::new();
@@ -262,6 +310,10 @@ impl Store {
             });
             let rows = rows.into_iter().map(|(_, r)| r);
             for (minute, ad, c) in rows {
+                let hour = minute.0.div_euclid(60);
+                if hours_touched.last() != Some(&hour) {
+                    hours_touched.push(hour); // rows are in minute order
+                }
                 row.clear();
                 for v in c {
                     row.extend_from_slice(&v.to_le_bytes());
@@ -277,6 +329,11 @@ impl Store {
             let mut days = txn.open_table(AD_DAYS).ctx("open ad_days")?;
             for (day, ad) in &new_days {
                 days.insert((ad.as_str(), *day), ()).ctx("write ad day")?;
+            }
+            let mut versions = txn.open_table(HOUR_VERSIONS).ctx("open hour_versions")?;
+            for &hour in &hours_touched {
+                let v = versions.get(hour).ctx("read hour version")?.map_or(0, |v| v.value());
+                versions.insert(hour, v + 1).ctx("write hour version")?;
             }
             let mut tops = txn.open_table(TOPS).ctx("open tops")?;
             for t in &output.top {
@@ -486,7 +543,8 @@ impl Store {
 
     /// The `k` ads with the most clicks of `slot` over `[from, to)`, summed from the stored
     /// counts, with the watermark of the same read: for windows older than the in-memory index
-    /// holds. Costs one pass over the rows of those minutes.
+    /// holds. Whole hours come from the hour cache (or are summed once and cached), the partial
+    /// hours at the edges from one pass over their rows.
     pub fn popular(
         &self,
         slot: Slot,
@@ -497,22 +555,46 @@ impl Store {
         let txn = self.db.begin_read().ctx("begin read")?;
         let watermark = read_watermark(&txn)?;
         let t = txn.open_table(COUNTS).ctx("open counts")?;
-        let mut sums: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
-        for item in t.range((from.0, "")..(to.0, "")).ctx("scan counts")? {
-            let (key, v) = item.ctx("read count")?;
-            let c = slot_value(v.value(), slot);
-            if c > 0 {
-                let ad = key.value().1;
-                match sums.get_mut(ad) {
-                    Some(s) => *s += c,
+        let versions = txn.open_table(HOUR_VERSIONS).ctx("open hour_versions")?;
+        let mut sums: std::collections::HashMap<AdId, u64> = std::collections::HashMap::new();
+        let mut add = |ad: &str, c: u64| *sums.entry(AdId::new(ad)).or_default() += c;
+        let mut at = from.0;
+        while at < to.0 {
+            let hour = at.div_euclid(60);
+            let hour_end = (hour + 1) * 60;
+            if at == hour * 60 && hour_end <= to.0 {
+                let version = versions.get(hour).ctx("read hour version")?.map_or(0, |v| v.value());
+                let cached =
+                    self.hours.lock().expect("not poisoned").get((slot.index(), hour), version);
+                let block = match cached {
+                    Some(b) => b,
                     None => {
-                        sums.insert(ad.to_owned(), c);
+                        let mut hour_sums: std::collections::HashMap<AdId, u64> =
+                            std::collections::HashMap::new();
+                        sum_rows(&t, slot, at, hour_end, |ad, c| {
+                            *hour_sums.entry(AdId::new(ad)).or_default() += c
+                        })?;
+                        let block: Arc<Vec<(AdId, u64)>> =
+                            Arc::new(hour_sums.into_iter().collect());
+                        self.hours.lock().expect("not poisoned").insert(
+                            (slot.index(), hour),
+                            version,
+                            block.clone(),
+                        );
+                        block
                     }
+                };
+                for (ad, c) in block.iter() {
+                    add(ad.as_str(), *c);
                 }
+                at = hour_end;
+            } else {
+                let end = hour_end.min(to.0);
+                sum_rows(&t, slot, at, end, &mut add)?;
+                at = end;
             }
         }
-        let ranked = sums.into_iter().map(|(a, c)| (AdId::new(&a), c)).collect();
-        Ok((crate::rank::top(ranked, k), watermark))
+        Ok((crate::rank::top(sums.into_iter().collect(), k), watermark))
     }
 
     /// Every stored count at or after `since`, for rebuilding in-memory indexes at start: a
@@ -591,6 +673,24 @@ fn diff_settings(
         .collect()
 }
 
+/// Calls `f(ad, count)` for every stored row of `slot` with a count in minutes `[from, to)`.
+fn sum_rows(
+    t: &redb::ReadOnlyTable<(i64, &'static str), &'static [u8]>,
+    slot: Slot,
+    from: i64,
+    to: i64,
+    mut f: impl FnMut(&str, u64),
+) -> Result<(), StoreError> {
+    for item in t.range((from, "")..(to, "")).ctx("scan counts")? {
+        let (key, v) = item.ctx("read count")?;
+        let c = slot_value(v.value(), slot);
+        if c > 0 {
+            f(key.value().1, c);
+        }
+    }
+    Ok(())
+}
+
 fn day_of(minute: i64) -> i64 {
     minute.div_euclid(DAY_MINUTES)
 }
@@ -613,6 +713,8 @@ fn le_u64(b: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -715,6 +817,62 @@ mod tests {
         assert!(rec.checkpoints[0].1.is_err(), "a missing newest checkpoint is reported");
         assert_eq!(rec.checkpoints[1], (2, Ok(b"second".to_vec())));
         assert_eq!(rec.journal.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![3, 4]);
+    }
+
+    /// History popular ads: whole hours from the hour cache, edges from rows; a commit into a
+    /// cached hour is seen at once.
+    #[test]
+    fn popular_over_history_uses_hour_blocks_and_sees_later_commits() {
+        use crate::engine::CountUpdates;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let commit = |seq: u64, rows: &[(i64, &str, u64)]| {
+            let mut counts = CountUpdates::new(1);
+            for &(m, ad, c) in rows {
+                counts.push(Minute(m), &AdId::new(ad), &[c]);
+            }
+            let out = Output { counts, ..Output::default() };
+            store.commit(seq, &BatchRecord::default(), &out, &[], None).unwrap();
+        };
+        // Hours 0..3 (minutes 0..180): ad a once a minute, b twice every third minute.
+        let mut rows = Vec::new();
+        for m in 0..180 {
+            rows.push((m, "a", 1));
+            if m % 3 == 0 {
+                rows.push((m, "b", 2));
+            }
+        }
+        commit(0, &rows);
+        let top =
+            |from: i64, to: i64| store.popular(Slot::Total, Minute(from), Minute(to), 5).unwrap().0;
+        let naive = |from: i64, to: i64, rows: &[(i64, &str, u64)]| {
+            // Counts are absolute: the last write of a (minute, ad) wins.
+            let cells: BTreeMap<(i64, &str), u64> =
+                rows.iter().map(|&(m, a, c)| ((m, a), c)).collect();
+            let mut sums: BTreeMap<String, u64> = BTreeMap::new();
+            for (&(m, ad), &c) in &cells {
+                if (from..to).contains(&m) {
+                    *sums.entry(ad.to_string()).or_default() += c;
+                }
+            }
+            let mut v: Vec<(AdId, u64)> =
+                sums.into_iter().map(|(a, c)| (AdId::new(&a), c)).collect();
+            v.sort_by(crate::rank::order);
+            v
+        };
+        for (from, to) in [(0, 180), (0, 60), (30, 150), (59, 121), (60, 61)] {
+            assert_eq!(top(from, to), naive(from, to, &rows), "[{from}, {to})");
+            assert_eq!(top(from, to), naive(from, to, &rows), "[{from}, {to}) cached");
+        }
+        assert!(store.hours.lock().unwrap().blocks.len() >= 3, "whole hours are cached");
+        // A later commit into hour 1 (a correction, or a recalculation) is seen.
+        let late = [(70, "c", 500), (71, "a", 7)];
+        commit(1, &late);
+        rows.extend(late);
+        for (from, to) in [(0, 180), (60, 120)] {
+            assert_eq!(top(from, to), naive(from, to, &rows), "[{from}, {to}) after a commit");
+        }
+        assert_eq!(top(60, 120)[0], (AdId::new("c"), 500));
     }
 
     #[test]
