@@ -7,6 +7,8 @@
 //! counts   (minute, ad_id)  → u64 LE per slot (total, then each filter)   absolute values
 //! ad_days  (ad_id, day)     → ()   the UTC days in which an ad has counts: an ad's series reads
 //!                                   only those days, whatever the calendar span asked for
+//! hour_versions hour        → u64  commits that wrote into the hour: validates the in-memory
+//!                                   cache of summed hours that `popular` keeps for history
 //! tops     (minute, slot)   → [len u, (ad str, count u)*]                 top-N of final minutes
 //! offsets  partition        → next offset: every record below is reflected in counts and tops
 //! journal  seq              → wall i64, [(partition, from, to)], [assigned partition]
