@@ -45,7 +45,8 @@ pub struct AppState {
     /// Permits are bytes of ingest bodies held in memory across all requests.
     pub inflight: Arc<Semaphore>,
     pub max_inflight_bytes: usize,
-    /// Bodies validated at once (one per core): more would only take CPU from the aggregator.
+    /// Bodies decompressed or validated at once (one per core): more would only take CPU from
+    /// the aggregator.
     pub validating: Arc<Semaphore>,
 }
 
@@ -225,10 +226,7 @@ async fn clicks(
     let bytes = if encoding == Encoding::Identity {
         raw
     } else {
-        let max = s.max_body_bytes;
-        let out = tokio::task::spawn_blocking(move || decompress(encoding, &raw, max))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let out = cpu_bound(&s, || decompress(encoding, &raw, s.max_body_bytes)).await??;
         reserve(&s, &mut held, out.len())?;
         out
     };
@@ -240,12 +238,8 @@ async fn clicks(
     }
     let v = Validation { now: EventTime(now_ms()), max_skew_ms: s.max_skew_ms };
     let partitions = s.ingest.partitions();
-    // Validation is CPU work (about a second for 16 MiB): the worker hands its other tasks to
-    // another thread meanwhile, so health checks and queries are not held up behind it.
-    let slot = s.validating.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
-    let checked = tokio::task::block_in_place(|| check_body(&bytes, v, partitions));
-    drop(slot);
-    let Checked { parts, rejected, by_reason, accepted } = checked;
+    let Checked { parts, rejected, by_reason, accepted } =
+        cpu_bound(&s, || check_body(&bytes, v, partitions)).await?;
     let parts: Vec<_> = parts
         .into_iter()
         .enumerate()
@@ -271,6 +265,14 @@ async fn clicks(
         "rejected_total": by_reason.iter().sum::<u64>(),
         "rejected_by_reason": totals,
     })))
+}
+
+/// Runs CPU work of an ingest body (about a second for 16 MiB of lines): one body per core at a
+/// time, and the worker hands its other tasks to another thread meanwhile, so health checks and
+/// queries are not held up behind it.
+async fn cpu_bound<T>(s: &AppState, f: impl FnOnce() -> T) -> Result<T, ApiError> {
+    let _slot = s.validating.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(tokio::task::block_in_place(f))
 }
 
 /// A body's lines, validated: encoded clicks per partition, the first rejected lines, totals.

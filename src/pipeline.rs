@@ -411,11 +411,11 @@ impl Aggregator {
             anyhow::ensure!((p.0 as usize) < partitions, "checkpoint holds partition {}", p.0);
             next[p.0 as usize] = o.0;
         }
-        let readers: Vec<_> = (0..partitions).map(|p| log.reader(PartitionId(p as u32))).collect();
+        let mut readers: Vec<_> =
+            (0..partitions).map(|p| log.reader(PartitionId(p as u32))).collect();
         let mut buf: Vec<Records> = (0..partitions).map(|_| Records::default()).collect();
         let journal: Vec<_> =
             rec.journal.iter().filter(|(seq, _)| base.is_none_or(|b| *seq > b)).collect();
-        let mut readers = readers;
         for (seq, batch) in &journal {
             for &(p, from, to) in &batch.ranges {
                 anyhow::ensure!(
@@ -455,6 +455,7 @@ impl Aggregator {
             engine.counters(),
             committed
         );
+        *query.counters.lock().expect("not poisoned") = committed;
         let mut agg = Aggregator {
             engine,
             pool,
@@ -474,8 +475,6 @@ impl Aggregator {
         for (p, o) in agg.next.iter().enumerate() {
             agg.query.committed[p].store(*o, Ordering::Release);
         }
-        *agg.query.counters.lock().expect("not poisoned") =
-            agg.store.counters().unwrap_or_default();
         agg.rebuild_popular().context("rebuilding the popular-ads index")?;
         agg.assign_all().context("assigning the partitions")?;
         agg.query.ready.store(true, Ordering::Release);
@@ -496,17 +495,12 @@ impl Aggregator {
         self.engine.assign(&all, EventTime(wall));
         let output =
             self.engine.process_with(EventTime(wall), &[], |work| run_shards(&self.pool, work));
-        let batch = BatchRecord { wall, ranges: Vec::new(), assign: all };
-        self.store.commit(self.seq, &batch, &output, self.query.filters.ids(), None)?;
-        self.seq += 1;
-        self.publish(output);
-        Ok(())
+        self.commit(&BatchRecord { wall, ranges: Vec::new(), assign: all }, output, None)
     }
 
     fn rebuild_popular(&self) -> Result<(), crate::store::StoreError> {
         let keep_from = recent_window_start();
         let mut live = self.query.live.read();
-        let store_watermark = self.store.watermark()?;
         self.store.scan_counts(keep_from, |minute, ad, counts| {
             let ad = crate::event::AdId::new(ad);
             for (slot, &c) in counts.iter().enumerate() {
@@ -522,7 +516,8 @@ impl Aggregator {
             p.seal_below(sealed);
         }
         live.keep_from = keep_from;
-        live.watermark = store_watermark;
+        // Recovery checked that the engine ends at the committed watermark.
+        live.watermark = self.engine.watermark();
         Ok(())
     }
 
@@ -737,50 +732,58 @@ impl Aggregator {
                     .process_with(EventTime(wall), &records, |work| run_shards(pool, work));
                 (output, checkpoint_due.then(|| self.engine.snapshot()))
             };
-            {
-                let batch = BatchRecord { wall, ranges: ranges.clone(), assign: Vec::new() };
-                let commit_started = Instant::now();
-                if let Err(e) = self.store.commit(
-                    self.seq,
-                    &batch,
-                    &output,
-                    self.query.filters.ids(),
-                    snapshot.as_deref(),
-                ) {
-                    fatal("committing results", e);
-                }
-                crate::fault::point("store.after_commit");
-                self.seq += 1;
-                last_commit = Instant::now();
-                let m = &self.query.metrics;
-                m.commits.fetch_add(1, Ordering::Relaxed);
-                m.commit_micros
-                    .fetch_add(commit_started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                for &(p, _, to) in &ranges {
-                    self.next[p.0 as usize] = to.0;
-                }
-                self.publish(output);
-                if let Some(bytes) = snapshot {
-                    crate::fault::point("aggregator.after_checkpoint");
-                    last_checkpoint = Instant::now();
-                    m.checkpoints.fetch_add(1, Ordering::Relaxed);
-                    m.checkpoint_bytes.store(bytes.len() as u64, Ordering::Relaxed);
-                    // The log is kept from the previous checkpoint on, for a fallback to it.
-                    let offsets = self.engine.offsets();
-                    if let Some(previous) = self.previous_checkpoint.replace(offsets) {
-                        let _ = self.writer.try_send(ToWriter::DeleteBelow(previous));
-                    }
-                }
+            let checkpointed = snapshot.is_some();
+            let batch = BatchRecord { wall, ranges, assign: Vec::new() };
+            if let Err(e) = self.commit(&batch, output, snapshot) {
+                fatal("committing results", e);
+            }
+            last_commit = Instant::now();
+            if checkpointed {
+                last_checkpoint = last_commit;
             }
             if stopping {
                 return;
             }
             // A full batch means more is waiting: go again at once.
-            let full = ranges.iter().any(|(_, a, b)| b.0 - a.0 == MAX_BATCH_PER_PARTITION as u64);
+            let full =
+                batch.ranges.iter().any(|(_, a, b)| b.0 - a.0 == MAX_BATCH_PER_PARTITION as u64);
             if !full {
                 std::thread::sleep(self.commit_interval.saturating_sub(started.elapsed()));
             }
         }
+    }
+
+    /// Commits a processed batch (results, offsets, journal entry, and the checkpoint taken
+    /// after it, if any), then makes it visible to queries.
+    fn commit(
+        &mut self,
+        batch: &BatchRecord,
+        output: crate::engine::Output,
+        snapshot: Option<Vec<u8>>,
+    ) -> Result<(), crate::store::StoreError> {
+        let started = Instant::now();
+        self.store.commit(self.seq, batch, &output, snapshot.as_deref())?;
+        crate::fault::point("store.after_commit");
+        self.seq += 1;
+        let m = &self.query.metrics;
+        m.commits.fetch_add(1, Ordering::Relaxed);
+        m.commit_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        for &(p, _, to) in &batch.ranges {
+            self.next[p.0 as usize] = to.0;
+        }
+        self.publish(output);
+        if let Some(bytes) = snapshot {
+            crate::fault::point("aggregator.after_checkpoint");
+            let m = &self.query.metrics;
+            m.checkpoints.fetch_add(1, Ordering::Relaxed);
+            m.checkpoint_bytes.store(bytes.len() as u64, Ordering::Relaxed);
+            // The log is kept from the previous checkpoint on, for a fallback to it.
+            let offsets = self.engine.offsets();
+            if let Some(previous) = self.previous_checkpoint.replace(offsets) {
+                let _ = self.writer.try_send(ToWriter::DeleteBelow(previous));
+            }
+        }
+        Ok(())
     }
 
     /// Makes a committed batch visible to queries.

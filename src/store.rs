@@ -13,7 +13,7 @@
 //! offsets  partition        → next offset: every record below is reflected in counts and tops
 //! journal  seq              → wall i64, [(partition, from, to)], [assigned partition]
 //!                             every batch since the previous checkpoint
-//! meta     "watermark" i64 · "counters" · "filters" (ids)
+//! meta     "watermark" i64 · "counters"
 //!          · "checkpoint_seq" u64, "previous_checkpoint_seq" u64 (the last batch each includes)
 //!          · "settings" (the settings that change results, as JSON; see `check_settings`)
 //!
@@ -146,7 +146,6 @@ pub struct Recovery {
     pub journal: Vec<(u64, BatchRecord)>,
     pub next_seq: u64,
     pub offsets: Vec<(PartitionId, Offset)>,
-    pub filters: Option<Vec<String>>,
     pub watermark: Watermark,
 }
 
@@ -287,7 +286,6 @@ impl Store {
         seq: u64,
         batch: &BatchRecord,
         output: &Output,
-        filters: &[String],
         checkpoint: Option<&[u8]>,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().ctx("begin commit")?;
@@ -360,12 +358,6 @@ impl Store {
             let mut e = Encoder::default();
             output.counters.encode(&mut e);
             meta.insert("counters", e.buf.as_slice()).ctx("write counters")?;
-            let mut e = Encoder::default();
-            e.u(filters.len() as u64);
-            for f in filters {
-                e.bytes(f.as_bytes());
-            }
-            meta.insert("filters", e.buf.as_slice()).ctx("write filters")?;
             journal.insert(seq, BatchRecord::encode(batch).as_slice()).ctx("write journal")?;
             if let Some(snapshot) = checkpoint {
                 self.write_checkpoint(seq, snapshot)?;
@@ -459,15 +451,7 @@ impl Store {
             })
             .collect();
         let txn = self.db.begin_read().ctx("begin read")?;
-        let meta = txn.open_table(META).ctx("open meta")?;
-        let watermark = meta
-            .get("watermark")
-            .ctx("read watermark")?
-            .map_or(Watermark::NONE, |v| Watermark::from_raw(le_u64(v.value()) as i64));
-        let filters = meta.get("filters").ctx("read filters")?.and_then(|v| {
-            let mut d = Decoder::raw(v.value());
-            (0..d.count().ok()?).map(|_| d.str().ok().map(str::to_owned)).collect()
-        });
+        let watermark = read_watermark(&txn)?;
         let journal_table = txn.open_table(JOURNAL).ctx("open journal")?;
         let mut journal = Vec::new();
         for item in journal_table.iter().ctx("read journal")? {
@@ -481,7 +465,7 @@ impl Store {
         let next_seq =
             journal.last().map(|(s, _)| s + 1).or(seqs.first().map(|s| s + 1)).unwrap_or(0);
         let offsets = self.offsets()?;
-        Ok(Recovery { checkpoints, journal, next_seq, offsets, filters, watermark })
+        Ok(Recovery { checkpoints, journal, next_seq, offsets, watermark })
     }
 
     pub fn offsets(&self) -> Result<Vec<(PartitionId, Offset)>, StoreError> {
@@ -755,7 +739,7 @@ mod tests {
             ranges: vec![(PartitionId(0), Offset(0), Offset(6))],
             assign: vec![PartitionId(0)],
         };
-        store.commit(0, &batch, &out, &[], None).unwrap();
+        store.commit(0, &batch, &out, None).unwrap();
 
         let w = Watermark::at(185_000);
         assert_eq!(
@@ -791,7 +775,7 @@ mod tests {
         let snapshot = engine.snapshot();
         let empty = |e: &mut Engine| e.process(EventTime(0), &[]);
         let nothing = BatchRecord::default();
-        store.commit(1, &nothing, &empty(&mut engine), &[], Some(&snapshot)).unwrap();
+        store.commit(1, &nothing, &empty(&mut engine), Some(&snapshot)).unwrap();
         let rec = store.recovery().unwrap();
         assert_eq!(rec.next_seq, 2);
         assert_eq!(rec.journal.len(), 2, "no previous checkpoint: the journal stays whole");
@@ -800,12 +784,12 @@ mod tests {
         // third drops the first. An orphan from a crash before its commit goes too.
         std::fs::write(dir.path().join("checkpoints").join(format!("{:020}.snap", 9)), b"orphan")
             .unwrap();
-        store.commit(2, &nothing, &empty(&mut engine), &[], Some(b"second")).unwrap();
-        store.commit(3, &nothing, &empty(&mut engine), &[], None).unwrap();
+        store.commit(2, &nothing, &empty(&mut engine), Some(b"second")).unwrap();
+        store.commit(3, &nothing, &empty(&mut engine), None).unwrap();
         let rec = store.recovery().unwrap();
         assert_eq!(rec.checkpoints, vec![(2, Ok(b"second".to_vec())), (1, Ok(snapshot.clone()))]);
         assert_eq!(rec.journal.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2, 3]);
-        store.commit(4, &nothing, &empty(&mut engine), &[], Some(b"third")).unwrap();
+        store.commit(4, &nothing, &empty(&mut engine), Some(b"third")).unwrap();
         let mut files: Vec<_> = std::fs::read_dir(dir.path().join("checkpoints"))
             .unwrap()
             .flatten()
@@ -834,7 +818,7 @@ mod tests {
                 counts.push(Minute(m), &AdId::new(ad), &[c]);
             }
             let out = Output { counts, ..Output::default() };
-            store.commit(seq, &BatchRecord::default(), &out, &[], None).unwrap();
+            store.commit(seq, &BatchRecord::default(), &out, None).unwrap();
         };
         // Hours 0..3 (minutes 0..180): ad a once a minute, b twice every third minute.
         let mut rows = Vec::new();
