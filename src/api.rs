@@ -48,6 +48,8 @@ pub struct AppState {
     /// Bodies decompressed or validated at once (one per core): more would only take CPU from
     /// the aggregator.
     pub validating: Arc<Semaphore>,
+    /// Bearer token of the admin endpoints (recalc, reconcile), from `<data_dir>/server.json`.
+    pub admin_token: Arc<String>,
 }
 
 /// Most rejected lines an ingest answer lists one by one; the rest are in its totals.
@@ -62,6 +64,8 @@ pub enum ApiError {
     UnsupportedEncoding(String),
     Overloaded(String),
     MethodNotAllowed,
+    Unauthorized,
+    Conflict(String),
     Internal(String),
 }
 
@@ -78,6 +82,11 @@ impl IntoResponse for ApiError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!("Content-Encoding: {enc:?} is not supported (use gzip, zstd or none)"),
             ),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "admin endpoints need the bearer token of <data_dir>/server.json".into(),
+            ),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint".into())
             }
@@ -104,6 +113,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ads/popular_ads", get(popular_ads))
         .route("/v1/ads/{ad_id}/aggregated_count", get(aggregated_count))
         .route("/v1/ads/{ad_id}/timeseries", get(timeseries))
+        .route("/v1/admin/{job}", post(admin_job))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/", get(dashboard))
@@ -318,24 +328,26 @@ fn query_map(
         .map_err(|e| ApiError::BadRequest(format!("query string: {}", e.body_text())))
 }
 
-/// Parses a minute-aligned time parameter: RFC 3339 or epoch milliseconds.
-fn minute_param(q: &HashMap<String, String>, name: &str) -> Result<Option<Minute>, ApiError> {
-    let Some(raw) = q.get(name) else { return Ok(None) };
+/// Parses a minute-aligned time (RFC 3339 or epoch milliseconds); errors name `name`.
+pub fn parse_minute(name: &str, raw: &str) -> Result<Minute, String> {
     let t = match raw.parse::<i64>() {
         Ok(ms) => EventTime(ms),
         Err(_) => parse_rfc3339(raw).map_err(|e| {
-            ApiError::BadRequest(format!(
-                "{name}: {raw:?} is not an RFC 3339 time or epoch milliseconds ({e})"
-            ))
+            format!("{name}: {raw:?} is not an RFC 3339 time or epoch milliseconds ({e})")
         })?,
     };
     if !(EventTime::MIN.0..=EventTime::MAX.0 - MINUTE_MS).contains(&t.0) {
-        return Err(ApiError::BadRequest(format!("{name}: {raw:?} is outside years 0000-9999")));
+        return Err(format!("{name}: {raw:?} is outside years 0000-9999"));
     }
     if t.0.rem_euclid(MINUTE_MS) != 0 {
-        return Err(ApiError::BadRequest(format!("{name}: {raw:?} is not aligned to a minute")));
+        return Err(format!("{name}: {raw:?} is not aligned to a minute"));
     }
-    Ok(Some(t.minute()))
+    Ok(t.minute())
+}
+
+/// A minute-aligned time parameter of the query string.
+fn minute_param(q: &HashMap<String, String>, name: &str) -> Result<Option<Minute>, ApiError> {
+    q.get(name).map(|raw| parse_minute(name, raw).map_err(ApiError::BadRequest)).transpose()
 }
 
 fn current_minute() -> Minute {
@@ -509,6 +521,86 @@ async fn popular_ads(
         "final": watermark.all_final_before(to),
         "ads": ads,
     })))
+}
+
+/// `POST /v1/admin/{recalc|reconcile}?from=&to=[&dry_run=true]`: runs the job on this server's
+/// store and archive (after archiving everything durable), answering NDJSON as it goes:
+/// `{"progress":…}` lines, then `{"result":…}` or `{"error":…}`.
+async fn admin_job(
+    State(s): State<AppState>,
+    Path(job): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let expected = format!("Bearer {}", s.admin_token);
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if given.map(str::as_bytes) != Some(expected.as_bytes()) {
+        return Err(ApiError::Unauthorized);
+    }
+    let q = query_map(q)?;
+    let job = match job.as_str() {
+        "recalc" => {
+            unknown_params(&q, &["from", "to", "dry_run"])?;
+            let dry_run = match q.get("dry_run").map(String::as_str) {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(v) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "dry_run: {v:?} is not true or false"
+                    )))
+                }
+            };
+            crate::recalc::Job::Recalc { dry_run }
+        }
+        "reconcile" => {
+            unknown_params(&q, &["from", "to"])?;
+            crate::recalc::Job::Reconcile
+        }
+        _ => return Err(ApiError::NotFound(format!("no admin job {job:?} (recalc, reconcile)"))),
+    };
+    let required = |name| {
+        minute_param(&q, name)?.ok_or_else(|| ApiError::BadRequest(format!("{name}: required")))
+    };
+    let (from, to) = (required("from")?, required("to")?);
+    if from >= to {
+        return Err(ApiError::BadRequest("from: must be before to".into()));
+    }
+    let query = s.query.clone();
+    let busy = query.jobs.try_lock().is_err();
+    if busy {
+        return Err(ApiError::Conflict(
+            "another recalc or reconcile is running; retry later".into(),
+        ));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(16);
+    std::thread::Builder::new()
+        .name("adclick-admin-job".into())
+        .spawn(move || {
+            let Ok(_running) = query.jobs.try_lock() else {
+                let _ = tx.blocking_send(json!({"error": "another job is running"}).to_string());
+                return;
+            };
+            let result = query.flush_archive().and_then(|()| {
+                let mut last = std::time::Instant::now();
+                crate::recalc::run_job(&query.recalc, Some(&query.live), job, from, to, &mut |p| {
+                    if last.elapsed() >= std::time::Duration::from_millis(250) {
+                        last = std::time::Instant::now();
+                        let _ = tx.blocking_send(json!({ "progress": p }).to_string());
+                    }
+                })
+            });
+            let line = match result {
+                Ok(r) => json!({ "result": r }),
+                Err(e) => json!({ "error": format!("{e:#}") }),
+            };
+            let _ = tx.blocking_send(line.to_string());
+        })
+        .map_err(|e| ApiError::Internal(format!("starting the job: {e}")))?;
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|line| (Ok::<_, std::convert::Infallible>(line + "\n"), rx))
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream))
+        .into_response())
 }
 
 async fn dashboard(State(s): State<AppState>) -> Html<String> {

@@ -45,6 +45,40 @@ pub enum Command {
     Generate(GenerateArgs),
     /// The end-to-end benchmark: HTTP ingest through to final results, latency, RSS, recovery.
     Bench(crate::bench::BenchArgs),
+    /// Recompute a time range from the raw archive (too-late clicks included) and replace its
+    /// stored counts, top-N and popular-ads data atomically (SPEC §3.4).
+    Recalc {
+        #[command(flatten)]
+        range: RangeArgs,
+        /// Print what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Compare stored results with a recomputation from the raw archive (SPEC §3.5). Exit 0
+    /// when all match, 1 when not.
+    Reconcile {
+        #[command(flatten)]
+        range: RangeArgs,
+    },
+    /// Follow NDJSON files through rotation and send their lines to a collector (SPEC §4).
+    Ship(crate::ship::ShipArgs),
+}
+
+/// The range and data of `recalc` and `reconcile`; both work whether or not `serve` runs.
+#[derive(Args, Debug)]
+pub struct RangeArgs {
+    /// First minute, inclusive: RFC 3339 or epoch ms, minute-aligned.
+    #[arg(long)]
+    pub from: String,
+    /// End minute, exclusive.
+    #[arg(long)]
+    pub to: String,
+    /// Data directory (default ./adclick-data).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Settings that flags may override (environment: the `ADCLICK_*` variable of each key).
@@ -119,7 +153,8 @@ pub struct GenerateArgs {
     /// Lines per second (default: as fast as possible).
     #[arg(long)]
     pub rate: Option<u64>,
-    /// Where to: a file path, `-` for stdout, or a collector URL (http://host:port).
+    /// Where to: a file path, `-` for stdout, or a collector URL (http://host:port or the full
+    /// http://host:port/v1/clicks).
     #[arg(long, default_value = "-")]
     pub to: String,
     /// Lines per POST to a collector.
@@ -169,7 +204,29 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Generate(args) => generate(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Recalc { range, dry_run } => {
+            job(cli.config.as_deref(), range, crate::recalc::Job::Recalc { dry_run })
+        }
+        Command::Reconcile { range } => {
+            job(cli.config.as_deref(), range, crate::recalc::Job::Reconcile)
+        }
+        Command::Ship(args) => crate::ship::run(args),
     }
+}
+
+fn job(
+    config: Option<&std::path::Path>,
+    range: RangeArgs,
+    job: crate::recalc::Job,
+) -> anyhow::Result<()> {
+    let args = ServeArgs { data_dir: range.data_dir.clone(), ..ServeArgs::default() };
+    let settings = settings(config, &args, None)?;
+    let from = crate::api::parse_minute("--from", &range.from).map_err(anyhow::Error::msg)?;
+    let to = crate::api::parse_minute("--to", &range.to).map_err(anyhow::Error::msg)?;
+    if !crate::admin::run(&settings, job, from, to, range.json)? {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn settings(
@@ -220,12 +277,14 @@ fn serve(settings: Settings, demo_rate: Option<u64>) -> anyhow::Result<()> {
         validating: std::sync::Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         )),
+        admin_token: Default::default(),
     };
     let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("listen: cannot bind {}", settings.listen))?;
         let addr = listener.local_addr().context("listen address")?;
+        let token = crate::admin::write_server_file(&settings.data_dir, addr)?;
         println!("adclick: listening on http://{addr} (data in {})", settings.data_dir.display());
         let _ = std::io::stdout().flush();
         if let Some(rate) = demo_rate {
@@ -249,12 +308,14 @@ fn serve(settings: Settings, demo_rate: Option<u64>) -> anyhow::Result<()> {
                 }
             });
         }
+        let state = crate::api::AppState { admin_token: std::sync::Arc::new(token), ..state };
         axum::serve(listener, crate::api::router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await
             .context("serving")
     });
     tracing::info!("shutting down: committing and checkpointing");
+    let _ = std::fs::remove_file(crate::admin::server_file_path(&settings.data_dir));
     pipeline.stop();
     result
 }
@@ -313,7 +374,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     });
     let count = args.count.or(if args.rate.is_some() { None } else { Some(10_000) });
     let mut sink: Sink = if args.to.starts_with("http://") {
-        let url = format!("{}/v1/clicks", args.to.trim_end_matches('/'));
+        let url = crate::ship::clicks_url(&args.to)?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))

@@ -46,6 +46,19 @@ pub struct Config {
     pub segment_bytes: u64,
     /// How long aggregated log segments are kept (raw data for recalculation).
     pub log_retention: String,
+    /// The raw archive: a directory (relative: under data_dir) or `s3://bucket/prefix`.
+    pub archive: String,
+    /// S3: the endpoint of an S3-compatible service (credentials: the AWS_* variables).
+    #[serde(default)]
+    pub archive_endpoint: Option<String>,
+    #[serde(default)]
+    pub archive_region: Option<String>,
+    /// S3: allow an http:// endpoint (local emulators).
+    pub archive_allow_http: bool,
+    /// How long accepted clicks may wait before they are archived (files roll by time).
+    pub archive_flush_interval: String,
+    /// Most clicks per archive flush (files roll by size).
+    pub archive_file_rows: usize,
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
 }
@@ -71,13 +84,25 @@ impl Default for Config {
             max_lag_records: 5_000_000,
             segment_bytes: 128 << 20,
             log_retention: "24h".into(),
+            archive: "archive".into(),
+            archive_endpoint: None,
+            archive_region: None,
+            archive_allow_http: false,
+            archive_flush_interval: "1m".into(),
+            archive_file_rows: 1_000_000,
             filters: Vec::new(),
         }
     }
 }
 
 /// The keys `ADCLICK_*` variables may set (filters come from the file only).
-const ENV_KEYS: [&str; 18] = [
+const ENV_KEYS: [&str; 24] = [
+    "archive",
+    "archive_endpoint",
+    "archive_region",
+    "archive_allow_http",
+    "archive_flush_interval",
+    "archive_file_rows",
     "max_inflight_bytes",
     "dedup_capacity",
     "log_retention",
@@ -125,6 +150,7 @@ pub struct Settings {
     pub max_lag_records: u64,
     pub segment_bytes: u64,
     pub log_retention: Duration,
+    pub archive: crate::archive::ArchiveSettings,
 }
 
 impl Config {
@@ -217,6 +243,21 @@ impl Config {
             max_lag_records: self.max_lag_records,
             segment_bytes: self.segment_bytes.max(1 << 16),
             log_retention: duration("log_retention", &self.log_retention)?,
+            archive: crate::archive::ArchiveSettings {
+                location: self.archive.clone(),
+                endpoint: self.archive_endpoint.clone(),
+                region: self.archive_region.clone(),
+                allow_http: self.archive_allow_http,
+                flush_interval: duration("archive_flush_interval", &self.archive_flush_interval)?,
+                file_rows: if (1..=1 << 26).contains(&self.archive_file_rows) {
+                    self.archive_file_rows
+                } else {
+                    return Err(invalid(
+                        "archive_file_rows",
+                        format!("must be between 1 and 2^26, got {}", self.archive_file_rows),
+                    ));
+                },
+            },
         })
     }
 }

@@ -27,9 +27,14 @@ pub mod popular;
 pub mod log;
 pub mod store;
 
+pub mod archive;
+
+pub mod admin;
 pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod fault;
 pub mod pipeline;
+pub mod recalc;
+pub mod ship;

@@ -144,6 +144,20 @@ impl LiveIndex {
         }
     }
 
+    /// Applies a recalculation's changes (absolute counts per slot; zeros remove) at once.
+    pub fn replace(&self, changed: &[(Minute, crate::event::AdId, Vec<u64>)]) {
+        let mut state = self.read();
+        let keep_from = state.keep_from;
+        for (minute, ad, counts) in changed {
+            if *minute < keep_from {
+                continue;
+            }
+            for (slot, index) in state.slots.iter_mut().enumerate() {
+                index.set(*minute, ad, counts.get(slot).copied().unwrap_or(0));
+            }
+        }
+    }
+
     /// The index with every published commit applied. Holding it blocks other queries only.
     pub fn read(&self) -> std::sync::MutexGuard<'_, LiveState> {
         let mut state = self.state.lock().expect("not poisoned");
@@ -165,9 +179,30 @@ pub struct QueryState {
     /// Per partition: the next offset the aggregator has committed.
     pub committed: Vec<AtomicU64>,
     pub ready: AtomicBool,
+    /// Per partition: the next offset the archiver has archived.
+    pub archived: Arc<Vec<AtomicU64>>,
+    /// What recalculation and reconciliation need from the running service.
+    pub recalc: crate::recalc::Context,
+    /// Asks the archiver to archive everything durable now.
+    pub archive_requests: Mutex<std::sync::mpsc::Sender<crate::archive::FlushRequest>>,
+    /// Held while a recalc or reconcile runs: one at a time.
+    pub jobs: Mutex<()>,
 }
 
 impl QueryState {
+    /// Has the archiver archive everything durable now, and waits for it.
+    pub fn flush_archive(&self) -> anyhow::Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.archive_requests
+            .lock()
+            .expect("not poisoned")
+            .send(tx)
+            .map_err(|_| anyhow::anyhow!("the archiver has stopped"))?;
+        rx.recv()
+            .map_err(|_| anyhow::anyhow!("the archiver has stopped"))?
+            .map_err(|e| anyhow::anyhow!("archiving: {e}"))
+    }
+
     /// Log records durable but not yet aggregated.
     pub fn lag(&self) -> u64 {
         (0..self.log.partitions())
@@ -244,7 +279,27 @@ impl Pipeline {
         engine_config.identity_key = identity_key(&settings.data_dir)?;
         let filters = Arc::new(settings.filters.clone());
         let slots = filters.len() + 1;
+        let archive = Arc::new(
+            crate::archive::Archive::open(&settings.archive, &settings.data_dir)
+                .context("opening the archive")?,
+        );
+        let archiver = crate::archive::Archiver::recover(
+            archive.clone(),
+            store.clone(),
+            log.clone(),
+            &settings.archive,
+        )?;
+        let (archive_tx, archive_rx) = std::sync::mpsc::channel();
         let query = Arc::new(QueryState {
+            archived: archiver.archived(),
+            recalc: crate::recalc::Context {
+                store: store.clone(),
+                archive,
+                engine: engine_config.clone(),
+                filters: filters.clone(),
+            },
+            archive_requests: Mutex::new(archive_tx),
+            jobs: Mutex::new(()),
             store: store.clone(),
             filters: filters.clone(),
             live: LiveIndex::new(slots),
@@ -268,6 +323,13 @@ impl Pipeline {
                 .spawn(move || write_loop(writer, rx, shutdown, retention))
                 .context("starting the log writer")?
         };
+        let archiver_thread = {
+            let shutdown = shutdown.clone();
+            std::thread::Builder::new()
+                .name("adclick-archive".into())
+                .spawn(move || archiver.run(archive_rx, &shutdown))
+                .context("starting the archiver")?
+        };
         let aggregator_thread = {
             let shutdown = shutdown.clone();
             std::thread::Builder::new()
@@ -279,7 +341,7 @@ impl Pipeline {
             ingest: Ingest { tx, partitions: settings.partitions },
             query,
             shutdown,
-            threads: vec![aggregator_thread, writer_thread],
+            threads: vec![aggregator_thread, archiver_thread, writer_thread],
         })
     }
 
@@ -531,7 +593,7 @@ impl Aggregator {
 }
 
 /// Reads the records `[from, to)` of each range into `buf` (one buffer per partition).
-fn read_ranges(
+pub(crate) fn read_ranges(
     readers: &mut [crate::log::Reader],
     buf: &mut [Records],
     ranges: &[(PartitionId, Offset, Offset)],
@@ -600,7 +662,7 @@ fn restore_engine(
 }
 
 /// The identity key of a data directory: read, or created (random, durable) on first start.
-fn identity_key(data_dir: &std::path::Path) -> anyhow::Result<IdentityKey> {
+pub fn identity_key(data_dir: &std::path::Path) -> anyhow::Result<IdentityKey> {
     use anyhow::Context;
     use std::io::{Read, Write};
     let path = data_dir.join("identity.key");
@@ -777,10 +839,18 @@ impl Aggregator {
             let m = &self.query.metrics;
             m.checkpoints.fetch_add(1, Ordering::Relaxed);
             m.checkpoint_bytes.store(bytes.len() as u64, Ordering::Relaxed);
-            // The log is kept from the previous checkpoint on, for a fallback to it.
+            // The log is kept from the previous checkpoint on, for a fallback to it, and from
+            // what the archiver has not archived yet.
             let offsets = self.engine.offsets();
             if let Some(previous) = self.previous_checkpoint.replace(offsets) {
-                let _ = self.writer.try_send(ToWriter::DeleteBelow(previous));
+                let below = previous
+                    .into_iter()
+                    .map(|(p, o)| {
+                        let archived = self.query.archived[p.0 as usize].load(Ordering::Acquire);
+                        (p, Offset(o.0.min(archived)))
+                    })
+                    .collect();
+                let _ = self.writer.try_send(ToWriter::DeleteBelow(below));
             }
         }
         Ok(())

@@ -51,7 +51,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::engine::snapshot::{Decoder, Encoder};
 use crate::engine::{Counters, Offset, Output, PartitionId, Slot, Watermark};
-use crate::event::{AdId, Minute};
+use crate::event::{AdId, EventTime, Minute};
 use crate::rank::Ranked;
 
 /// Keyed minute first: a commit's rows land together at the right edge of the tree, and a restart
@@ -69,6 +69,11 @@ const TOPS: TableDefinition<(i64, u32), &[u8]> = TableDefinition::new("tops");
 const OFFSETS: TableDefinition<u32, u64> = TableDefinition::new("offsets");
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// (minute, ad) → u64 LE per slot: clicks the live path found too late (added, not absolute),
+/// so that reconciliation can explain the differences they make until a recalculation.
+const TOO_LATE: TableDefinition<(i64, &str), &[u8]> = TableDefinition::new("too_late");
+/// partition → the next offset the archiver has archived.
+const ARCHIVE_OFFSETS: TableDefinition<u32, u64> = TableDefinition::new("archive_offsets");
 
 /// A store failure, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +82,13 @@ pub struct StoreError {
     what: &'static str,
     #[source]
     source: redb::Error,
+}
+
+impl StoreError {
+    /// Another process holds the database open (a running server).
+    pub fn is_locked(&self) -> bool {
+        matches!(self.source, redb::Error::DatabaseAlreadyOpen)
+    }
 }
 
 trait Context<T> {
@@ -221,6 +233,8 @@ impl Store {
             txn.open_table(META).ctx("create meta")?;
             txn.open_table(AD_DAYS).ctx("create ad_days")?;
             txn.open_table(HOUR_VERSIONS).ctx("create hour_versions")?;
+            txn.open_table(TOO_LATE).ctx("create too_late")?;
+            txn.open_table(ARCHIVE_OFFSETS).ctx("create archive_offsets")?;
         }
         txn.commit().ctx("commit")?;
         let store =
@@ -345,6 +359,22 @@ impl Store {
                 }
                 tops.insert((t.minute.0, t.slot.index() as u32), e.buf.as_slice())
                     .ctx("write top")?;
+            }
+            if !output.too_late.is_empty() {
+                let mut late = txn.open_table(TOO_LATE).ctx("open too_late")?;
+                for (minute, ad, c) in output.too_late.iter() {
+                    let mut sum: Vec<u64> =
+                        match late.get((minute.0, ad.as_str())).ctx("read too late")? {
+                            Some(v) => v.value().chunks_exact(8).map(le_u64).collect(),
+                            None => vec![0; c.len()],
+                        };
+                    sum.resize(c.len().max(sum.len()), 0);
+                    for (a, b) in sum.iter_mut().zip(c) {
+                        *a += b;
+                    }
+                    let bytes: Vec<u8> = sum.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    late.insert((minute.0, ad.as_str()), bytes.as_slice()).ctx("write too late")?;
+                }
             }
             let mut offsets = txn.open_table(OFFSETS).ctx("open offsets")?;
             for (p, o) in &output.offsets {
@@ -611,6 +641,265 @@ impl Store {
             let mut d = Decoder::raw(v.value());
             (0..d.count().ok()?).map(|_| Some((AdId::new(d.str().ok()?), d.u().ok()?))).collect()
         }))
+    }
+}
+
+/// The archiver's committed position (see `archive`).
+#[derive(Debug, Default)]
+pub struct ArchiveState {
+    pub offsets: Vec<(PartitionId, Offset)>,
+    pub next_seq: u64,
+    /// A flush recorded but not committed: (seq, ranges), to redo.
+    pub pending: Option<(u64, crate::archive::Ranges)>,
+}
+
+/// Everything stored for the minutes of a range, read in one transaction.
+#[derive(Debug, Default)]
+pub struct RangeRows {
+    /// (minute, ad) → counts per slot.
+    pub counts: std::collections::BTreeMap<(i64, String), Vec<u64>>,
+    /// (minute, ad) → too-late clicks per slot.
+    pub too_late: std::collections::BTreeMap<(i64, String), Vec<u64>>,
+    pub watermark: Watermark,
+    /// Per partition, the aggregator's committed offsets.
+    pub offsets: Vec<(PartitionId, Offset)>,
+}
+
+/// What a recalculation replaced.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Replaced {
+    pub rows_before: u64,
+    pub rows_after: u64,
+    pub tops: u64,
+    /// Every (minute, ad) whose counts changed, with its new counts (zeros: removed), for the
+    /// in-memory index.
+    #[serde(skip)]
+    pub changed: Vec<(Minute, AdId, Vec<u64>)>,
+}
+
+/// Why a recalculation cannot replace a range.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplaceError {
+    #[error(
+        "minutes from {first_open} on can still be corrected by the live path (the watermark is \
+         {watermark}, allowed_lateness {lateness_s}s); recalculate up to {first_open} at most, or \
+         wait"
+    )]
+    NotSealed { first_open: String, watermark: String, lateness_s: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Refuses a range that reaches minutes the live path can still write (before `to`).
+fn sealed(watermark: Watermark, to: Minute, lateness_ms: i64) -> Result<(), ReplaceError> {
+    if watermark.is_too_late(Minute(to.0 - 1), lateness_ms) {
+        return Ok(());
+    }
+    let first_open = watermark
+        .oldest_countable(lateness_ms)
+        .map_or(i64::MIN, |t| t.div_euclid(crate::event::MINUTE_MS));
+    Err(ReplaceError::NotSealed {
+        first_open: if first_open == i64::MIN {
+            "the start (no watermark yet)".into()
+        } else {
+            crate::event::format_rfc3339(Minute(first_open).start())
+        },
+        watermark: watermark
+            .ms()
+            .map_or("none yet".into(), |w| crate::event::format_rfc3339(EventTime(w))),
+        lateness_s: lateness_ms / 1000,
+    })
+}
+
+impl Store {
+    /// Refuses a recalculation of minutes before `to` that the live path can still write.
+    pub fn check_sealed(&self, to: Minute, lateness_ms: i64) -> Result<(), ReplaceError> {
+        sealed(self.watermark()?, to, lateness_ms)
+    }
+
+    pub fn archive_state(&self) -> Result<ArchiveState, StoreError> {
+        let txn = self.db.begin_read().ctx("begin read")?;
+        let t = txn.open_table(ARCHIVE_OFFSETS).ctx("open archive_offsets")?;
+        let mut state = ArchiveState::default();
+        for item in t.iter().ctx("read archive offsets")? {
+            let (k, v) = item.ctx("read archive offset")?;
+            state.offsets.push((PartitionId(k.value()), Offset(v.value())));
+        }
+        let meta = txn.open_table(META).ctx("open meta")?;
+        if let Some(v) = meta.get("archive_next_seq").ctx("read archive seq")? {
+            state.next_seq = le_u64(v.value());
+        }
+        if let Some(v) = meta.get("archive_pending").ctx("read archive flush")? {
+            let mut d = Decoder::raw(v.value());
+            let decode = |d: &mut Decoder| -> Option<(u64, crate::archive::Ranges)> {
+                let seq = d.u().ok()?;
+                let n = d.count().ok()?;
+                let mut ranges = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ranges.push((
+                        PartitionId(u32::try_from(d.u().ok()?).ok()?),
+                        Offset(d.u().ok()?),
+                        Offset(d.u().ok()?),
+                    ));
+                }
+                Some((seq, ranges))
+            };
+            state.pending = Some(decode(&mut d).ok_or(StoreError {
+                what: "the recorded archive flush is corrupt",
+                source: redb::Error::Corrupted("archive_pending".into()),
+            })?);
+        }
+        Ok(state)
+    }
+
+    /// Records, durably, that flush `seq` is about to write the files of `ranges`.
+    pub fn archive_begin(
+        &self,
+        seq: u64,
+        ranges: &[(PartitionId, Offset, Offset)],
+    ) -> Result<(), StoreError> {
+        let mut e = Encoder::default();
+        e.u(seq);
+        e.u(ranges.len() as u64);
+        for (p, a, b) in ranges {
+            e.u(p.0 as u64);
+            e.u(a.0);
+            e.u(b.0);
+        }
+        let txn = self.db.begin_write().ctx("begin")?;
+        {
+            let mut meta = txn.open_table(META).ctx("open meta")?;
+            meta.insert("archive_pending", e.buf.as_slice()).ctx("write archive flush")?;
+        }
+        txn.commit().ctx("commit archive flush intent")
+    }
+
+    /// Commits flush `seq`: its files are written; the archive offsets advance past `ranges`.
+    pub fn archive_commit(
+        &self,
+        seq: u64,
+        ranges: &[(PartitionId, Offset, Offset)],
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().ctx("begin")?;
+        {
+            let mut t = txn.open_table(ARCHIVE_OFFSETS).ctx("open archive_offsets")?;
+            for (p, _, to) in ranges {
+                t.insert(p.0, to.0).ctx("write archive offset")?;
+            }
+            let mut meta = txn.open_table(META).ctx("open meta")?;
+            meta.remove("archive_pending").ctx("clear archive flush")?;
+            meta.insert("archive_next_seq", (seq + 1).to_le_bytes().as_slice())
+                .ctx("write archive seq")?;
+        }
+        txn.commit().ctx("commit archive flush")
+    }
+
+    /// Every stored count and too-late count of the minutes `[from, to)`, with the watermark
+    /// and offsets, from one read transaction (reconciliation and dry runs).
+    pub fn range_rows(&self, from: Minute, to: Minute) -> Result<RangeRows, StoreError> {
+        let txn = self.db.begin_read().ctx("begin read")?;
+        let mut out = RangeRows { watermark: read_watermark(&txn)?, ..RangeRows::default() };
+        for (table, map) in [(COUNTS, &mut out.counts), (TOO_LATE, &mut out.too_late)] {
+            let t = txn.open_table(table).ctx("open counts")?;
+            for item in t.range((from.0, "")..(to.0, "")).ctx("scan counts")? {
+                let (k, v) = item.ctx("read count")?;
+                let (minute, ad) = k.value();
+                map.insert(
+                    (minute, ad.to_string()),
+                    v.value().chunks_exact(8).map(le_u64).collect(),
+                );
+            }
+        }
+        let t = txn.open_table(OFFSETS).ctx("open offsets")?;
+        for item in t.iter().ctx("read offsets")? {
+            let (k, v) = item.ctx("read offset")?;
+            out.offsets.push((PartitionId(k.value()), Offset(v.value())));
+        }
+        Ok(out)
+    }
+
+    /// Replaces the counts and top-N lists of the minutes `[from, to)` with `counts` and `tops`
+    /// in one transaction (SPEC §3.4), and clears their too-late counts (now counted). Refused
+    /// unless the live path can no longer write any of those minutes (checked in the same
+    /// transaction, against the committed watermark, which only grows).
+    pub fn replace_range(
+        &self,
+        from: Minute,
+        to: Minute,
+        counts: &std::collections::BTreeMap<(i64, String), Vec<u64>>,
+        tops: &[crate::engine::TopUpdate],
+        lateness_ms: i64,
+    ) -> Result<Replaced, ReplaceError> {
+        let txn = self.db.begin_write().ctx("begin recalculation")?;
+        let mut replaced = Replaced::default();
+        {
+            let meta = txn.open_table(META).ctx("open meta")?;
+            let watermark = meta
+                .get("watermark")
+                .ctx("read watermark")?
+                .map_or(Watermark::NONE, |v| Watermark::from_raw(le_u64(v.value()) as i64));
+            sealed(watermark, to, lateness_ms)?;
+            let mut t = txn.open_table(COUNTS).ctx("open counts")?;
+            let mut old: std::collections::BTreeMap<(i64, String), Vec<u64>> = Default::default();
+            for item in t.range((from.0, "")..(to.0, "")).ctx("scan counts")? {
+                let (k, v) = item.ctx("read count")?;
+                let (minute, ad) = k.value();
+                old.insert(
+                    (minute, ad.to_string()),
+                    v.value().chunks_exact(8).map(le_u64).collect(),
+                );
+            }
+            replaced.rows_before = old.len() as u64;
+            for (minute, ad) in old.keys() {
+                t.remove((*minute, ad.as_str())).ctx("remove count")?;
+            }
+            let mut days = txn.open_table(AD_DAYS).ctx("open ad_days")?;
+            let mut row = Vec::new();
+            for ((minute, ad), c) in counts {
+                if *minute < from.0 || *minute >= to.0 || c.iter().all(|&v| v == 0) {
+                    continue;
+                }
+                row.clear();
+                for v in c {
+                    row.extend_from_slice(&v.to_le_bytes());
+                }
+                t.insert((*minute, ad.as_str()), row.as_slice()).ctx("write count")?;
+                days.insert((ad.as_str(), day_of(*minute)), ()).ctx("write ad day")?;
+                replaced.rows_after += 1;
+                if old.get(&(*minute, ad.clone())) != Some(c) {
+                    replaced.changed.push((Minute(*minute), AdId::new(ad), c.clone()));
+                }
+            }
+            for ((minute, ad), c) in &old {
+                if !counts.contains_key(&(*minute, ad.clone())) {
+                    replaced.changed.push((Minute(*minute), AdId::new(ad), vec![0; c.len()]));
+                }
+            }
+            let mut versions = txn.open_table(HOUR_VERSIONS).ctx("open hour_versions")?;
+            for hour in from.0.div_euclid(60)..=(to.0 - 1).div_euclid(60) {
+                let v = versions.get(hour).ctx("read hour version")?.map_or(0, |v| v.value());
+                versions.insert(hour, v + 1).ctx("write hour version")?;
+            }
+            let mut top_table = txn.open_table(TOPS).ctx("open tops")?;
+            top_table.retain_in((from.0, 0)..(to.0, 0), |_, _| false).ctx("remove tops")?;
+            for t in tops.iter().filter(|t| t.minute >= from && t.minute < to) {
+                let mut e = Encoder::default();
+                e.u(t.ads.len() as u64);
+                for (ad, c) in &t.ads {
+                    e.bytes(ad.as_str().as_bytes());
+                    e.u(*c);
+                }
+                top_table
+                    .insert((t.minute.0, t.slot.index() as u32), e.buf.as_slice())
+                    .ctx("write top")?;
+                replaced.tops += 1;
+            }
+            let mut late = txn.open_table(TOO_LATE).ctx("open too_late")?;
+            late.retain_in((from.0, "")..(to.0, ""), |_, _| false).ctx("clear too late")?;
+            crate::fault::point("store.mid_replace");
+        }
+        txn.commit().ctx("commit recalculation")?;
+        Ok(replaced)
     }
 }
 

@@ -16,7 +16,7 @@ use crate::filter::{FilterMask, Filters};
 
 use super::snapshot::{Decoder, Encoder, SnapshotError};
 use super::watermark::{Watermark, Watermarks};
-use super::{Counters, EngineConfig, Offset, PartitionId, Payload, Record, Rejected};
+use super::{CountUpdates, Counters, EngineConfig, Offset, PartitionId, Payload, Record, Rejected};
 
 /// One (ad, minute, filter mask) of a batch.
 #[derive(Clone, Debug)]
@@ -53,6 +53,8 @@ pub struct MapMeta {
     pub(crate) offsets: Vec<(PartitionId, Offset)>,
     pub(crate) rejected: Vec<Rejected>,
     pub(crate) counters: Counters,
+    /// The batch's too-late clicks, one row of 1 + filters counts per (minute, ad) (rare).
+    pub(crate) too_late: CountUpdates,
 }
 
 /// The map stage's result for one batch.
@@ -95,6 +97,11 @@ impl Mapper {
         &self.counters
     }
 
+    /// How long after its last record a partition stops holding the watermark, and its delay.
+    pub fn idle_and_delay_ms(&self) -> i64 {
+        self.config.idle_timeout_ms + self.config.watermark_delay_ms
+    }
+
     pub fn peek_watermark(&self, wall: EventTime) -> Watermark {
         self.watermarks.peek(wall)
     }
@@ -125,6 +132,7 @@ impl Mapper {
             })
             .collect();
         let mut rejected = Vec::new();
+        let mut too_late = CountUpdates::new(self.filters.len() + 1);
         self.groups.clear();
         let v = Validation { now: wall, max_skew_ms: self.config.max_clock_skew_ms };
         let mut touched = Vec::new();
@@ -136,9 +144,9 @@ impl Mapper {
                 touched.push(r.partition);
             }
             match &r.payload {
-                Payload::Click(c) => self.route(c, r.partition, wall, &mut batches),
+                Payload::Click(c) => self.route(c, r.partition, wall, &mut batches, &mut too_late),
                 Payload::Line(line) => match parse_line(line, v) {
-                    Ok(Some(c)) => self.route(&c, r.partition, wall, &mut batches),
+                    Ok(Some(c)) => self.route(&c, r.partition, wall, &mut batches, &mut too_late),
                     Ok(None) => {}
                     Err(error) => {
                         self.counters.invalid[error.kind().index()] += 1;
@@ -158,7 +166,13 @@ impl Mapper {
             .map(|p| (p, self.watermarks.next_offset(p).expect("claimed partitions are known")))
             .collect();
         Mapped {
-            meta: MapMeta { watermark, offsets, rejected, counters: self.counters.clone() },
+            meta: MapMeta {
+                watermark,
+                offsets,
+                rejected,
+                counters: self.counters.clone(),
+                too_late: too_late.merged(),
+            },
             batches,
         }
     }
@@ -169,6 +183,7 @@ impl Mapper {
         partition: PartitionId,
         wall: EventTime,
         batches: &mut [ShardBatch],
+        too_late: &mut CountUpdates,
     ) {
         self.counters.valid += 1;
         let minute = click.time.minute();
@@ -176,6 +191,11 @@ impl Mapper {
         self.watermarks.observe(partition, click.time, wall);
         if w.is_too_late(minute, self.config.allowed_lateness_ms) {
             self.counters.too_late += 1;
+            let mask = self.filters.matches(click);
+            let row: Vec<u64> = (0..=self.filters.len())
+                .map(|i| u64::from(i == 0 || mask.contains(i - 1)))
+                .collect();
+            too_late.push(minute, &AdId::new(&click.ad_id), &row);
             return;
         }
         let mask = self.filters.matches(click);

@@ -126,6 +126,9 @@ impl Default for EngineConfig {
     }
 }
 
+/// Recomputation's lateness: 1,000 years, so nothing is too late (and no sum overflows).
+const RECOMPUTE_LATENESS_MS: i64 = 1000 * 366 * 24 * 60 * MINUTE_MS;
+
 /// A setting out of its allowed range; names the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {reason}")]
@@ -295,6 +298,22 @@ impl CountUpdates {
     pub fn is_empty(&self) -> bool {
         self.minutes.is_empty()
     }
+    /// Rows with the same (minute, ad) summed into one, in (minute, ad) order.
+    pub fn merged(self) -> CountUpdates {
+        let mut sums: std::collections::BTreeMap<(Minute, &AdId), Vec<u64>> = Default::default();
+        for (m, ad, c) in self.iter() {
+            let row = sums.entry((m, ad)).or_insert_with(|| vec![0; c.len()]);
+            for (a, b) in row.iter_mut().zip(c) {
+                *a += b;
+            }
+        }
+        let mut out = CountUpdates::with_capacity(self.stride, sums.len());
+        for ((m, ad), c) in &sums {
+            out.push(*m, ad, c);
+        }
+        out
+    }
+
     /// Each row: its minute, ad and counts indexed by [`Slot::index`].
     pub fn iter(&self) -> impl Iterator<Item = (Minute, &AdId, &[u64])> {
         let stride = self.stride.max(1);
@@ -325,6 +344,9 @@ pub struct Output {
     pub offsets: Vec<(PartitionId, Offset)>,
     pub rejected: Vec<Rejected>,
     pub counters: Counters,
+    /// Clicks of this batch that came too late to be counted, per (minute, ad) and slot: they
+    /// stay in the raw archive, and reconciliation explains differences with them.
+    pub too_late: CountUpdates,
 }
 
 /// The whole engine in one thread: a mapper, its shards and a reducer.
@@ -343,6 +365,31 @@ impl Engine {
             mapper: Mapper::new(config, filters),
             shards,
         })
+    }
+
+    /// An engine for recomputation from the raw archive (SPEC §3.4): the same dataflow, dedup
+    /// and top-N with `config`'s settings, but no click is ever too late, so every distinct
+    /// valid click is counted. Feed each partition's records in offset order, then
+    /// [`Engine::finish`] makes every minute final.
+    pub fn recompute(
+        mut config: EngineConfig,
+        filters: Arc<Filters>,
+    ) -> Result<Engine, ConfigError> {
+        config.validate()?;
+        config.allowed_lateness_ms = RECOMPUTE_LATENESS_MS;
+        let shards = (0..config.shards).map(|_| Shard::new(&config, filters.len())).collect();
+        Ok(Engine {
+            reducer: Reducer::new(&config, filters.len()),
+            mapper: Mapper::new(config, filters),
+            shards,
+        })
+    }
+
+    /// Ends a recomputation: every partition seen goes idle and the watermark passes `until`,
+    /// so every window before it is final and its top-N emitted.
+    pub fn finish(&mut self, until: EventTime) -> Output {
+        let wall = EventTime(until.0 + self.mapper.idle_and_delay_ms() + MINUTE_MS);
+        self.process(wall, &[])
     }
 
     /// Processes one batch stamped with wall-clock time `wall`.

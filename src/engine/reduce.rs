@@ -74,6 +74,7 @@ impl Reducer {
             offsets: meta.offsets,
             rejected: meta.rejected,
             counters,
+            too_late: meta.too_late,
         }
     }
 

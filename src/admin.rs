@@ -1,0 +1,290 @@
+//! `adclick recalc` and `adclick reconcile` on a data directory, whether or not a server runs on
+//! it, and the discovery file that makes that possible.
+//!
+//! The store is single-process (redb locks its file), so the command first tries to open it:
+//! - it opens: no server runs. The command archives what the log holds and the archive lacks
+//!   (a crash can leave a tail unarchived), then runs the job itself;
+//! - it is locked: a server holds it. `serve` wrote `<data_dir>/server.json` (mode 0600) with its
+//!   address and a random admin token; the command posts the job to the server's
+//!   `/v1/admin/{job}` endpoint and reads the NDJSON progress and result it streams back.
+//!
+//! Either way the same code (`recalc::run_job`) does the work, and the output is the same.
+
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Settings;
+use crate::event::Minute;
+use crate::recalc::{Job, JobResult, Progress};
+
+/// What `serve` tells commands on the same data directory.
+#[derive(Serialize, Deserialize)]
+pub struct ServerFile {
+    pub url: String,
+    pub token: String,
+    pub pid: u32,
+}
+
+pub fn server_file_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("server.json")
+}
+
+/// Writes `server.json` for a server listening on `addr` (atomically, readable by the owner
+/// only) and returns its admin token.
+pub fn write_server_file(data_dir: &Path, addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut raw = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .context("reading random bytes for the admin token")?;
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let host = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    let file =
+        ServerFile { url: format!("http://{host}"), token: token.clone(), pid: std::process::id() };
+    let path = server_file_path(data_dir);
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&serde_json::to_vec(&file)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(token)
+}
+
+/// Runs a job and prints its result (a table, or JSON with `json`). Returns whether the stored
+/// results matched the archive (reconcile) or the job succeeded (recalc).
+pub fn run(
+    settings: &Settings,
+    job: Job,
+    from: Minute,
+    to: Minute,
+    json: bool,
+) -> anyhow::Result<bool> {
+    anyhow::ensure!(from < to, "--from must be before --to");
+    let store_path = settings.data_dir.join("store.redb");
+    anyhow::ensure!(
+        store_path.exists(),
+        "{} holds no adclick data (no store.redb); use --data-dir or --config",
+        settings.data_dir.display()
+    );
+    let mut bar = Bar::new();
+    let result = match crate::store::Store::open(&store_path) {
+        Ok(store) => run_here(settings, Arc::new(store), job, from, to, &mut bar)?,
+        Err(e) if e.is_locked() => run_on_server(settings, job, from, to, &mut bar)?,
+        Err(e) => return Err(e).context("opening the store"),
+    };
+    bar.done();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        print_table(&result);
+    }
+    Ok(match job {
+        Job::Reconcile => result.report.matches,
+        Job::Recalc { .. } => true,
+    })
+}
+
+fn run_here(
+    settings: &Settings,
+    store: Arc<crate::store::Store>,
+    job: Job,
+    from: Minute,
+    to: Minute,
+    bar: &mut Bar,
+) -> anyhow::Result<JobResult> {
+    store.check_settings(&settings.recorded()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let writer = crate::log::Writer::open(
+        &settings.data_dir.join("log"),
+        settings.partitions as usize,
+        settings.segment_bytes,
+    )
+    .context("opening the log")?;
+    let archive = Arc::new(
+        crate::archive::Archive::open(&settings.archive, &settings.data_dir)
+            .context("opening the archive")?,
+    );
+    let mut archiver = crate::archive::Archiver::recover(
+        archive.clone(),
+        store.clone(),
+        writer.handle(),
+        &settings.archive,
+    )?;
+    let n = archiver.catch_up().context("archiving the log's tail")?;
+    if n > 0 {
+        eprintln!("adclick: archived {n} clicks the archive did not hold yet");
+    }
+    let mut engine = settings.engine.clone();
+    engine.identity_key = crate::pipeline::identity_key(&settings.data_dir)?;
+    let ctx = crate::recalc::Context {
+        store,
+        archive,
+        engine,
+        filters: Arc::new(settings.filters.clone()),
+    };
+    crate::recalc::run_job(&ctx, None, job, from, to, &mut |p| bar.show(p))
+}
+
+fn run_on_server(
+    settings: &Settings,
+    job: Job,
+    from: Minute,
+    to: Minute,
+    bar: &mut Bar,
+) -> anyhow::Result<JobResult> {
+    let path = server_file_path(&settings.data_dir);
+    let server: ServerFile = serde_json::from_slice(&std::fs::read(&path).with_context(|| {
+        format!("a server holds the store, but {} cannot be read", path.display())
+    })?)
+    .with_context(|| format!("{} is not a server file", path.display()))?;
+    let (name, dry) = match job {
+        Job::Recalc { dry_run } => ("recalc", format!("&dry_run={dry_run}")),
+        Job::Reconcile => ("reconcile", String::new()),
+    };
+    let url =
+        format!("{}/v1/admin/{name}?from={}&to={}{dry}", server.url, from.start().0, to.start().0);
+    eprintln!(
+        "adclick: a server (pid {}) holds {}; running there",
+        server.pid,
+        settings.data_dir.display()
+    );
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let response = agent
+        .post(&url)
+        .header("authorization", &format!("Bearer {}", server.token))
+        .send_empty()
+        .with_context(|| format!("asking the server at {}", server.url))?;
+    let status = response.status();
+    let mut reader = std::io::BufReader::new(response.into_body().into_reader());
+    if !status.is_success() {
+        let mut body = String::new();
+        let _ = reader.read_to_string(&mut body);
+        anyhow::bail!("the server answered {status}: {body}");
+    }
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).context("reading the server's answer")? == 0 {
+            anyhow::bail!("the server closed the connection before the result");
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).context("the server's answer")?;
+        if let Some(p) = v.get("progress") {
+            if let Ok(p) = serde_json::from_value::<Progress>(p.clone()) {
+                bar.show(&p);
+            }
+        } else if let Some(r) = v.get("result") {
+            return serde_json::from_value(r.clone()).context("the server's result");
+        } else if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+            anyhow::bail!("{e}");
+        }
+    }
+}
+
+/// A one-line progress bar on a terminal's stderr.
+struct Bar {
+    on: bool,
+    shown: bool,
+}
+
+impl Bar {
+    fn new() -> Bar {
+        Bar { on: std::io::stderr().is_terminal(), shown: false }
+    }
+    fn show(&mut self, p: &Progress) {
+        if !self.on {
+            return;
+        }
+        let share = p.minutes_done as f64 / p.minutes_total.max(1) as f64;
+        let filled = (share * 30.0) as usize;
+        eprint!(
+            "\r[{}{}] {:>3.0}%  {} events  {:.0} events/s  {} files   ",
+            "#".repeat(filled),
+            "-".repeat(30 - filled.min(30)),
+            share * 100.0,
+            p.events,
+            p.events as f64 / p.elapsed_s.max(1e-9),
+            p.files
+        );
+        self.shown = true;
+    }
+    fn done(&mut self) {
+        if self.shown {
+            eprintln!();
+        }
+    }
+}
+
+/// Most differences the table lists; `--json` lists them all.
+const TABLE_ROWS: usize = 50;
+
+fn print_table(r: &JobResult) {
+    let rep = &r.report;
+    let verb = match (r.job.as_str(), r.dry_run) {
+        ("recalc", true) => "would change",
+        ("recalc", false) => "changed",
+        _ => "differ",
+    };
+    if !rep.differences.is_empty() {
+        println!(
+            "{:<20} {:<24} {:<12} {:>10} {:>10} {:>10}  kind",
+            "minute", "ad_id", "filter", "stored", "recomputed", "difference"
+        );
+        for d in rep.differences.iter().take(TABLE_ROWS) {
+            println!(
+                "{:<20} {:<24} {:<12} {:>10} {:>10} {:>+10}  {}",
+                d.minute,
+                d.ad_id,
+                d.filter.as_deref().unwrap_or("(total)"),
+                d.stored,
+                d.recomputed,
+                d.difference,
+                serde_json::to_value(d.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            );
+        }
+        if rep.differences.len() > TABLE_ROWS {
+            println!("… and {} more (--json lists all)", rep.differences.len() - TABLE_ROWS);
+        }
+        println!();
+    }
+    println!(
+        "{} [{}, {}): {} events read from the archive in {:.1}s ({:.0} events/s); {} stored rows, {} recomputed",
+        r.job, rep.from, rep.to, rep.events_read, r.elapsed_s, r.events_per_s, rep.rows_stored, rep.rows_recomputed
+    );
+    if rep.differences.is_empty() {
+        println!("all stored counts match the archive");
+    } else {
+        println!(
+            "{} counts {verb}: {} too late, {} missing from the archive, {} unexplained",
+            rep.differences.len(),
+            rep.too_late,
+            rep.missing_from_archive,
+            rep.unexplained
+        );
+    }
+    if let Some(fix) = rep.fix.as_ref().filter(|_| r.job == "reconcile") {
+        println!("too-late clicks are counted by: {fix}");
+    }
+    if let Some(rep) = &r.replaced {
+        println!(
+            "replaced atomically: {} rows before, {} after, {} top-N lists",
+            rep.rows_before, rep.rows_after, rep.tops
+        );
+    }
+}

@@ -1,0 +1,528 @@
+//! The raw archive (SPEC §1, §5): every accepted click, too-late ones included, as Parquet
+//! (zstd) partitioned by event hour, on a local directory or S3-compatible storage through
+//! `object_store`. It is the second path to the truth: recalculation and reconciliation read it.
+//!
+//! ```text
+//! <archive>/date=YYYY-MM-DD/hour=HH/part-<flush seq, 12 digits>.parquet
+//!
+//! column            type                          from the click line
+//! ad_id             utf8                          ad_id (a number as its decimal string)
+//! click_timestamp   timestamp[ms, tz=UTC]         click_timestamp, truncated to ms
+//! user_id           utf8, nullable                user_id
+//! ip                utf8, nullable                ip, canonical text (IPv4-mapped IPv6 as IPv4)
+//! country           utf8, nullable                country, upper-case ISO 3166-1 alpha-2
+//! click_id          utf8, nullable                click_id
+//! partition         uint32                        the log partition that holds it
+//! offset            uint64                        its offset in that partition
+//! ```
+//!
+//! # Exactly once
+//!
+//! The [`Archiver`] is a consumer of the click log with its own offsets in the store. A *flush*
+//! takes the records `[archived, end)` of each partition (at most `file_rows` in all), and:
+//! 1. records its intent (sequence number and ranges) in the store, durably;
+//! 2. writes one file per event hour its records fall in, named by the sequence number, each
+//!    whole (`put` writes a temporary object and renames or completes it) and, locally, fsynced;
+//! 3. commits the new offsets and clears the intent in one transaction.
+//!
+//! After a crash between 1 and 3 the start redoes the recorded flush: the same ranges give the
+//! same records, hours and names, so the files are replaced, never doubled, and nothing is lost.
+//! Log segments are deleted only below both the aggregator's and the archiver's offsets.
+//!
+//! Files roll by size (`archive_file_rows`) and by time (`archive_flush_interval`).
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use arrow_array::builder::{
+    StringBuilder, TimestampMillisecondBuilder, UInt32Builder, UInt64Builder,
+};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{TimestampMillisecondType, UInt32Type, UInt64Type};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use futures_util::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::engine::{Offset, PartitionId};
+use crate::event::{wire, Click, Country, EventTime};
+use crate::log::{LogHandle, Records};
+use crate::store::Store;
+
+/// Where the archive lives and how files roll.
+#[derive(Clone, Debug)]
+pub struct ArchiveSettings {
+    /// A local directory, or `s3://bucket/prefix`.
+    pub location: String,
+    /// S3: endpoint URL of an S3-compatible service (default: AWS).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// S3: allow plain http endpoints (local emulators).
+    pub allow_http: bool,
+    pub flush_interval: Duration,
+    /// Most records one flush archives (and so most rows per file).
+    pub file_rows: usize,
+}
+
+/// The Parquet schema of archived clicks (see the module doc).
+pub fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("ad_id", DataType::Utf8, false),
+        Field::new(
+            "click_timestamp",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("user_id", DataType::Utf8, true),
+        Field::new("ip", DataType::Utf8, true),
+        Field::new("country", DataType::Utf8, true),
+        Field::new("click_id", DataType::Utf8, true),
+        Field::new("partition", DataType::UInt32, false),
+        Field::new("offset", DataType::UInt64, false),
+    ]))
+}
+
+/// An archive location, local or remote, with the runtime its async client needs.
+pub struct Archive {
+    rt: tokio::runtime::Runtime,
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    display: String,
+}
+
+/// One archived file: its hour, flush sequence number and location.
+#[derive(Clone, Debug)]
+pub struct ArchiveFile {
+    pub hour: i64,
+    pub seq: u64,
+    pub location: ObjectPath,
+    pub size: u64,
+}
+
+impl Archive {
+    /// Opens the archive at `settings.location` (relative local paths are under `data_dir`).
+    pub fn open(settings: &ArchiveSettings, data_dir: &Path) -> anyhow::Result<Archive> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("adclick-archive-io")
+            .enable_all()
+            .build()
+            .context("starting the archive's I/O runtime")?;
+        let loc = settings.location.as_str();
+        let (store, prefix, display): (Arc<dyn ObjectStore>, String, String) =
+            if let Some(rest) = loc.strip_prefix("s3://") {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                anyhow::ensure!(!bucket.is_empty(), "archive: {loc:?} names no bucket");
+                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_allow_http(settings.allow_http);
+                if let Some(e) = &settings.endpoint {
+                    b = b.with_endpoint(e);
+                }
+                if let Some(r) = &settings.region {
+                    b = b.with_region(r);
+                }
+                let s3 = b.build().with_context(|| format!("archive: {loc}"))?;
+                (Arc::new(s3), prefix.trim_matches('/').to_string(), loc.to_string())
+            } else {
+                anyhow::ensure!(
+                    !loc.contains("://"),
+                    "archive: {loc:?}: only local paths and s3:// URLs are supported"
+                );
+                let dir = data_dir.join(loc);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("archive: creating {}", dir.display()))?;
+                let local = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                    .with_context(|| format!("archive: {}", dir.display()))?
+                    .with_fsync(true);
+                (Arc::new(local), String::new(), dir.display().to_string())
+            };
+        Ok(Archive { rt, store, prefix, display })
+    }
+
+    fn path(&self, rel: &str) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(rel)
+        } else {
+            ObjectPath::from(format!("{}/{rel}", self.prefix))
+        }
+    }
+
+    /// Where it is, for messages.
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    /// Writes one whole file.
+    fn put(&self, rel: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
+        let path = self.path(rel);
+        self.rt
+            .block_on(self.store.put(&path, PutPayload::from(bytes)))
+            .with_context(|| format!("archive {}: writing {rel}", self.display))?;
+        Ok(())
+    }
+
+    /// The files of one event hour (hours since the epoch), in flush order.
+    pub fn files_of_hour(&self, hour: i64) -> anyhow::Result<Vec<ArchiveFile>> {
+        let dir = self.path(&hour_dir(hour));
+        let metas: Vec<_> = self.rt.block_on(async {
+            let mut out = Vec::new();
+            let mut list = self.store.list(Some(&dir));
+            while let Some(m) = list.next().await {
+                out.push(m);
+            }
+            out
+        });
+        let mut files = Vec::new();
+        for m in metas {
+            let m = m.with_context(|| format!("archive {}: listing {dir}", self.display))?;
+            let Some(seq) = m.location.filename().and_then(parse_part_name) else { continue };
+            files.push(ArchiveFile { hour, seq, location: m.location, size: m.size });
+        }
+        files.sort_by_key(|f| f.seq);
+        Ok(files)
+    }
+
+    /// Reads one file's record batches.
+    pub fn read(&self, file: &ArchiveFile) -> anyhow::Result<Vec<RecordBatch>> {
+        let bytes = self
+            .rt
+            .block_on(async { self.store.get(&file.location).await?.bytes().await })
+            .with_context(|| format!("archive {}: reading {}", self.display, file.location))?;
+        decode_parquet(bytes).with_context(|| format!("archive: {}", file.location))
+    }
+}
+
+/// `date=YYYY-MM-DD/hour=HH` of an hour since the epoch.
+pub fn hour_dir(hour: i64) -> String {
+    let t = crate::event::format_rfc3339(EventTime(hour * 3_600_000));
+    // "YYYY-MM-DDTHH:..." (years beyond 9999 cannot be parsed, so never archived)
+    let (date, rest) = t.split_once('T').unwrap_or((&t, "00"));
+    format!("date={date}/hour={}", &rest[..2])
+}
+
+fn part_name(seq: u64) -> String {
+    format!("part-{seq:012}.parquet")
+}
+
+fn parse_part_name(name: &str) -> Option<u64> {
+    name.strip_prefix("part-")?.strip_suffix(".parquet")?.parse().ok()
+}
+
+/// One click with its place in the log, ready to archive.
+pub struct Row<'a> {
+    pub partition: PartitionId,
+    pub offset: Offset,
+    pub click: Click<'a>,
+}
+
+/// Encodes rows (in the order given) as one Parquet file, zstd-compressed.
+pub fn encode_parquet(rows: &[Row<'_>]) -> anyhow::Result<Vec<u8>> {
+    let n = rows.len();
+    let mut ad = StringBuilder::with_capacity(n, n * 8);
+    let mut time = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut user = StringBuilder::with_capacity(n, n * 8);
+    let mut ip = StringBuilder::with_capacity(n, n * 12);
+    let mut country = StringBuilder::with_capacity(n, n * 2);
+    let mut click_id = StringBuilder::with_capacity(n, n * 12);
+    let mut partition = UInt32Builder::with_capacity(n);
+    let mut offset = UInt64Builder::with_capacity(n);
+    let mut ip_text = String::new();
+    for r in rows {
+        let c = &r.click;
+        ad.append_value(&c.ad_id);
+        time.append_value(c.time.0);
+        user.append_option(c.user_id.as_deref());
+        match c.ip {
+            Some(a) => {
+                use std::fmt::Write;
+                ip_text.clear();
+                let _ = write!(ip_text, "{a}");
+                ip.append_value(&ip_text);
+            }
+            None => ip.append_null(),
+        }
+        country.append_option(c.country.as_ref().map(|c| c.as_str()));
+        click_id.append_option(c.click_id.as_deref());
+        partition.append_value(r.partition.0);
+        offset.append_value(r.offset.0);
+    }
+    let batch = RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(ad.finish()),
+            Arc::new(time.finish()),
+            Arc::new(user.finish()),
+            Arc::new(ip.finish()),
+            Arc::new(country.finish()),
+            Arc::new(click_id.finish()),
+            Arc::new(partition.finish()),
+            Arc::new(offset.finish()),
+        ],
+    )?;
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+        .set_max_row_group_row_count(Some(1 << 20))
+        .build();
+    let mut out = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, schema(), Some(props))?;
+    w.write(&batch)?;
+    w.close()?;
+    Ok(out)
+}
+
+/// Decodes a Parquet file of archived clicks, checking its schema.
+pub fn decode_parquet(bytes: bytes::Bytes) -> anyhow::Result<Vec<RecordBatch>> {
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
+        .with_batch_size(64 * 1024)
+        .build()?;
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b?;
+        anyhow::ensure!(
+            b.schema().fields() == schema().fields(),
+            "not an adclick archive file: its schema is {:?}",
+            b.schema()
+        );
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// The clicks of a decoded batch, borrowing its strings: (partition, offset, click). A row
+/// that does not hold a valid click (a file edited by hand) is an error naming the row.
+pub fn clicks(b: &RecordBatch) -> anyhow::Result<Vec<(PartitionId, Offset, Click<'_>)>> {
+    let ad = b.column(0).as_string::<i32>();
+    let time = b.column(1).as_primitive::<TimestampMillisecondType>();
+    let user = b.column(2).as_string::<i32>();
+    let ip = b.column(3).as_string::<i32>();
+    let country = b.column(4).as_string::<i32>();
+    let click_id = b.column(5).as_string::<i32>();
+    let partition = b.column(6).as_primitive::<UInt32Type>();
+    let offset = b.column(7).as_primitive::<UInt64Type>();
+    fn opt(a: &arrow_array::StringArray, i: usize) -> Option<&str> {
+        (!a.is_null(i)).then(|| a.value(i))
+    }
+    let mut out = Vec::with_capacity(b.num_rows());
+    for i in 0..b.num_rows() {
+        let bad = |what: &str| {
+            anyhow::anyhow!(
+                "row of partition {} offset {}: {what}",
+                partition.value(i),
+                offset.value(i)
+            )
+        };
+        let ip = match opt(ip, i) {
+            Some(s) => Some(s.parse::<IpAddr>().map_err(|_| bad("ip is not an address"))?),
+            None => None,
+        };
+        let country = match opt(country, i) {
+            Some(s) => Some(Country::parse(s).ok_or_else(|| bad("country is not assigned"))?),
+            None => None,
+        };
+        out.push((
+            PartitionId(partition.value(i)),
+            Offset(offset.value(i)),
+            Click {
+                ad_id: ad.value(i).into(),
+                time: EventTime(time.value(i)),
+                user_id: opt(user, i).map(Into::into),
+                ip,
+                country,
+                click_id: opt(click_id, i).map(Into::into),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// Per partition `[from, to)`.
+pub type Ranges = Vec<(PartitionId, Offset, Offset)>;
+
+/// The log consumer that fills the archive (see the module doc).
+pub struct Archiver {
+    archive: Arc<Archive>,
+    store: Arc<Store>,
+    log: LogHandle,
+    readers: Vec<crate::log::Reader>,
+    buf: Vec<Records>,
+    /// Per partition: the next offset to archive; published for log retention and status.
+    archived: Arc<Vec<AtomicU64>>,
+    seq: u64,
+    file_rows: usize,
+    flush_interval: Duration,
+}
+
+/// Asks a running archiver to archive everything durable now; answered when done.
+pub type FlushRequest = std::sync::mpsc::Sender<Result<(), String>>;
+
+impl Archiver {
+    /// Reads the archiver's offsets and redoes a flush a crash interrupted.
+    pub fn recover(
+        archive: Arc<Archive>,
+        store: Arc<Store>,
+        log: LogHandle,
+        settings: &ArchiveSettings,
+    ) -> anyhow::Result<Archiver> {
+        let state = store.archive_state().context("reading the archiver's offsets")?;
+        let partitions = log.partitions();
+        let archived: Vec<AtomicU64> = (0..partitions).map(|_| AtomicU64::new(0)).collect();
+        for &(p, o) in &state.offsets {
+            anyhow::ensure!((p.0 as usize) < partitions, "archive offsets name partition {}", p.0);
+            anyhow::ensure!(
+                log.durable_end(p) >= o,
+                "partition {}: the log ends at offset {} but the archive holds records up to {}; \
+                 the log lost records (damaged, deleted or restored files)",
+                p.0,
+                log.durable_end(p).0,
+                o.0
+            );
+            archived[p.0 as usize].store(o.0, Ordering::Release);
+        }
+        let mut a = Archiver {
+            readers: (0..partitions).map(|p| log.reader(PartitionId(p as u32))).collect(),
+            buf: (0..partitions).map(|_| Records::default()).collect(),
+            archive,
+            store,
+            log,
+            archived: Arc::new(archived),
+            seq: state.next_seq,
+            file_rows: settings.file_rows.max(1),
+            flush_interval: settings.flush_interval,
+        };
+        if let Some((seq, ranges)) = state.pending {
+            tracing::info!(seq, "redoing an archive flush a crash interrupted");
+            a.seq = seq;
+            a.write_flush(&ranges).context("redoing the interrupted archive flush")?;
+        }
+        Ok(a)
+    }
+
+    /// Per partition, the next offset to archive.
+    pub fn archived(&self) -> Arc<Vec<AtomicU64>> {
+        self.archived.clone()
+    }
+
+    /// Archives every record durable now, in flushes of at most `file_rows`.
+    pub fn catch_up(&mut self) -> anyhow::Result<u64> {
+        let target: Vec<u64> = (0..self.log.partitions())
+            .map(|p| self.log.durable_end(PartitionId(p as u32)).0)
+            .collect();
+        let mut total = 0;
+        loop {
+            let n = self.flush_once(&target)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
+    /// One flush of the records below `target` not yet archived; returns how many.
+    fn flush_once(&mut self, target: &[u64]) -> anyhow::Result<u64> {
+        let parts = target.len();
+        let per_part = self.file_rows.div_ceil(parts.max(1)) as u64;
+        let ranges: Ranges = (0..parts)
+            .map(|p| {
+                let from = self.archived[p].load(Ordering::Acquire);
+                (PartitionId(p as u32), Offset(from), Offset(target[p].min(from + per_part)))
+            })
+            .filter(|(_, a, b)| a < b)
+            .collect();
+        if ranges.is_empty() {
+            return Ok(0);
+        }
+        let n = ranges.iter().map(|(_, a, b)| b.0 - a.0).sum();
+        self.store.archive_begin(self.seq, &ranges).context("recording an archive flush")?;
+        crate::fault::point("archive.after_begin");
+        self.write_flush(&ranges)?;
+        Ok(n)
+    }
+
+    /// Writes the files of a recorded flush and commits it.
+    fn write_flush(&mut self, ranges: &Ranges) -> anyhow::Result<()> {
+        crate::pipeline::read_ranges(&mut self.readers, &mut self.buf, ranges)
+            .context("reading the log to archive it")?;
+        let mut by_hour: std::collections::BTreeMap<i64, Vec<Row<'_>>> = Default::default();
+        for &(p, _, _) in ranges {
+            for (offset, bytes) in self.buf[p.0 as usize].iter() {
+                let click = wire::decode(bytes).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "partition {} offset {}: the log record does not decode as a click",
+                        p.0,
+                        offset.0
+                    )
+                })?;
+                let hour = click.time.0.div_euclid(3_600_000);
+                by_hour.entry(hour).or_default().push(Row { partition: p, offset, click });
+            }
+        }
+        for (hour, rows) in &by_hour {
+            let bytes = encode_parquet(rows)?;
+            self.archive.put(&format!("{}/{}", hour_dir(*hour), part_name(self.seq)), bytes)?;
+            crate::fault::point("archive.mid_flush");
+        }
+        self.store.archive_commit(self.seq, ranges).context("committing an archive flush")?;
+        for &(p, _, to) in ranges {
+            self.archived[p.0 as usize].store(to.0, Ordering::Release);
+        }
+        self.seq += 1;
+        Ok(())
+    }
+
+    /// The archiver thread: flushes when `flush_interval` has passed with records waiting, when
+    /// `file_rows` records wait, when asked (recalc and reconcile), and at shutdown.
+    pub fn run(mut self, requests: Receiver<FlushRequest>, shutdown: &AtomicBool) {
+        let mut last = Instant::now();
+        loop {
+            let request = match requests.recv_timeout(Duration::from_millis(200)) {
+                Ok(r) => Some(r),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let stopping = shutdown.load(Ordering::Acquire);
+            let waiting: u64 = (0..self.log.partitions())
+                .map(|p| {
+                    self.log
+                        .durable_end(PartitionId(p as u32))
+                        .0
+                        .saturating_sub(self.archived[p].load(Ordering::Acquire))
+                })
+                .sum();
+            let due = request.is_some()
+                || stopping
+                || waiting >= self.file_rows as u64
+                || (waiting > 0 && last.elapsed() >= self.flush_interval);
+            if due {
+                let result = if request.is_some() || stopping {
+                    self.catch_up().map(|_| ())
+                } else {
+                    let target: Vec<u64> = (0..self.log.partitions())
+                        .map(|p| self.log.durable_end(PartitionId(p as u32)).0)
+                        .collect();
+                    self.flush_once(&target).map(|_| ())
+                };
+                last = Instant::now();
+                if let Some(reply) = request {
+                    let _ = reply.send(result.as_ref().map_err(|e| format!("{e:#}")).copied());
+                }
+                if let Err(e) = result {
+                    // The store or the archive failed: stop like the aggregator does, so that a
+                    // restart redoes the flush (the log keeps the records until then).
+                    tracing::error!("archiving: {e:#}");
+                    eprintln!("adclick: fatal: archiving: {e:#}");
+                    std::process::exit(70);
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Recalculation (SPEC §3.4) and reconciliation (SPEC §3.5) from the raw archive.
+//!
+//! ```text
+//!  archive files of the hours around [from, to) ──▶ per flush, rows merged in (partition,
+//!  offset) order, clicks within [chunk − horizon, chunk + horizon) ──▶ Engine::recompute
+//!  (same dedup, filters and top-N; nothing too late) ──▶ counts + top-N of the chunk
+//!        │
+//!        ├── reconcile: compare with the stored rows, classify each difference
+//!        └── recalc: Store::replace_range (one transaction) + the in-memory popular index
+//! ```
+//!
+//! The range is recomputed one hour (a *chunk*) at a time with a fresh engine, so memory follows
+//! an hour of clicks, not the range. A chunk reads the dedup horizon on both sides of it: a
+//! click is a duplicate of one counted earlier in log order within the horizon of its time,
+//! and that one may lie outside the chunk, before or after it. Copies of one click spread over
+//! more than a horizon of event time and chained through each other (A, then B within the
+//! horizon of A, then C within the horizon of B) are the limit of this rule: the live path
+//! forgets them just the same.
+//!
+//! Only minutes the live path can no longer write may be replaced (every minute of the range
+//! too late for the watermark): otherwise a live correction and the replacement would race.
+//! The check is made inside the replacing transaction.
+//!
+//! The caller first brings the archive up to the log's durable end (a running server's archiver
+//! on request, or the command itself when no server runs): data not archived yet would
+//! otherwise look missing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::archive::{Archive, ArchiveFile};
+use crate::engine::{Engine, EngineConfig, Payload, Record, TopUpdate};
+use crate::event::{format_rfc3339, EventTime, Minute, MINUTE_MS};
+use crate::filter::Filters;
+use crate::store::{Replaced, Store};
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// What recalculation needs: the store, the archive and the engine settings of the data.
+#[derive(Clone)]
+pub struct Context {
+    pub store: Arc<Store>,
+    pub archive: Arc<Archive>,
+    /// With the data directory's identity key.
+    pub engine: EngineConfig,
+    pub filters: Arc<Filters>,
+}
+
+/// Progress of a recomputation, for a progress bar.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Minutes of the range done.
+    pub minutes_done: i64,
+    pub minutes_total: i64,
+    /// Archived clicks read (the range and its horizons).
+    pub events: u64,
+    pub files: u64,
+    pub elapsed_s: f64,
+}
+
+/// The recomputed results of `[from, to)`.
+#[derive(Debug, Default)]
+pub struct Recomputed {
+    pub from: Minute,
+    pub to: Minute,
+    /// (minute, ad) → counts per slot; only rows with clicks.
+    pub counts: BTreeMap<(i64, String), Vec<u64>>,
+    pub tops: Vec<TopUpdate>,
+    pub progress: Progress,
+}
+
+/// Recomputes `[from, to)` from the archive (see the module doc).
+pub fn recompute(
+    ctx: &Context,
+    from: Minute,
+    to: Minute,
+    progress: &mut dyn FnMut(&Progress),
+) -> anyhow::Result<Recomputed> {
+    anyhow::ensure!(from < to, "--from must be before --to");
+    let started = Instant::now();
+    let horizon = ctx.engine.dedup_horizon_ms;
+    let mut out = Recomputed { from, to, ..Recomputed::default() };
+    out.progress.minutes_total = to.0 - from.0;
+    let mut tops: BTreeMap<(Minute, usize), TopUpdate> = BTreeMap::new();
+    let mut a = from.start().0;
+    while a < to.start().0 {
+        let b = ((a.div_euclid(HOUR_MS) + 1) * HOUR_MS).min(to.start().0);
+        let (lo, hi) = (a - horizon, b + horizon);
+        // Every file of the hours the chunk and its horizons touch, grouped by flush.
+        let mut flushes: BTreeMap<u64, Vec<ArchiveFile>> = BTreeMap::new();
+        for hour in lo.div_euclid(HOUR_MS)..=(hi - 1).div_euclid(HOUR_MS) {
+            for f in ctx.archive.files_of_hour(hour)? {
+                flushes.entry(f.seq).or_default().push(f);
+            }
+        }
+        let mut engine = Engine::recompute(ctx.engine.clone(), ctx.filters.clone())
+            .context("engine settings")?;
+        let mut keep = |output: crate::engine::Output| {
+            for (minute, ad, c) in output.counts.iter() {
+                if minute.start().0 >= a && minute.start().0 < b {
+                    out.counts.insert((minute.0, ad.as_str().to_string()), c.to_vec());
+                }
+            }
+            for t in output.top {
+                if t.minute.start().0 >= a && t.minute.start().0 < b {
+                    tops.insert((t.minute, t.slot.index()), t);
+                }
+            }
+        };
+        for files in flushes.values() {
+            let decoded =
+                files.iter().map(|f| ctx.archive.read(f)).collect::<anyhow::Result<Vec<_>>>()?;
+            let mut rows = Vec::new();
+            for (f, batches) in files.iter().zip(&decoded) {
+                for batch in batches {
+                    for (p, o, click) in crate::archive::clicks(batch)
+                        .with_context(|| format!("archive file {}", f.location))?
+                    {
+                        if click.time.0 >= lo && click.time.0 < hi {
+                            rows.push(Record {
+                                partition: p,
+                                offset: o,
+                                payload: Payload::Click(click),
+                            });
+                        }
+                    }
+                }
+            }
+            // One flush's files hold disjoint offset ranges per partition; each partition's
+            // records go to the engine in offset order, as the live path read them.
+            rows.sort_by_key(|r| (r.partition, r.offset));
+            out.progress.files += files.len() as u64;
+            out.progress.events += rows.len() as u64;
+            keep(engine.process(EventTime(hi), &rows));
+            out.progress.elapsed_s = started.elapsed().as_secs_f64();
+            progress(&out.progress);
+        }
+        keep(engine.finish(EventTime(hi)));
+        out.progress.minutes_done = (b - from.start().0) / MINUTE_MS;
+        out.progress.elapsed_s = started.elapsed().as_secs_f64();
+        progress(&out.progress);
+        a = b;
+    }
+    out.counts.retain(|_, c| c.iter().any(|&v| v > 0));
+    out.tops = tops.into_values().collect();
+    Ok(out)
+}
+
+/// How a difference between stored and recomputed counts is explained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The archive holds clicks the live path found too late (SPEC §2); recalc counts them.
+    TooLate,
+    /// The store counted more than the archive holds: raw data is missing from the archive.
+    MissingFromArchive,
+    Unexplained,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Difference {
+    pub minute: String,
+    pub minute_ms: i64,
+    pub ad_id: String,
+    /// `null` for the unfiltered total.
+    pub filter: Option<String>,
+    pub stored: u64,
+    pub recomputed: u64,
+    pub difference: i64,
+    pub kind: Kind,
+}
+
+/// What reconciliation found.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub from: String,
+    pub to: String,
+    pub rows_stored: u64,
+    pub rows_recomputed: u64,
+    pub events_read: u64,
+    pub matches: bool,
+    pub too_late: u64,
+    pub missing_from_archive: u64,
+    pub unexplained: u64,
+    /// The command that corrects the too-late differences, when there are any.
+    pub fix: Option<String>,
+    pub differences: Vec<Difference>,
+}
+
+/// Compares the stored results of the range with a recomputation.
+pub fn reconcile(ctx: &Context, rec: &Recomputed) -> anyhow::Result<Report> {
+    let stored = ctx.store.range_rows(rec.from, rec.to).context("reading the stored counts")?;
+    let slots = ctx.filters.len() + 1;
+    let mut differences = Vec::new();
+    let keys: std::collections::BTreeSet<&(i64, String)> =
+        stored.counts.keys().chain(rec.counts.keys()).collect();
+    for key in keys {
+        let s = stored.counts.get(key);
+        let r = rec.counts.get(key);
+        for slot in 0..slots {
+            let sv = s.and_then(|c| c.get(slot)).copied().unwrap_or(0);
+            let rv = r.and_then(|c| c.get(slot)).copied().unwrap_or(0);
+            if sv == rv {
+                continue;
+            }
+            let late = stored.too_late.get(key).and_then(|c| c.get(slot)).copied().unwrap_or(0);
+            let kind = if rv > sv && rv - sv <= late {
+                Kind::TooLate
+            } else if sv > rv {
+                Kind::MissingFromArchive
+            } else {
+                Kind::Unexplained
+            };
+            differences.push(Difference {
+                minute: format_rfc3339(Minute(key.0).start()),
+                minute_ms: Minute(key.0).start().0,
+                ad_id: key.1.clone(),
+                filter: (slot > 0).then(|| ctx.filters.ids()[slot - 1].clone()),
+                stored: sv,
+                recomputed: rv,
+                difference: rv as i64 - sv as i64,
+                kind,
+            });
+        }
+    }
+    let count = |k: Kind| differences.iter().filter(|d| d.kind == k).count() as u64;
+    let late_minutes: Vec<i64> =
+        differences.iter().filter(|d| d.kind == Kind::TooLate).map(|d| d.minute_ms).collect();
+    let fix = match (late_minutes.iter().min(), late_minutes.iter().max()) {
+        (Some(&lo), Some(&hi)) => Some(format!(
+            "adclick recalc --from {} --to {}",
+            format_rfc3339(EventTime(lo)),
+            format_rfc3339(EventTime(hi + MINUTE_MS))
+        )),
+        _ => None,
+    };
+    Ok(Report {
+        from: format_rfc3339(rec.from.start()),
+        to: format_rfc3339(rec.to.start()),
+        rows_stored: stored.counts.len() as u64,
+        rows_recomputed: rec.counts.len() as u64,
+        events_read: rec.progress.events,
+        matches: differences.is_empty(),
+        too_late: count(Kind::TooLate),
+        missing_from_archive: count(Kind::MissingFromArchive),
+        unexplained: count(Kind::Unexplained),
+        fix,
+        differences,
+    })
+}
+
+/// Replaces the stored results of the range with the recomputation, atomically, and updates the
+/// running service's in-memory popular index (when there is one) with what changed.
+pub fn apply(
+    ctx: &Context,
+    rec: &Recomputed,
+    live: Option<&crate::pipeline::LiveIndex>,
+) -> anyhow::Result<Replaced> {
+    let replaced = ctx.store.replace_range(
+        rec.from,
+        rec.to,
+        &rec.counts,
+        &rec.tops,
+        ctx.engine.allowed_lateness_ms,
+    )?;
+    if let Some(live) = live {
+        live.replace(&replaced.changed);
+    }
+    Ok(replaced)
+}
+
+/// A recalc or reconcile job, as the command line and the admin endpoint run it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Job {
+    Recalc { dry_run: bool },
+    Reconcile,
+}
+
+/// The result of a job, for people (the command's table) and machines (`--json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobResult {
+    pub job: String,
+    pub dry_run: bool,
+    /// What differs between stored and recomputed results (recalc: what it changed, or would).
+    pub report: Report,
+    /// What the replacement wrote (recalc without `--dry-run`).
+    pub replaced: Option<Replaced>,
+    pub events_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// Recomputes, compares and, for a recalc, replaces.
+pub fn run_job(
+    ctx: &Context,
+    live: Option<&crate::pipeline::LiveIndex>,
+    job: Job,
+    from: Minute,
+    to: Minute,
+    progress: &mut dyn FnMut(&Progress),
+) -> anyhow::Result<JobResult> {
+    let started = Instant::now();
+    if let Job::Recalc { dry_run: false } = job {
+        // Refuse early, before the work, when the range is not sealed (checked again on write).
+        ctx.store.check_sealed(to, ctx.engine.allowed_lateness_ms)?;
+    }
+    let rec = recompute(ctx, from, to, progress)?;
+    let report = reconcile(ctx, &rec)?;
+    let replaced = match job {
+        Job::Recalc { dry_run: false } => Some(apply(ctx, &rec, live)?),
+        _ => None,
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(JobResult {
+        job: match job {
+            Job::Recalc { .. } => "recalc",
+            Job::Reconcile => "reconcile",
+        }
+        .to_string(),
+        dry_run: job == Job::Recalc { dry_run: true },
+        report,
+        replaced,
+        events_per_s: rec.progress.events as f64 / elapsed.max(1e-9),
+        elapsed_s: elapsed,
+    })
+}
