@@ -2,8 +2,9 @@
 //! it, and the discovery file that makes that possible.
 //!
 //! The store is single-process (redb locks its file), so the command first tries to open it:
-//! - it opens: no server runs. The command archives what the log holds and the archive lacks
-//!   (a crash can leave a tail unarchived), then runs the job itself;
+//! - it opens: no server runs. The command starts the pipeline without its HTTP side, lets the
+//!   aggregator and the archiver catch up with the log (a crash can leave both behind), runs the
+//!   job, and stops;
 //! - it is locked: a server holds it. `serve` wrote `<data_dir>/server.json` (mode 0600) with its
 //!   address and a random admin token; the command posts the job to the server's
 //!   `/v1/admin/{job}` endpoint and reads the NDJSON progress and result it streams back.
@@ -12,7 +13,6 @@
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -58,8 +58,8 @@ pub fn write_server_file(data_dir: &Path, addr: std::net::SocketAddr) -> anyhow:
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
+    // Not fsynced: after a machine crash no server runs, and the file is not read then.
     f.write_all(&serde_json::to_vec(&file)?)?;
-    f.sync_all()?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     Ok(token)
 }
@@ -82,7 +82,10 @@ pub fn run(
     );
     let mut bar = Bar::new();
     let result = match crate::store::Store::open(&store_path) {
-        Ok(store) => run_here(settings, Arc::new(store), job, from, to, &mut bar)?,
+        Ok(store) => {
+            drop(store);
+            run_here(settings, job, from, to, &mut bar)?
+        }
         Err(e) if e.is_locked() => run_on_server(settings, job, from, to, &mut bar)?,
         Err(e) => return Err(e).context("opening the store"),
     };
@@ -100,42 +103,22 @@ pub fn run(
 
 fn run_here(
     settings: &Settings,
-    store: Arc<crate::store::Store>,
     job: Job,
     from: Minute,
     to: Minute,
     bar: &mut Bar,
 ) -> anyhow::Result<JobResult> {
-    store.check_settings(&settings.recorded()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let writer = crate::log::Writer::open(
-        &settings.data_dir.join("log"),
-        settings.partitions as usize,
-        settings.segment_bytes,
-    )
-    .context("opening the log")?;
-    let archive = Arc::new(
-        crate::archive::Archive::open(&settings.archive, &settings.data_dir)
-            .context("opening the archive")?,
-    );
-    let mut archiver = crate::archive::Archiver::recover(
-        archive.clone(),
-        store.clone(),
-        writer.handle(),
-        &settings.archive,
-    )?;
-    let n = archiver.catch_up().context("archiving the log's tail")?;
-    if n > 0 {
-        eprintln!("adclick: archived {n} clicks the archive did not hold yet");
-    }
-    let mut engine = settings.engine.clone();
-    engine.identity_key = crate::pipeline::identity_key(&settings.data_dir)?;
-    let ctx = crate::recalc::Context {
-        store,
-        archive,
-        engine,
-        filters: Arc::new(settings.filters.clone()),
-    };
-    crate::recalc::run_job(&ctx, None, job, from, to, &mut |p| bar.show(p))
+    // The pipeline without its HTTP side: recovery, then the aggregator and the archiver catch
+    // up with what the log holds (a crash can leave both behind), so that stored results and
+    // the archive both reflect every accepted click before they are compared.
+    let pipeline = crate::pipeline::Pipeline::start(settings)?;
+    let q = pipeline.query.clone();
+    q.await_aggregated(std::time::Duration::from_secs(3600))?;
+    q.flush_archive()?;
+    let result =
+        crate::recalc::run_job(&q.recalc, Some(&q.live), job, from, to, &mut |p| bar.show(p));
+    pipeline.stop();
+    result
 }
 
 fn run_on_server(

@@ -580,15 +580,25 @@ async fn admin_job(
                 let _ = tx.blocking_send(json!({"error": "another job is running"}).to_string());
                 return;
             };
-            let result = query.flush_archive().and_then(|()| {
-                let mut last = std::time::Instant::now();
-                crate::recalc::run_job(&query.recalc, Some(&query.live), job, from, to, &mut |p| {
-                    if last.elapsed() >= std::time::Duration::from_millis(250) {
-                        last = std::time::Instant::now();
-                        let _ = tx.blocking_send(json!({ "progress": p }).to_string());
-                    }
-                })
-            });
+            let result = query
+                .await_aggregated(std::time::Duration::from_secs(600))
+                .and_then(|()| query.flush_archive())
+                .and_then(|()| {
+                    let mut last = std::time::Instant::now();
+                    crate::recalc::run_job(
+                        &query.recalc,
+                        Some(&query.live),
+                        job,
+                        from,
+                        to,
+                        &mut |p| {
+                            if last.elapsed() >= std::time::Duration::from_millis(250) {
+                                last = std::time::Instant::now();
+                                let _ = tx.blocking_send(json!({ "progress": p }).to_string());
+                            }
+                        },
+                    )
+                });
             let line = match result {
                 Ok(r) => json!({ "result": r }),
                 Err(e) => json!({ "error": format!("{e:#}") }),
@@ -615,6 +625,7 @@ async fn healthz(State(s): State<AppState>) -> Response {
         "status": if ready { "ok" } else { "starting" },
         "watermark": w.ms().map(|w| format_rfc3339(EventTime(w))),
         "lag_records": s.query.lag(),
+        "archive_lag_records": s.query.archive_lag(),
     });
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
@@ -672,6 +683,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
         );
     }
     let _ = writeln!(out, "# HELP adclick_lag_records Durable records not yet aggregated.\n# TYPE adclick_lag_records gauge\nadclick_lag_records {}", q.lag());
+    let _ = writeln!(out, "# HELP adclick_archive_lag_records Durable records not yet archived.\n# TYPE adclick_archive_lag_records gauge\nadclick_archive_lag_records {}", q.archive_lag());
     if let Some(w) = Watermark::from_raw(q.watermark.load(Ordering::Acquire)).ms() {
         let _ = writeln!(out, "# HELP adclick_watermark_seconds The event-time watermark.\n# TYPE adclick_watermark_seconds gauge\nadclick_watermark_seconds {}", w as f64 / 1000.0);
     }

@@ -94,6 +94,8 @@ pub struct Archive {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     display: String,
+    /// The directory of a local archive (for removing a crashed write's staging files).
+    local: Option<std::path::PathBuf>,
 }
 
 /// One archived file: its hour, flush sequence number and location.
@@ -115,6 +117,7 @@ impl Archive {
             .build()
             .context("starting the archive's I/O runtime")?;
         let loc = settings.location.as_str();
+        let mut local_dir = None;
         let (store, prefix, display): (Arc<dyn ObjectStore>, String, String) =
             if let Some(rest) = loc.strip_prefix("s3://") {
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -141,9 +144,11 @@ impl Archive {
                 let local = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                     .with_context(|| format!("archive: {}", dir.display()))?
                     .with_fsync(true);
-                (Arc::new(local), String::new(), dir.display().to_string())
+                let display = dir.display().to_string();
+                local_dir = Some(dir);
+                (Arc::new(local), String::new(), display)
             };
-        Ok(Archive { rt, store, prefix, display })
+        Ok(Archive { rt, store, prefix, display, local: local_dir })
     }
 
     fn path(&self, rel: &str) -> ObjectPath {
@@ -165,6 +170,24 @@ impl Archive {
         self.rt
             .block_on(self.store.put(&path, PutPayload::from(bytes)))
             .with_context(|| format!("archive {}: writing {rel}", self.display))?;
+        Ok(())
+    }
+
+    /// Removes what a write of `rel` interrupted by a crash left: a local archive stages a file
+    /// as `<name>#<n>` before renaming it, which other Parquet readers would take for data.
+    /// (An S3 `put` is one request: nothing is left.)
+    fn remove_staged(&self, rel: &str) -> anyhow::Result<()> {
+        let Some(root) = &self.local else { return Ok(()) };
+        let path = root.join(rel);
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return Ok(()) };
+        let prefix = format!("{}#", name.to_string_lossy());
+        let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                std::fs::remove_file(e.path())
+                    .with_context(|| format!("removing {}", e.path().display()))?;
+            }
+        }
         Ok(())
     }
 
@@ -355,6 +378,10 @@ pub struct Archiver {
     /// Per partition: the next offset to archive; published for log retention and status.
     archived: Arc<Vec<AtomicU64>>,
     seq: u64,
+    /// A flush recorded in the store whose files are not all written (an error): redone first.
+    pending: Option<Ranges>,
+    /// The pending flush is redone after a crash: remove what its first attempt left.
+    redoing: bool,
     file_rows: usize,
     flush_interval: Duration,
 }
@@ -393,13 +420,17 @@ impl Archiver {
             log,
             archived: Arc::new(archived),
             seq: state.next_seq,
+            pending: None,
+            redoing: false,
             file_rows: settings.file_rows.max(1),
             flush_interval: settings.flush_interval,
         };
         if let Some((seq, ranges)) = state.pending {
             tracing::info!(seq, "redoing an archive flush a crash interrupted");
             a.seq = seq;
-            a.write_flush(&ranges).context("redoing the interrupted archive flush")?;
+            a.pending = Some(ranges);
+            a.redoing = true;
+            a.redo_pending().context("redoing the interrupted archive flush")?;
         }
         Ok(a)
     }
@@ -424,8 +455,18 @@ impl Archiver {
         }
     }
 
+    /// Writes and commits the recorded flush an error interrupted, if any.
+    fn redo_pending(&mut self) -> anyhow::Result<()> {
+        if let Some(ranges) = self.pending.clone() {
+            self.write_flush(&ranges)?;
+            self.pending = None;
+        }
+        Ok(())
+    }
+
     /// One flush of the records below `target` not yet archived; returns how many.
     fn flush_once(&mut self, target: &[u64]) -> anyhow::Result<u64> {
+        self.redo_pending()?;
         let parts = target.len();
         let per_part = self.file_rows.div_ceil(parts.max(1)) as u64;
         let ranges: Ranges = (0..parts)
@@ -441,7 +482,8 @@ impl Archiver {
         let n = ranges.iter().map(|(_, a, b)| b.0 - a.0).sum();
         self.store.archive_begin(self.seq, &ranges).context("recording an archive flush")?;
         crate::fault::point("archive.after_begin");
-        self.write_flush(&ranges)?;
+        self.pending = Some(ranges);
+        self.redo_pending()?;
         Ok(n)
     }
 
@@ -465,9 +507,14 @@ impl Archiver {
         }
         for (hour, rows) in &by_hour {
             let bytes = encode_parquet(rows)?;
-            self.archive.put(&format!("{}/{}", hour_dir(*hour), part_name(self.seq)), bytes)?;
+            let rel = format!("{}/{}", hour_dir(*hour), part_name(self.seq));
+            self.archive.put(&rel, bytes)?;
+            if self.redoing {
+                self.archive.remove_staged(&rel)?;
+            }
             crate::fault::point("archive.mid_flush");
         }
+        self.redoing = false;
         self.store.archive_commit(self.seq, ranges).context("committing an archive flush")?;
         for &(p, _, to) in ranges {
             self.archived[p.0 as usize].store(to.0, Ordering::Release);
@@ -477,9 +524,11 @@ impl Archiver {
     }
 
     /// The archiver thread: flushes when `flush_interval` has passed with records waiting, when
-    /// `file_rows` records wait, when asked (recalc and reconcile), and at shutdown.
+    /// `file_rows` records wait, when asked (recalc and reconcile), and at shutdown. A failed
+    /// flush (storage unreachable) is retried with backoff; the log keeps its records meanwhile.
     pub fn run(mut self, requests: Receiver<FlushRequest>, shutdown: &AtomicBool) {
         let mut last = Instant::now();
+        let mut backoff = Duration::ZERO;
         loop {
             let request = match requests.recv_timeout(Duration::from_millis(200)) {
                 Ok(r) => Some(r),
@@ -497,8 +546,9 @@ impl Archiver {
                 .sum();
             let due = request.is_some()
                 || stopping
-                || waiting >= self.file_rows as u64
-                || (waiting > 0 && last.elapsed() >= self.flush_interval);
+                || (last.elapsed() >= backoff
+                    && (waiting >= self.file_rows as u64
+                        || (waiting > 0 && last.elapsed() >= self.flush_interval)));
             if due {
                 let result = if request.is_some() || stopping {
                     self.catch_up().map(|_| ())
@@ -512,12 +562,13 @@ impl Archiver {
                 if let Some(reply) = request {
                     let _ = reply.send(result.as_ref().map_err(|e| format!("{e:#}")).copied());
                 }
-                if let Err(e) = result {
-                    // The store or the archive failed: stop like the aggregator does, so that a
-                    // restart redoes the flush (the log keeps the records until then).
-                    tracing::error!("archiving: {e:#}");
-                    eprintln!("adclick: fatal: archiving: {e:#}");
-                    std::process::exit(70);
+                match result {
+                    Ok(()) => backoff = Duration::ZERO,
+                    Err(e) => {
+                        backoff =
+                            (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                        tracing::error!("archiving failed, retrying in {backoff:?}: {e:#}");
+                    }
                 }
             }
             if stopping {

@@ -280,13 +280,14 @@ fn serve(settings: Settings, demo_rate: Option<u64>) -> anyhow::Result<()> {
         admin_token: Default::default(),
     };
     let result = runtime.block_on(async {
+        let shutdown = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("listen: cannot bind {}", settings.listen))?;
         let addr = listener.local_addr().context("listen address")?;
-        let token = crate::admin::write_server_file(&settings.data_dir, addr)?;
         println!("adclick: listening on http://{addr} (data in {})", settings.data_dir.display());
         let _ = std::io::stdout().flush();
+        let token = crate::admin::write_server_file(&settings.data_dir, addr)?;
         if let Some(rate) = demo_rate {
             print_demo_help(addr, &settings);
             let url = format!("http://{addr}");
@@ -310,7 +311,7 @@ fn serve(settings: Settings, demo_rate: Option<u64>) -> anyhow::Result<()> {
         }
         let state = crate::api::AppState { admin_token: std::sync::Arc::new(token), ..state };
         axum::serve(listener, crate::api::router(state))
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown)
             .await
             .context("serving")
     });
@@ -337,19 +338,23 @@ fn print_demo_help(addr: std::net::SocketAddr, settings: &Settings) {
     );
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called (not when it is
+/// first polled), so a SIGTERM during start-up is a graceful stop too.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+        };
+        tokio::select! { _ = wait(term) => {}, _ = wait(int) => {} }
+    }
 }
 
 /// Where generated lines go.

@@ -4,7 +4,9 @@
 //!
 //! Points: `log.before_sync` (records written, not yet durable), `store.mid_commit` (a
 //! transaction half written), `store.after_commit` (committed, not yet published to queries),
-//! `aggregator.after_checkpoint`. And one that stalls instead of aborting: `aggregator.stall`
+//! `aggregator.after_checkpoint`, `archive.after_begin` (an archive flush recorded, no file
+//! written), `archive.mid_flush` (some of a flush's files written), `store.mid_replace` (a
+//! recalculation's transaction half written). And one that stalls instead of aborting: `aggregator.stall`
 //! (the aggregator stops consuming, to test backpressure).
 
 use std::sync::atomic::{AtomicU64, Ordering};

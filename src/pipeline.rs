@@ -203,6 +203,35 @@ impl QueryState {
             .map_err(|e| anyhow::anyhow!("archiving: {e}"))
     }
 
+    /// Waits until the aggregator has committed every record durable now (reconciliation
+    /// compares stored results with the archive: both must reflect the same clicks).
+    pub fn await_aggregated(&self, timeout: Duration) -> anyhow::Result<()> {
+        let ends: Vec<u64> = (0..self.log.partitions())
+            .map(|p| self.log.durable_end(PartitionId(p as u32)).0)
+            .collect();
+        let started = Instant::now();
+        while ends.iter().enumerate().any(|(p, e)| self.committed[p].load(Ordering::Acquire) < *e) {
+            anyhow::ensure!(
+                started.elapsed() < timeout,
+                "the aggregator did not catch up with the log within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Log records durable but not yet archived.
+    pub fn archive_lag(&self) -> u64 {
+        (0..self.log.partitions())
+            .map(|p| {
+                self.log
+                    .durable_end(PartitionId(p as u32))
+                    .0
+                    .saturating_sub(self.archived[p].load(Ordering::Acquire))
+            })
+            .sum()
+    }
+
     /// Log records durable but not yet aggregated.
     pub fn lag(&self) -> u64 {
         (0..self.log.partitions())

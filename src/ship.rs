@@ -139,18 +139,22 @@ pub fn run(args: ShipArgs) -> anyhow::Result<()> {
         dead: 0,
         args,
     };
-    for pos in state.files {
-        if let Ok(file) = File::open(&pos.path) {
-            let meta = file.metadata()?;
-            if (meta.dev(), meta.ino()) == (pos.dev, pos.ino) {
+    for mut pos in state.files {
+        // The file may have been rotated (renamed) while the shipper was down: look for its
+        // inode in its directory.
+        match find_inode(&pos) {
+            Some((path, file)) => {
+                pos.path = path;
                 s.files.insert(
                     (pos.dev, pos.ino),
                     Followed { pos, file, present: true, skipping: false },
                 );
-                continue;
             }
+            None => tracing::warn!(
+                path = %pos.path.display(),
+                "a followed file is gone since the last run; its unread lines cannot be sent"
+            ),
         }
-        tracing::warn!(path = %pos.path.display(), "a followed file is gone since the last run; its unread lines cannot be sent");
     }
     s.resend_pending()?;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -409,6 +413,22 @@ impl Shipper {
         self.dead += dead.len() as u64;
         Ok(())
     }
+}
+
+/// The file with `pos`'s device and inode: at its path, or renamed within its directory.
+fn find_inode(pos: &FilePos) -> Option<(PathBuf, File)> {
+    let same = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == (pos.dev, pos.ino) && m.is_file())
+    };
+    let path = if same(&pos.path) {
+        pos.path.clone()
+    } else {
+        let dir = pos.path.parent()?;
+        std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| same(p))?
+    };
+    let file = File::open(&path).ok()?;
+    let m = file.metadata().ok()?;
+    ((m.dev(), m.ino()) == (pos.dev, pos.ino)).then_some((path, file))
 }
 
 fn lossy(b: &[u8], max: usize) -> String {

@@ -1,4 +1,5 @@
 //! Integration tests: one binary, modules by subject.
+mod archive;
 mod engine;
 mod model;
 mod service;

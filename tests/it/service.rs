@@ -17,7 +17,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-const CONFIG: &str = r#"
+pub(crate) const CONFIG: &str = r#"
 watermark_delay = "1s"
 idle_timeout = "1s"
 allowed_lateness = "2m"
@@ -36,11 +36,11 @@ id = "office"
 ip = ["10.0.0.0/8", "2001:db8::/32"]
 "#;
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
-fn agent() -> ureq::Agent {
+pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(20)))
@@ -49,14 +49,15 @@ fn agent() -> ureq::Agent {
 }
 
 /// A running `adclick serve`.
-struct Server {
-    child: Child,
-    url: String,
-    dir: PathBuf,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) url: String,
+    pub(crate) dir: PathBuf,
 }
 
 impl Server {
-    fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Server {
+    /// Starts `adclick serve` without waiting for it to listen.
+    pub(crate) fn spawn(dir: &Path, config: &str, env: &[(&str, &str)]) -> Child {
         let cfg = dir.join("adclick.toml");
         std::fs::write(&cfg, config).unwrap();
         let stderr = std::fs::OpenOptions::new()
@@ -71,39 +72,47 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn adclick");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| {
-                panic!(
-                    "server did not start: {line:?}\n{}",
-                    std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
-                )
-            })
-            .to_string();
-        Server { child, url, dir: dir.to_owned() }
+        cmd.spawn().expect("spawn adclick")
     }
 
-    fn kill(&mut self) {
+    /// Starts `adclick serve` and waits for its address. An armed fault point may abort it
+    /// before it listens (a crash during recovery): then it is started again without one.
+    pub(crate) fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Server {
+        let mut child = Server::spawn(dir, config, env);
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
+            let _ = child.wait();
+            let faulted = env.iter().any(|(k, _)| *k == "ADCLICK_FAULT");
+            assert!(
+                faulted && log.contains("fault point"),
+                "server did not start: {line:?}\n{log}"
+            );
+            let clean: Vec<_> =
+                env.iter().filter(|(k, _)| *k != "ADCLICK_FAULT").copied().collect();
+            return Server::start(dir, config, &clean);
+        };
+        Server { child, url: url.to_string(), dir: dir.to_owned() }
+    }
+
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();
     }
 
-    fn get(&self, path: &str) -> (u16, Value) {
+    pub(crate) fn get(&self, path: &str) -> (u16, Value) {
         let mut r = agent().get(format!("{}{path}", self.url)).call().expect("GET");
         let status = r.status().as_u16();
         let body = r.body_mut().read_to_string().unwrap();
         (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
     }
 
-    fn post(&self, body: &[u8]) -> (u16, Value) {
+    pub(crate) fn post(&self, body: &[u8]) -> (u16, Value) {
         post(&self.url, body).expect("POST")
     }
 
-    fn metrics(&self) -> String {
+    pub(crate) fn metrics(&self) -> String {
         agent()
             .get(format!("{}/metrics", self.url))
             .call()
@@ -113,7 +122,7 @@ impl Server {
             .unwrap()
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 }
@@ -124,14 +133,14 @@ impl Drop for Server {
     }
 }
 
-fn post(url: &str, body: &[u8]) -> Result<(u16, Value), ureq::Error> {
+pub(crate) fn post(url: &str, body: &[u8]) -> Result<(u16, Value), ureq::Error> {
     let mut r = agent().post(format!("{url}/v1/clicks")).send(body)?;
     let status = r.status().as_u16();
     let text = r.body_mut().read_to_string()?;
     Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
 }
 
-fn filters() -> Filters {
+pub(crate) fn filters() -> Filters {
     let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
     Filters::compile(&[
         FilterConfig { id: "us".into(), country: list(&["US"]), ..Default::default() },
@@ -152,7 +161,7 @@ enum Key {
 
 /// Distinct valid clicks per (minute, ad, slot), counted plainly. Every line here is recent,
 /// so none is late; all copies of a click share its time, so the horizon never splits them.
-fn oracle(lines: &[(String, i64)]) -> (BTreeMap<(i64, String, usize), u64>, usize) {
+pub(crate) fn oracle(lines: &[(String, i64)]) -> (BTreeMap<(i64, String, usize), u64>, usize) {
     let f = filters();
     let mut seen = HashSet::new();
     let mut counts = BTreeMap::new();
@@ -191,7 +200,7 @@ fn oracle(lines: &[(String, i64)]) -> (BTreeMap<(i64, String, usize), u64>, usiz
     (counts, invalid)
 }
 
-fn generator(seed: u64) -> Generator {
+pub(crate) fn generator(seed: u64) -> Generator {
     Generator::new(GenConfig {
         seed,
         ads: 25,
@@ -207,11 +216,14 @@ fn generator(seed: u64) -> Generator {
     })
 }
 
-const SLOT_NAMES: [&str; 3] = ["", "us", "office"];
+pub(crate) const SLOT_NAMES: [&str; 3] = ["", "us", "office"];
 
 /// Waits until every minute up to `last` is final, then checks every count, every time series
 /// and popular ads over several windows against the oracle.
-fn assert_matches_oracle(server: &Server, expected: &BTreeMap<(i64, String, usize), u64>) {
+pub(crate) fn assert_matches_oracle(
+    server: &Server,
+    expected: &BTreeMap<(i64, String, usize), u64>,
+) {
     let first = expected.keys().map(|k| k.0).min().unwrap();
     let last = expected.keys().map(|k| k.0).max().unwrap();
     let (from, to) = (first * 60_000, (last + 1) * 60_000);
@@ -885,15 +897,20 @@ fn an_undecodable_log_record_stops_the_aggregator() {
     f.write_all(&crc.to_le_bytes()).unwrap();
     f.write_all(payload).unwrap();
     drop(f);
-    let mut server = Server::start(dir.path(), config, &[]);
+    // It may stop before or after it listens: wait for the process, not for its address.
+    let mut child = Server::spawn(dir.path(), config, &[]);
+    let log = || std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
+        if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "the server kept running: {}", server.log());
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the server kept running: {}", log());
+        }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(status.code(), Some(70), "{}", server.log());
-    assert!(server.log().contains("partition 0 offset 10: the log record"), "{}", server.log());
+    assert_eq!(status.code(), Some(70), "{}", log());
+    assert!(log().contains("partition 0 offset 10: the log record"), "{}", log());
 }
