@@ -577,3 +577,65 @@ impl Archiver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parquet_round_trip_keeps_every_field() {
+        let lines = [
+            r#"{"ad_id":"ad-1","click_timestamp":"2026-11-30T08:15:02.123Z","user_id":"u-77","ip":"203.0.113.7","country":"us","click_id":"c-1"}"#,
+            r#"{"ad_id":42,"click_timestamp":1,"ip":"::ffff:10.0.0.1"}"#,
+            r#"{"ad_id":"ad-ü","click_timestamp":-5000,"ip":"2001:db8::1","user_id":""}"#,
+        ];
+        let v = crate::event::Validation { now: EventTime(i64::MAX / 2), max_skew_ms: 0 };
+        let originals: Vec<Click> = lines
+            .iter()
+            .map(|l| crate::event::parse_line(l.as_bytes(), v).unwrap().unwrap())
+            .collect();
+        let rows: Vec<Row> = originals
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Row {
+                partition: PartitionId(i as u32),
+                offset: Offset(100 + i as u64),
+                click: c.clone(),
+            })
+            .collect();
+        let bytes = encode_parquet(&rows).unwrap();
+        let batches = decode_parquet(bytes::Bytes::from(bytes)).unwrap();
+        let back: Vec<_> = batches.iter().flat_map(|b| clicks(b).unwrap()).collect();
+        assert_eq!(back.len(), 3);
+        for (i, (p, o, c)) in back.into_iter().enumerate() {
+            assert_eq!((p, o), (PartitionId(i as u32), Offset(100 + i as u64)));
+            assert_eq!(c, originals[i]);
+        }
+    }
+
+    #[test]
+    fn a_file_of_another_schema_is_refused() {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::UInt32, false)]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(arrow_array::UInt32Array::from(vec![1]))],
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, schema, None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let err = decode_parquet(bytes::Bytes::from(out)).unwrap_err().to_string();
+        assert!(err.contains("not an adclick archive file"), "{err}");
+    }
+
+    #[test]
+    fn paths_are_partitioned_by_event_hour() {
+        assert_eq!(hour_dir(0), "date=1970-01-01/hour=00");
+        assert_eq!(hour_dir(-1), "date=1969-12-31/hour=23");
+        let hour = crate::event::parse_rfc3339("2026-11-30T08:15:02Z").unwrap().0 / 3_600_000;
+        assert_eq!(hour_dir(hour), "date=2026-11-30/hour=08");
+        assert_eq!(parse_part_name(&part_name(42)), Some(42));
+        assert_eq!(parse_part_name("part-000000000042.parquet#1"), None);
+    }
+}

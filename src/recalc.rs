@@ -30,6 +30,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context as _;
+use arrow_array::RecordBatch;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::archive::{Archive, ArchiveFile};
@@ -39,6 +41,9 @@ use crate::filter::Filters;
 use crate::store::{Replaced, Store};
 
 const HOUR_MS: i64 = 3_600_000;
+
+/// Most decoded archive rows kept between chunks (about 100 bytes each).
+const CACHE_ROWS: usize = 20_000_000;
 
 /// What recalculation needs: the store, the archive and the engine settings of the data.
 #[derive(Clone)]
@@ -86,6 +91,8 @@ pub fn recompute(
     let mut out = Recomputed { from, to, ..Recomputed::default() };
     out.progress.minutes_total = to.0 - from.0;
     let mut tops: BTreeMap<(Minute, usize), TopUpdate> = BTreeMap::new();
+    // Decoded files of the hours the next chunk's horizon reaches back into, read once.
+    let mut cache: std::collections::HashMap<String, Arc<Vec<RecordBatch>>> = Default::default();
     let mut a = from.start().0;
     while a < to.start().0 {
         let b = ((a.div_euclid(HOUR_MS) + 1) * HOUR_MS).min(to.start().0);
@@ -112,32 +119,64 @@ pub fn recompute(
             }
         };
         for files in flushes.values() {
-            let decoded =
-                files.iter().map(|f| ctx.archive.read(f)).collect::<anyhow::Result<Vec<_>>>()?;
-            let mut rows = Vec::new();
-            for (f, batches) in files.iter().zip(&decoded) {
-                for batch in batches {
-                    for (p, o, click) in crate::archive::clicks(batch)
-                        .with_context(|| format!("archive file {}", f.location))?
-                    {
-                        if click.time.0 >= lo && click.time.0 < hi {
-                            rows.push(Record {
-                                partition: p,
-                                offset: o,
-                                payload: Payload::Click(click),
-                            });
+            // Files are read and decoded in parallel, then merged in log order.
+            let decoded = files
+                .par_iter()
+                .map(|f| match cache.get(f.location.as_ref()) {
+                    Some(b) => Ok(b.clone()),
+                    None => ctx.archive.read(f).map(Arc::new),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let per_file = files
+                .par_iter()
+                .zip(&decoded)
+                .map(|(f, batches)| {
+                    let mut rows = Vec::new();
+                    for batch in batches.iter() {
+                        for (p, o, click) in crate::archive::clicks(batch)
+                            .with_context(|| format!("archive file {}", f.location))?
+                        {
+                            if click.time.0 >= lo && click.time.0 < hi {
+                                rows.push(Record {
+                                    partition: p,
+                                    offset: o,
+                                    payload: Payload::Click(click),
+                                });
+                            }
                         }
                     }
-                }
-            }
+                    Ok(rows)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut rows: Vec<Record<'_>> = per_file.into_iter().flatten().collect();
             // One flush's files hold disjoint offset ranges per partition; each partition's
             // records go to the engine in offset order, as the live path read them.
-            rows.sort_by_key(|r| (r.partition, r.offset));
+            rows.par_sort_unstable_by_key(|r| (r.partition, r.offset));
             out.progress.files += files.len() as u64;
             out.progress.events += rows.len() as u64;
-            keep(engine.process(EventTime(hi), &rows));
+            keep(engine.process_with(EventTime(hi), &rows, |work| {
+                work.into_par_iter().map(|(shard, batch)| shard.apply(batch)).collect()
+            }));
             out.progress.elapsed_s = started.elapsed().as_secs_f64();
             progress(&out.progress);
+            drop(rows);
+            for (f, batches) in files.iter().zip(decoded) {
+                cache.insert(f.location.to_string(), batches);
+            }
+        }
+        // Keep only what the next chunk reads again (its horizon reaches back into this hour),
+        // and not more than a bounded number of rows.
+        let next_lo_hour = (b - horizon).div_euclid(HOUR_MS);
+        let again: std::collections::HashSet<String> = flushes
+            .values()
+            .flatten()
+            .filter(|f| f.hour >= next_lo_hour)
+            .map(|f| f.location.to_string())
+            .collect();
+        cache.retain(|loc, _| again.contains(loc));
+        let cached: usize = cache.values().flat_map(|b| b.iter()).map(|b| b.num_rows()).sum();
+        if cached > CACHE_ROWS {
+            cache.clear();
         }
         keep(engine.finish(EventTime(hi)));
         out.progress.minutes_done = (b - from.start().0) / MINUTE_MS;

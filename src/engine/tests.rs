@@ -200,3 +200,55 @@ fn config_is_validated_with_the_key_named() {
     let bad = EngineConfig { top_n: 0, ..config() };
     assert_eq!(bad.validate().unwrap_err().key, "top_n");
 }
+
+#[test]
+fn too_late_clicks_are_reported_per_minute_ad_and_slot_and_recompute_counts_them() {
+    let us = FilterConfig {
+        id: "us".into(),
+        country: Some(vec!["US".into()]),
+        ..FilterConfig::default()
+    };
+    let filters = Filters::compile(&[us]).unwrap();
+    let lines = [
+        click("a", 600_000, "1"),
+        // Minute 0 ends at 60 s; the watermark is 595 s: more than 2 min late.
+        r#"{"ad_id":"a","click_timestamp":1000,"click_id":"2","country":"US"}"#.to_string(),
+        click("a", 2_000, "3"),
+        click("b", 3_000, "4"),
+        click("a", 1_000, "2"), // a copy of a too-late click: too late as well
+        click("a", 600_500, "1"), // a duplicate (same click_id)
+    ];
+    let mut live = Feed::with(config(), filters.clone());
+    let out = live.send(0, 0, &lines);
+    assert_eq!(out.counters.too_late, 4);
+    let late: Vec<(i64, String, Vec<u64>)> =
+        out.too_late.iter().map(|(m, ad, c)| (m.0, ad.to_string(), c.to_vec())).collect();
+    assert_eq!(late, vec![(0, "a".into(), vec![3, 1]), (0, "b".into(), vec![1, 0])]);
+
+    // Recomputation: nothing is too late; duplicates still count once; finish makes it final.
+    let mut engine = Engine::recompute(config(), Arc::new(filters)).unwrap();
+    let records: Vec<Record> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| Record {
+            partition: PartitionId(0),
+            offset: Offset(i as u64),
+            payload: Payload::Line(l.as_bytes()),
+        })
+        .collect();
+    let mut counts = std::collections::BTreeMap::new();
+    let mut tops = Vec::new();
+    for out in [engine.process(EventTime(0), &records), engine.finish(EventTime(700_000))] {
+        assert_eq!(out.counters.too_late, 0);
+        for (m, ad, c) in out.counts.iter() {
+            counts.insert((m.0, ad.to_string()), c.to_vec());
+        }
+        tops.extend(out.top);
+    }
+    assert_eq!(counts[&(0, "a".to_string())], vec![2, 1]);
+    assert_eq!(counts[&(0, "b".to_string())], vec![1, 0]);
+    assert_eq!(counts[&(10, "a".to_string())], vec![1, 0]);
+    let top0 = tops.iter().find(|t| t.minute == Minute(0) && t.slot == Slot::Total).unwrap();
+    assert_eq!(top0.ads, vec![(AdId::new("a"), 2), (AdId::new("b"), 1)]);
+    assert!(engine.watermark().is_final(Minute(10)), "finish makes every minute final");
+}
