@@ -35,12 +35,18 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::archive::{Archive, ArchiveFile};
-use crate::engine::{Engine, EngineConfig, Payload, Record, TopUpdate};
-use crate::event::{format_rfc3339, EventTime, Minute, MINUTE_MS};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use crate::engine::{Engine, EngineConfig, Offset, PartitionId, Payload, Record, TopUpdate};
+use crate::event::{format_rfc3339, AdId, EventTime, Minute, MINUTE_MS};
 use crate::filter::Filters;
 use crate::store::{Replaced, Store};
 
 const HOUR_MS: i64 = 3_600_000;
+
+/// Records per engine batch: bounded buffers, whatever a flush holds.
+const ENGINE_BATCH: usize = 1 << 16;
 
 /// Most decoded archive rows kept between chunks (about 100 bytes each).
 const CACHE_ROWS: usize = 20_000_000;
@@ -106,10 +112,17 @@ pub fn recompute(
         }
         let mut engine = Engine::recompute(ctx.engine.clone(), ctx.filters.clone())
             .context("engine settings")?;
+        // The chunk's counts by (minute, ad): updated in place, no allocation per update.
+        let mut counts: HashMap<(Minute, AdId), Vec<u64>> = HashMap::new();
         let mut keep = |output: crate::engine::Output| {
             for (minute, ad, c) in output.counts.iter() {
                 if minute.start().0 >= a && minute.start().0 < b {
-                    out.counts.insert((minute.0, ad.as_str().to_string()), c.to_vec());
+                    match counts.get_mut(&(minute, ad.clone())) {
+                        Some(row) => row.copy_from_slice(c),
+                        None => {
+                            counts.insert((minute, ad.clone()), c.to_vec());
+                        }
+                    }
                 }
             }
             for t in output.top {
@@ -127,41 +140,56 @@ pub fn recompute(
                     None => ctx.archive.read(f).map(Arc::new),
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let per_file = files
+            // Each record batch's clicks in the chunk and its horizons; each is in log order.
+            let runs = files
                 .par_iter()
                 .zip(&decoded)
-                .map(|(f, batches)| {
-                    let mut rows = Vec::new();
-                    for batch in batches.iter() {
-                        for (p, o, click) in crate::archive::clicks(batch)
-                            .with_context(|| format!("archive file {}", f.location))?
-                        {
-                            if click.time.0 >= lo && click.time.0 < hi {
-                                rows.push(Record {
-                                    partition: p,
-                                    offset: o,
-                                    payload: Payload::Click(click),
-                                });
-                            }
-                        }
-                    }
+                .flat_map_iter(|(f, batches)| batches.iter().map(move |batch| (f, batch)))
+                .map(|(f, batch)| {
+                    let mut rows = crate::archive::clicks(batch)
+                        .with_context(|| format!("archive file {}", f.location))?;
+                    rows.retain(|(_, _, c)| c.time.0 >= lo && c.time.0 < hi);
                     Ok(rows)
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let mut rows: Vec<Record<'_>> = per_file.into_iter().flatten().collect();
-            // One flush's files hold disjoint offset ranges per partition; each partition's
-            // records go to the engine in offset order, as the live path read them.
-            rows.par_sort_unstable_by_key(|r| (r.partition, r.offset));
+            // One flush's files hold disjoint offset ranges per partition: merging the runs by
+            // (partition, offset) gives each partition's records in offset order, as the live
+            // path read them. The engine gets them in bounded batches (the result does not
+            // depend on where batches are cut).
+            let mut heads: Vec<_> = runs.into_iter().map(|r| r.into_iter().peekable()).collect();
+            let mut heap: BinaryHeap<Reverse<((PartitionId, Offset), usize)>> = heads
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, h)| h.peek().map(|(p, o, _)| Reverse(((*p, *o), i))))
+                .collect();
+            let mut batch: Vec<Record<'_>> = Vec::with_capacity(ENGINE_BATCH);
+            while let Some(Reverse((_, i))) = heap.pop() {
+                let (partition, offset, click) = heads[i].next().expect("peeked");
+                batch.push(Record { partition, offset, payload: Payload::Click(click) });
+                if let Some((p, o, _)) = heads[i].peek() {
+                    heap.push(Reverse(((*p, *o), i)));
+                }
+                if batch.len() == ENGINE_BATCH || heap.is_empty() {
+                    out.progress.events += batch.len() as u64;
+                    keep(engine.process_with(EventTime(hi), &batch, |work| {
+                        work.into_par_iter().map(|(shard, b)| shard.apply(b)).collect()
+                    }));
+                    batch.clear();
+                }
+            }
             out.progress.files += files.len() as u64;
-            out.progress.events += rows.len() as u64;
-            keep(engine.process_with(EventTime(hi), &rows, |work| {
-                work.into_par_iter().map(|(shard, batch)| shard.apply(batch)).collect()
-            }));
             out.progress.elapsed_s = started.elapsed().as_secs_f64();
             progress(&out.progress);
-            drop(rows);
+            drop(batch);
+            drop(heads);
             for (f, batches) in files.iter().zip(decoded) {
                 cache.insert(f.location.to_string(), batches);
+            }
+        }
+        keep(engine.finish(EventTime(hi)));
+        for ((minute, ad), c) in counts {
+            if c.iter().any(|&v| v > 0) {
+                out.counts.insert((minute.0, ad.as_str().to_string()), c);
             }
         }
         // Keep only what the next chunk reads again (its horizon reaches back into this hour),
@@ -178,13 +206,11 @@ pub fn recompute(
         if cached > CACHE_ROWS {
             cache.clear();
         }
-        keep(engine.finish(EventTime(hi)));
         out.progress.minutes_done = (b - from.start().0) / MINUTE_MS;
         out.progress.elapsed_s = started.elapsed().as_secs_f64();
         progress(&out.progress);
         a = b;
     }
-    out.counts.retain(|_, c| c.iter().any(|&v| v > 0));
     out.tops = tops.into_values().collect();
     Ok(out)
 }
@@ -235,11 +261,39 @@ pub fn reconcile(ctx: &Context, rec: &Recomputed) -> anyhow::Result<Report> {
     let stored = ctx.store.range_rows(rec.from, rec.to).context("reading the stored counts")?;
     let slots = ctx.filters.len() + 1;
     let mut differences = Vec::new();
-    let keys: std::collections::BTreeSet<&(i64, String)> =
-        stored.counts.keys().chain(rec.counts.keys()).collect();
-    for key in keys {
-        let s = stored.counts.get(key);
-        let r = rec.counts.get(key);
+    // Both sides are sorted by (minute, ad): one merge pass.
+    let mut stored_rows = stored.counts.iter().peekable();
+    let mut recomputed_rows = rec.counts.iter().peekable();
+    loop {
+        let (key, s, r) = match (stored_rows.peek(), recomputed_rows.peek()) {
+            (None, None) => break,
+            (Some((ks, _)), Some((kr, _))) => match ks.cmp(kr) {
+                std::cmp::Ordering::Less => {
+                    let (k, s) = stored_rows.next().expect("peeked");
+                    (k, Some(s), None)
+                }
+                std::cmp::Ordering::Greater => {
+                    let (k, r) = recomputed_rows.next().expect("peeked");
+                    (k, None, Some(r))
+                }
+                std::cmp::Ordering::Equal => {
+                    let (k, s) = stored_rows.next().expect("peeked");
+                    let (_, r) = recomputed_rows.next().expect("peeked");
+                    (k, Some(s), Some(r))
+                }
+            },
+            (Some(_), None) => {
+                let (k, s) = stored_rows.next().expect("peeked");
+                (k, Some(s), None)
+            }
+            (None, Some(_)) => {
+                let (k, r) = recomputed_rows.next().expect("peeked");
+                (k, None, Some(r))
+            }
+        };
+        if s == r {
+            continue;
+        }
         for slot in 0..slots {
             let sv = s.and_then(|c| c.get(slot)).copied().unwrap_or(0);
             let rv = r.and_then(|c| c.get(slot)).copied().unwrap_or(0);
@@ -330,6 +384,8 @@ pub struct JobResult {
     pub replaced: Option<Replaced>,
     pub events_per_s: f64,
     pub elapsed_s: f64,
+    /// Of `elapsed_s`, the recomputation from the archive.
+    pub recompute_s: f64,
 }
 
 /// Recomputes, compares and, for a recalc, replaces.
@@ -364,5 +420,6 @@ pub fn run_job(
         replaced,
         events_per_s: rec.progress.events as f64 / elapsed.max(1e-9),
         elapsed_s: elapsed,
+        recompute_s: rec.progress.elapsed_s,
     })
 }
