@@ -245,59 +245,112 @@ pub struct Row<'a> {
     pub click: Click<'a>,
 }
 
-/// Encodes rows (in the order given) as one Parquet file, zstd-compressed.
-pub fn encode_parquet(rows: &[Row<'_>]) -> anyhow::Result<Vec<u8>> {
-    let n = rows.len();
-    let mut ad = StringBuilder::with_capacity(n, n * 8);
-    let mut time = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut user = StringBuilder::with_capacity(n, n * 8);
-    let mut ip = StringBuilder::with_capacity(n, n * 12);
-    let mut country = StringBuilder::with_capacity(n, n * 2);
-    let mut click_id = StringBuilder::with_capacity(n, n * 12);
-    let mut partition = UInt32Builder::with_capacity(n);
-    let mut offset = UInt64Builder::with_capacity(n);
-    let mut ip_text = String::new();
-    for r in rows {
-        let c = &r.click;
-        ad.append_value(&c.ad_id);
-        time.append_value(c.time.0);
-        user.append_option(c.user_id.as_deref());
+/// Rows appended to a file's columns before they become a record batch (and, every
+/// [`ROW_GROUP`] rows, a compressed row group): memory stays bounded whatever a file holds.
+const BATCH_ROWS: usize = 1 << 16;
+const ROW_GROUP: usize = 1 << 18;
+
+/// One Parquet file being written in memory: column builders, then zstd row groups.
+pub struct FileWriter {
+    ad: StringBuilder,
+    time: TimestampMillisecondBuilder,
+    user: StringBuilder,
+    ip: StringBuilder,
+    country: StringBuilder,
+    click_id: StringBuilder,
+    partition: UInt32Builder,
+    offset: UInt64Builder,
+    rows: usize,
+    ip_text: String,
+    writer: parquet::arrow::ArrowWriter<Vec<u8>>,
+}
+
+impl FileWriter {
+    pub fn new() -> anyhow::Result<FileWriter> {
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+            .set_max_row_group_row_count(Some(ROW_GROUP))
+            .build();
+        Ok(FileWriter {
+            ad: StringBuilder::new(),
+            time: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            user: StringBuilder::new(),
+            ip: StringBuilder::new(),
+            country: StringBuilder::new(),
+            click_id: StringBuilder::new(),
+            partition: UInt32Builder::new(),
+            offset: UInt64Builder::new(),
+            rows: 0,
+            ip_text: String::new(),
+            writer: parquet::arrow::ArrowWriter::try_new(Vec::new(), schema(), Some(props))?,
+        })
+    }
+
+    pub fn append(
+        &mut self,
+        partition: PartitionId,
+        offset: Offset,
+        c: &Click<'_>,
+    ) -> anyhow::Result<()> {
+        self.ad.append_value(&c.ad_id);
+        self.time.append_value(c.time.0);
+        self.user.append_option(c.user_id.as_deref());
         match c.ip {
             Some(a) => {
                 use std::fmt::Write;
-                ip_text.clear();
-                let _ = write!(ip_text, "{a}");
-                ip.append_value(&ip_text);
+                self.ip_text.clear();
+                let _ = write!(self.ip_text, "{a}");
+                self.ip.append_value(&self.ip_text);
             }
-            None => ip.append_null(),
+            None => self.ip.append_null(),
         }
-        country.append_option(c.country.as_ref().map(|c| c.as_str()));
-        click_id.append_option(c.click_id.as_deref());
-        partition.append_value(r.partition.0);
-        offset.append_value(r.offset.0);
+        self.country.append_option(c.country.as_ref().map(|c| c.as_str()));
+        self.click_id.append_option(c.click_id.as_deref());
+        self.partition.append_value(partition.0);
+        self.offset.append_value(offset.0);
+        self.rows += 1;
+        if self.rows == BATCH_ROWS {
+            self.write_batch()?;
+        }
+        Ok(())
     }
-    let batch = RecordBatch::try_new(
-        schema(),
-        vec![
-            Arc::new(ad.finish()),
-            Arc::new(time.finish()),
-            Arc::new(user.finish()),
-            Arc::new(ip.finish()),
-            Arc::new(country.finish()),
-            Arc::new(click_id.finish()),
-            Arc::new(partition.finish()),
-            Arc::new(offset.finish()),
-        ],
-    )?;
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
-        .set_max_row_group_row_count(Some(1 << 20))
-        .build();
-    let mut out = Vec::new();
-    let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, schema(), Some(props))?;
-    w.write(&batch)?;
-    w.close()?;
-    Ok(out)
+
+    fn write_batch(&mut self) -> anyhow::Result<()> {
+        if self.rows == 0 {
+            return Ok(());
+        }
+        let batch = RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(self.ad.finish()),
+                Arc::new(self.time.finish()),
+                Arc::new(self.user.finish()),
+                Arc::new(self.ip.finish()),
+                Arc::new(self.country.finish()),
+                Arc::new(self.click_id.finish()),
+                Arc::new(self.partition.finish()),
+                Arc::new(self.offset.finish()),
+            ],
+        )?;
+        self.writer.write(&batch)?;
+        self.rows = 0;
+        Ok(())
+    }
+
+    /// The whole file.
+    pub fn finish(mut self) -> anyhow::Result<Vec<u8>> {
+        self.write_batch()?;
+        Ok(self.writer.into_inner()?)
+    }
+}
+
+/// Encodes rows (in the order given) as one Parquet file, zstd-compressed.
+pub fn encode_parquet(rows: &[Row<'_>]) -> anyhow::Result<Vec<u8>> {
+    let mut w = FileWriter::new()?;
+    for r in rows {
+        w.append(r.partition, r.offset, &r.click)?;
+    }
+    w.finish()
 }
 
 /// Decodes a Parquet file of archived clicks, checking its schema.
@@ -487,28 +540,40 @@ impl Archiver {
         Ok(n)
     }
 
-    /// Writes the files of a recorded flush and commits it.
+    /// Writes the files of a recorded flush and commits it. The log is read in slices and each
+    /// hour's file is encoded as it goes, so memory follows the compressed files, not the rows.
     fn write_flush(&mut self, ranges: &Ranges) -> anyhow::Result<()> {
-        crate::pipeline::read_ranges(&mut self.readers, &mut self.buf, ranges)
-            .context("reading the log to archive it")?;
-        let mut by_hour: std::collections::BTreeMap<i64, Vec<Row<'_>>> = Default::default();
-        for &(p, _, _) in ranges {
-            for (offset, bytes) in self.buf[p.0 as usize].iter() {
-                let click = wire::decode(bytes).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "partition {} offset {}: the log record does not decode as a click",
-                        p.0,
-                        offset.0
-                    )
-                })?;
-                let hour = click.time.0.div_euclid(3_600_000);
-                by_hour.entry(hour).or_default().push(Row { partition: p, offset, click });
+        let mut files: std::collections::BTreeMap<i64, FileWriter> = Default::default();
+        for &(p, from, to) in ranges {
+            let mut at = from.0;
+            while at < to.0 {
+                let end = (at + BATCH_ROWS as u64).min(to.0);
+                let slice = [(p, Offset(at), Offset(end))];
+                crate::pipeline::read_ranges(&mut self.readers, &mut self.buf, &slice)
+                    .context("reading the log to archive it")?;
+                for (offset, bytes) in self.buf[p.0 as usize].iter() {
+                    let click = wire::decode(bytes).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "partition {} offset {}: the log record does not decode as a click",
+                            p.0,
+                            offset.0
+                        )
+                    })?;
+                    let hour = click.time.0.div_euclid(3_600_000);
+                    let file = match files.entry(hour) {
+                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            e.insert(FileWriter::new()?)
+                        }
+                    };
+                    file.append(p, offset, &click)?;
+                }
+                at = end;
             }
         }
-        for (hour, rows) in &by_hour {
-            let bytes = encode_parquet(rows)?;
-            let rel = format!("{}/{}", hour_dir(*hour), part_name(self.seq));
-            self.archive.put(&rel, bytes)?;
+        for (hour, file) in files {
+            let rel = format!("{}/{}", hour_dir(hour), part_name(self.seq));
+            self.archive.put(&rel, file.finish()?)?;
             if self.redoing {
                 self.archive.remove_staged(&rel)?;
             }
