@@ -355,20 +355,26 @@ pub fn encode_parquet(rows: &[Row<'_>]) -> anyhow::Result<Vec<u8>> {
 
 /// Decodes a Parquet file of archived clicks, checking its schema.
 pub fn decode_parquet(bytes: bytes::Bytes) -> anyhow::Result<Vec<RecordBatch>> {
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
-        .with_batch_size(64 * 1024)
-        .build()?;
-    let mut out = Vec::new();
-    for b in reader {
-        let b = b?;
-        anyhow::ensure!(
-            b.schema().fields() == schema().fields(),
-            "not an adclick archive file: its schema is {:?}",
-            b.schema()
-        );
-        out.push(b);
-    }
-    Ok(out)
+    use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
+    use rayon::prelude::*;
+    let meta = ArrowReaderMetadata::load(&bytes, Default::default())?;
+    anyhow::ensure!(
+        meta.schema().fields() == schema().fields(),
+        "not an adclick archive file: its schema is {:?}",
+        meta.schema()
+    );
+    // Row groups decode independently: in parallel, then in file order.
+    let groups = (0..meta.metadata().num_row_groups())
+        .into_par_iter()
+        .map(|rg| {
+            let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(bytes.clone(), meta.clone())
+                .with_row_groups(vec![rg])
+                .with_batch_size(64 * 1024)
+                .build()?;
+            reader.collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::from)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(groups.into_iter().flatten().collect())
 }
 
 /// The clicks of a decoded batch, borrowing its strings: (partition, offset, click). A row

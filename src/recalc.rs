@@ -9,8 +9,8 @@
 //!        └── recalc: Store::replace_range (one transaction) + the in-memory popular index
 //! ```
 //!
-//! The range is recomputed one hour (a *chunk*) at a time with a fresh engine, so memory follows
-//! an hour of clicks, not the range. A chunk reads the dedup horizon on both sides of it: a
+//! The range is recomputed a *chunk* of whole hours at a time (up to about 256 MB of archive
+//! files, at least an hour) with a fresh engine, so memory follows the chunk, not the range. A chunk reads the dedup horizon on both sides of it: a
 //! click is a duplicate of one counted earlier in log order within the horizon of its time,
 //! and that one may lie outside the chunk, before or after it. Copies of one click spread over
 //! more than a horizon of event time and chained through each other (A, then B within the
@@ -44,6 +44,10 @@ use crate::filter::Filters;
 use crate::store::{Replaced, Store};
 
 const HOUR_MS: i64 = 3_600_000;
+
+/// Archive bytes a chunk covers at most, unless one hour holds more (about 15 M clicks: the
+/// engine then holds about 0.5 GB of dedup state).
+const CHUNK_BYTES: u64 = 256 << 20;
 
 /// Records per engine batch: bounded buffers, whatever a flush holds.
 const ENGINE_BATCH: usize = 1 << 16;
@@ -100,13 +104,34 @@ pub fn recompute(
     // Decoded files of the hours the next chunk's horizon reaches back into, read once.
     let mut cache: std::collections::HashMap<String, Arc<Vec<RecordBatch>>> = Default::default();
     let mut a = from.start().0;
+    // Every hour's files, listed once.
+    let mut listed: HashMap<i64, Vec<ArchiveFile>> = HashMap::new();
+    let mut files_of = |hour: i64| -> anyhow::Result<Vec<ArchiveFile>> {
+        if let Some(f) = listed.get(&hour) {
+            return Ok(f.clone());
+        }
+        let f = ctx.archive.files_of_hour(hour)?;
+        listed.insert(hour, f.clone());
+        Ok(f)
+    };
     while a < to.start().0 {
-        let b = ((a.div_euclid(HOUR_MS) + 1) * HOUR_MS).min(to.start().0);
+        // A chunk is whole hours up to about CHUNK_BYTES of archive files: each chunk reads the
+        // horizons around it again, so longer chunks read less twice, shorter ones hold less.
+        let mut b = ((a.div_euclid(HOUR_MS) + 1) * HOUR_MS).min(to.start().0);
+        let mut bytes: u64 = files_of(a.div_euclid(HOUR_MS))?.iter().map(|f| f.size).sum();
+        while b < to.start().0 {
+            let next: u64 = files_of(b.div_euclid(HOUR_MS))?.iter().map(|f| f.size).sum();
+            if bytes + next > CHUNK_BYTES {
+                break;
+            }
+            bytes += next;
+            b = (b + HOUR_MS).min(to.start().0);
+        }
         let (lo, hi) = (a - horizon, b + horizon);
         // Every file of the hours the chunk and its horizons touch, grouped by flush.
         let mut flushes: BTreeMap<u64, Vec<ArchiveFile>> = BTreeMap::new();
         for hour in lo.div_euclid(HOUR_MS)..=(hi - 1).div_euclid(HOUR_MS) {
-            for f in ctx.archive.files_of_hour(hour)? {
+            for f in files_of(hour)? {
                 flushes.entry(f.seq).or_default().push(f);
             }
         }
