@@ -367,10 +367,11 @@ pub fn decode_parquet(bytes: bytes::Bytes) -> anyhow::Result<Vec<RecordBatch>> {
     let groups = (0..meta.metadata().num_row_groups())
         .into_par_iter()
         .map(|rg| {
-            let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(bytes.clone(), meta.clone())
-                .with_row_groups(vec![rg])
-                .with_batch_size(64 * 1024)
-                .build()?;
+            let reader =
+                ParquetRecordBatchReaderBuilder::new_with_metadata(bytes.clone(), meta.clone())
+                    .with_row_groups(vec![rg])
+                    .with_batch_size(64 * 1024)
+                    .build()?;
             reader.collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::from)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

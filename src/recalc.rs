@@ -156,57 +156,34 @@ pub fn recompute(
                 }
             }
         };
-        for files in flushes.values() {
-            // Files are read and decoded in parallel, then merged in log order.
-            let decoded = files
+        // Files are read and decoded in parallel (by file and by row group), one flush ahead
+        // of the engine, which merges each flush's rows into log order.
+        let decode = |files: &[ArchiveFile]| -> anyhow::Result<Vec<Arc<Vec<RecordBatch>>>> {
+            files
                 .par_iter()
                 .map(|f| match cache.get(f.location.as_ref()) {
                     Some(b) => Ok(b.clone()),
                     None => ctx.archive.read(f).map(Arc::new),
                 })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            // Each record batch's clicks in the chunk and its horizons; each is in log order.
-            let runs = files
-                .par_iter()
-                .zip(&decoded)
-                .flat_map_iter(|(f, batches)| batches.iter().map(move |batch| (f, batch)))
-                .map(|(f, batch)| {
-                    let mut rows = crate::archive::clicks(batch)
-                        .with_context(|| format!("archive file {}", f.location))?;
-                    rows.retain(|(_, _, c)| c.time.0 >= lo && c.time.0 < hi);
-                    Ok(rows)
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            // One flush's files hold disjoint offset ranges per partition: merging the runs by
-            // (partition, offset) gives each partition's records in offset order, as the live
-            // path read them. The engine gets them in bounded batches (the result does not
-            // depend on where batches are cut).
-            let mut heads: Vec<_> = runs.into_iter().map(|r| r.into_iter().peekable()).collect();
-            let mut heap: BinaryHeap<Reverse<((PartitionId, Offset), usize)>> = heads
-                .iter_mut()
-                .enumerate()
-                .filter_map(|(i, h)| h.peek().map(|(p, o, _)| Reverse(((*p, *o), i))))
-                .collect();
-            let mut batch: Vec<Record<'_>> = Vec::with_capacity(ENGINE_BATCH);
-            while let Some(Reverse((_, i))) = heap.pop() {
-                let (partition, offset, click) = heads[i].next().expect("peeked");
-                batch.push(Record { partition, offset, payload: Payload::Click(click) });
-                if let Some((p, o, _)) = heads[i].peek() {
-                    heap.push(Reverse(((*p, *o), i)));
-                }
-                if batch.len() == ENGINE_BATCH || heap.is_empty() {
-                    out.progress.events += batch.len() as u64;
-                    keep(engine.process_with(EventTime(hi), &batch, |work| {
-                        work.into_par_iter().map(|(shard, b)| shard.apply(b)).collect()
-                    }));
-                    batch.clear();
-                }
-            }
+                .collect()
+        };
+        let order: Vec<&Vec<ArchiveFile>> = flushes.values().collect();
+        let mut ahead = order.first().map(|f| decode(f)).transpose()?;
+        let mut decoded_all = Vec::new();
+        for (i, files) in order.iter().enumerate() {
+            let decoded = ahead.take().expect("decoded one flush ahead");
+            let (next, events) = rayon::join(
+                || order.get(i + 1).map(|f| decode(f)).transpose(),
+                || feed(&mut engine, files, &decoded, lo, hi, &mut keep),
+            );
+            ahead = next?;
+            out.progress.events += events?;
             out.progress.files += files.len() as u64;
             out.progress.elapsed_s = started.elapsed().as_secs_f64();
             progress(&out.progress);
-            drop(batch);
-            drop(heads);
+            decoded_all.push(decoded);
+        }
+        for (files, decoded) in order.iter().zip(decoded_all) {
             for (f, batches) in files.iter().zip(decoded) {
                 cache.insert(f.location.to_string(), batches);
             }
@@ -238,6 +215,56 @@ pub fn recompute(
     }
     out.tops = tops.into_values().collect();
     Ok(out)
+}
+
+/// Feeds one flush's clicks within `[lo, hi)` to the engine in log order; returns how many.
+fn feed(
+    engine: &mut Engine,
+    files: &[ArchiveFile],
+    decoded: &[Arc<Vec<RecordBatch>>],
+    lo: i64,
+    hi: i64,
+    keep: &mut (dyn FnMut(crate::engine::Output) + Send),
+) -> anyhow::Result<u64> {
+    // Each record batch's clicks in the chunk and its horizons; each is in log order.
+    let runs = files
+        .par_iter()
+        .zip(decoded)
+        .flat_map_iter(|(f, batches)| batches.iter().map(move |batch| (f, batch)))
+        .map(|(f, batch)| {
+            let mut rows = crate::archive::clicks(batch)
+                .with_context(|| format!("archive file {}", f.location))?;
+            rows.retain(|(_, _, c)| c.time.0 >= lo && c.time.0 < hi);
+            Ok(rows)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // One flush's files hold disjoint offset ranges per partition: merging the runs by
+    // (partition, offset) gives each partition's records in offset order, as the live path
+    // read them. The engine gets them in bounded batches (the result does not depend on where
+    // batches are cut).
+    let mut heads: Vec<_> = runs.into_iter().map(|r| r.into_iter().peekable()).collect();
+    let mut heap: BinaryHeap<Reverse<((PartitionId, Offset), usize)>> = heads
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, h)| h.peek().map(|(p, o, _)| Reverse(((*p, *o), i))))
+        .collect();
+    let mut batch: Vec<Record<'_>> = Vec::with_capacity(ENGINE_BATCH);
+    let mut events = 0;
+    while let Some(Reverse((_, i))) = heap.pop() {
+        let (partition, offset, click) = heads[i].next().expect("peeked");
+        batch.push(Record { partition, offset, payload: Payload::Click(click) });
+        if let Some((p, o, _)) = heads[i].peek() {
+            heap.push(Reverse(((*p, *o), i)));
+        }
+        if batch.len() == ENGINE_BATCH || heap.is_empty() {
+            events += batch.len() as u64;
+            keep(engine.process_with(EventTime(hi), &batch, |work| {
+                work.into_par_iter().map(|(shard, b)| shard.apply(b)).collect()
+            }));
+            batch.clear();
+        }
+    }
+    Ok(events)
 }
 
 /// How a difference between stored and recomputed counts is explained.
@@ -284,6 +311,11 @@ pub struct Report {
 /// Compares the stored results of the range with a recomputation.
 pub fn reconcile(ctx: &Context, rec: &Recomputed) -> anyhow::Result<Report> {
     let stored = ctx.store.range_rows(rec.from, rec.to).context("reading the stored counts")?;
+    Ok(compare(ctx, rec, &stored))
+}
+
+/// Compares stored rows (read in one transaction) with a recomputation of the same range.
+pub fn compare(ctx: &Context, rec: &Recomputed, stored: &crate::store::RangeRows) -> Report {
     let slots = ctx.filters.len() + 1;
     let mut differences = Vec::new();
     // Both sides are sorted by (minute, ad): one merge pass.
@@ -356,7 +388,7 @@ pub fn reconcile(ctx: &Context, rec: &Recomputed) -> anyhow::Result<Report> {
         )),
         _ => None,
     };
-    Ok(Report {
+    Report {
         from: format_rfc3339(rec.from.start()),
         to: format_rfc3339(rec.to.start()),
         rows_stored: stored.counts.len() as u64,
@@ -368,7 +400,7 @@ pub fn reconcile(ctx: &Context, rec: &Recomputed) -> anyhow::Result<Report> {
         unexplained: count(Kind::Unexplained),
         fix,
         differences,
-    })
+    }
 }
 
 /// Replaces the stored results of the range with the recomputation, atomically, and updates the
@@ -427,8 +459,15 @@ pub fn run_job(
         // Refuse early, before the work, when the range is not sealed (checked again on write).
         ctx.store.check_sealed(to, ctx.engine.allowed_lateness_ms)?;
     }
-    let rec = recompute(ctx, from, to, progress)?;
-    let report = reconcile(ctx, &rec)?;
+    // The stored rows are read (one transaction) while the range is recomputed.
+    let (rec, stored) = std::thread::scope(|scope| {
+        let stored = scope.spawn(|| ctx.store.range_rows(from, to));
+        let rec = recompute(ctx, from, to, progress);
+        (rec, stored.join().expect("reading the store does not panic"))
+    });
+    let rec = rec?;
+    let stored = stored.context("reading the stored counts")?;
+    let report = compare(ctx, &rec, &stored);
     let replaced = match job {
         Job::Recalc { dry_run: false } => Some(apply(ctx, &rec, live)?),
         _ => None,
