@@ -104,6 +104,11 @@ pub fn recompute(
     // Decoded files of the hours the next chunk's horizon reaches back into, read once.
     let mut cache: std::collections::HashMap<String, Arc<Vec<RecordBatch>>> = Default::default();
     let mut a = from.start().0;
+    // `ADCLICK_RECALC_CHUNK_BYTES` overrides the chunk size (tests: one hour per chunk).
+    let chunk_bytes = std::env::var("ADCLICK_RECALC_CHUNK_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CHUNK_BYTES);
     // Every hour's files, listed once.
     let mut listed: HashMap<i64, Vec<ArchiveFile>> = HashMap::new();
     let mut files_of = |hour: i64| -> anyhow::Result<Vec<ArchiveFile>> {
@@ -121,7 +126,7 @@ pub fn recompute(
         let mut bytes: u64 = files_of(a.div_euclid(HOUR_MS))?.iter().map(|f| f.size).sum();
         while b < to.start().0 {
             let next: u64 = files_of(b.div_euclid(HOUR_MS))?.iter().map(|f| f.size).sum();
-            if bytes + next > CHUNK_BYTES {
+            if bytes + next > chunk_bytes {
                 break;
             }
             bytes += next;
