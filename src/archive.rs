@@ -502,9 +502,7 @@ impl Archiver {
 
     /// Archives every record durable now, in flushes of at most `file_rows`.
     pub fn catch_up(&mut self) -> anyhow::Result<u64> {
-        let target: Vec<u64> = (0..self.log.partitions())
-            .map(|p| self.log.durable_end(PartitionId(p as u32)).0)
-            .collect();
+        let target = self.log.durable_ends();
         let mut total = 0;
         loop {
             let n = self.flush_once(&target)?;
@@ -608,14 +606,7 @@ impl Archiver {
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             let stopping = shutdown.load(Ordering::Acquire);
-            let waiting: u64 = (0..self.log.partitions())
-                .map(|p| {
-                    self.log
-                        .durable_end(PartitionId(p as u32))
-                        .0
-                        .saturating_sub(self.archived[p].load(Ordering::Acquire))
-                })
-                .sum();
+            let waiting = self.log.behind(&self.archived);
             let due = request.is_some()
                 || stopping
                 || (last.elapsed() >= backoff
@@ -625,10 +616,7 @@ impl Archiver {
                 let result = if request.is_some() || stopping {
                     self.catch_up().map(|_| ())
                 } else {
-                    let target: Vec<u64> = (0..self.log.partitions())
-                        .map(|p| self.log.durable_end(PartitionId(p as u32)).0)
-                        .collect();
-                    self.flush_once(&target).map(|_| ())
+                    self.flush_once(&self.log.durable_ends()).map(|_| ())
                 };
                 last = Instant::now();
                 if let Some(reply) = request {

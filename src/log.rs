@@ -95,6 +95,19 @@ impl LogHandle {
     pub fn start(&self, p: PartitionId) -> Offset {
         Offset(self.0.start[p.0 as usize].load(Ordering::Acquire))
     }
+    /// Every partition's durable end, in partition order.
+    pub fn durable_ends(&self) -> Vec<u64> {
+        self.0.durable.iter().map(|d| d.load(Ordering::Acquire)).collect()
+    }
+    /// Durable records a consumer at `positions` (next offset per partition) has not reached.
+    pub fn behind(&self, positions: &[AtomicU64]) -> u64 {
+        self.0
+            .durable
+            .iter()
+            .zip(positions)
+            .map(|(d, at)| d.load(Ordering::Acquire).saturating_sub(at.load(Ordering::Acquire)))
+            .sum()
+    }
     pub fn reader(&self, p: PartitionId) -> Reader {
         Reader { shared: self.0.clone(), partition: p, cursor: None }
     }

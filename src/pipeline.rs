@@ -206,9 +206,7 @@ impl QueryState {
     /// Waits until the aggregator has committed every record durable now (reconciliation
     /// compares stored results with the archive: both must reflect the same clicks).
     pub fn await_aggregated(&self, timeout: Duration) -> anyhow::Result<()> {
-        let ends: Vec<u64> = (0..self.log.partitions())
-            .map(|p| self.log.durable_end(PartitionId(p as u32)).0)
-            .collect();
+        let ends = self.log.durable_ends();
         let started = Instant::now();
         while ends.iter().enumerate().any(|(p, e)| self.committed[p].load(Ordering::Acquire) < *e) {
             anyhow::ensure!(
@@ -222,26 +220,12 @@ impl QueryState {
 
     /// Log records durable but not yet archived.
     pub fn archive_lag(&self) -> u64 {
-        (0..self.log.partitions())
-            .map(|p| {
-                self.log
-                    .durable_end(PartitionId(p as u32))
-                    .0
-                    .saturating_sub(self.archived[p].load(Ordering::Acquire))
-            })
-            .sum()
+        self.log.behind(&self.archived)
     }
 
     /// Log records durable but not yet aggregated.
     pub fn lag(&self) -> u64 {
-        (0..self.log.partitions())
-            .map(|p| {
-                self.log
-                    .durable_end(PartitionId(p as u32))
-                    .0
-                    .saturating_sub(self.committed[p].load(Ordering::Acquire))
-            })
-            .sum()
+        self.log.behind(&self.committed)
     }
 }
 

@@ -313,12 +313,6 @@ pub struct Report {
     pub differences: Vec<Difference>,
 }
 
-/// Compares the stored results of the range with a recomputation.
-pub fn reconcile(ctx: &Context, rec: &Recomputed) -> anyhow::Result<Report> {
-    let stored = ctx.store.range_rows(rec.from, rec.to).context("reading the stored counts")?;
-    Ok(compare(ctx, rec, &stored))
-}
-
 /// Compares stored rows (read in one transaction) with a recomputation of the same range.
 pub fn compare(ctx: &Context, rec: &Recomputed, stored: &crate::store::RangeRows) -> Report {
     let slots = ctx.filters.len() + 1;

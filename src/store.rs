@@ -115,12 +115,7 @@ impl BatchRecord {
     fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::default();
         e.i(self.wall);
-        e.u(self.ranges.len() as u64);
-        for (p, a, b) in &self.ranges {
-            e.u(p.0 as u64);
-            e.u(a.0);
-            e.u(b.0);
-        }
+        encode_ranges(&mut e, &self.ranges);
         e.u(self.assign.len() as u64);
         for p in &self.assign {
             e.u(p.0 as u64);
@@ -130,15 +125,7 @@ impl BatchRecord {
     fn decode(bytes: &[u8]) -> Option<BatchRecord> {
         let mut d = Decoder::raw(bytes);
         let wall = d.i().ok()?;
-        let n = d.count().ok()?;
-        let mut ranges = Vec::with_capacity(n);
-        for _ in 0..n {
-            ranges.push((
-                PartitionId(u32::try_from(d.u().ok()?).ok()?),
-                Offset(d.u().ok()?),
-                Offset(d.u().ok()?),
-            ));
-        }
+        let ranges = decode_ranges(&mut d)?;
         let mut assign = Vec::new();
         for _ in 0..d.count().ok()? {
             assign.push(PartitionId(u32::try_from(d.u().ok()?).ok()?));
@@ -146,6 +133,40 @@ impl BatchRecord {
         d.finish().ok()?;
         Some(BatchRecord { wall, ranges, assign })
     }
+}
+
+/// (partition, from, to) ranges, as the journal and the archiver's recorded flush keep them.
+fn encode_ranges(e: &mut Encoder, ranges: &[(PartitionId, Offset, Offset)]) {
+    e.u(ranges.len() as u64);
+    for (p, a, b) in ranges {
+        e.u(p.0 as u64);
+        e.u(a.0);
+        e.u(b.0);
+    }
+}
+
+fn decode_ranges(d: &mut Decoder) -> Option<Vec<(PartitionId, Offset, Offset)>> {
+    let n = d.count().ok()?;
+    let mut ranges = Vec::with_capacity(n);
+    for _ in 0..n {
+        ranges.push((
+            PartitionId(u32::try_from(d.u().ok()?).ok()?),
+            Offset(d.u().ok()?),
+            Offset(d.u().ok()?),
+        ));
+    }
+    Some(ranges)
+}
+
+/// A top-N list as `tops` stores it.
+fn encode_top(ads: &[Ranked]) -> Vec<u8> {
+    let mut e = Encoder::default();
+    e.u(ads.len() as u64);
+    for (ad, c) in ads {
+        e.bytes(ad.as_str().as_bytes());
+        e.u(*c);
+    }
+    e.buf
 }
 
 /// What a restart needs.
@@ -351,13 +372,7 @@ impl Store {
             }
             let mut tops = txn.open_table(TOPS).ctx("open tops")?;
             for t in &output.top {
-                let mut e = Encoder::default();
-                e.u(t.ads.len() as u64);
-                for (ad, c) in &t.ads {
-                    e.bytes(ad.as_str().as_bytes());
-                    e.u(*c);
-                }
-                tops.insert((t.minute.0, t.slot.index() as u32), e.buf.as_slice())
+                tops.insert((t.minute.0, t.slot.index() as u32), encode_top(&t.ads).as_slice())
                     .ctx("write top")?;
             }
             if !output.too_late.is_empty() {
@@ -731,19 +746,7 @@ impl Store {
         }
         if let Some(v) = meta.get("archive_pending").ctx("read archive flush")? {
             let mut d = Decoder::raw(v.value());
-            let decode = |d: &mut Decoder| -> Option<(u64, crate::archive::Ranges)> {
-                let seq = d.u().ok()?;
-                let n = d.count().ok()?;
-                let mut ranges = Vec::with_capacity(n);
-                for _ in 0..n {
-                    ranges.push((
-                        PartitionId(u32::try_from(d.u().ok()?).ok()?),
-                        Offset(d.u().ok()?),
-                        Offset(d.u().ok()?),
-                    ));
-                }
-                Some((seq, ranges))
-            };
+            let decode = |d: &mut Decoder| Some((d.u().ok()?, decode_ranges(d)?));
             state.pending = Some(decode(&mut d).ok_or(StoreError {
                 what: "the recorded archive flush is corrupt",
                 source: redb::Error::Corrupted("archive_pending".into()),
@@ -760,12 +763,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut e = Encoder::default();
         e.u(seq);
-        e.u(ranges.len() as u64);
-        for (p, a, b) in ranges {
-            e.u(p.0 as u64);
-            e.u(a.0);
-            e.u(b.0);
-        }
+        encode_ranges(&mut e, ranges);
         let txn = self.db.begin_write().ctx("begin")?;
         {
             let mut meta = txn.open_table(META).ctx("open meta")?;
@@ -883,14 +881,8 @@ impl Store {
             let mut top_table = txn.open_table(TOPS).ctx("open tops")?;
             top_table.retain_in((from.0, 0)..(to.0, 0), |_, _| false).ctx("remove tops")?;
             for t in tops.iter().filter(|t| t.minute >= from && t.minute < to) {
-                let mut e = Encoder::default();
-                e.u(t.ads.len() as u64);
-                for (ad, c) in &t.ads {
-                    e.bytes(ad.as_str().as_bytes());
-                    e.u(*c);
-                }
                 top_table
-                    .insert((t.minute.0, t.slot.index() as u32), e.buf.as_slice())
+                    .insert((t.minute.0, t.slot.index() as u32), encode_top(&t.ads).as_slice())
                     .ctx("write top")?;
                 replaced.tops += 1;
             }

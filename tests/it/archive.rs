@@ -389,27 +389,23 @@ fn too_late_clicks_are_reconciled_then_recalculated_with_the_server_running() {
             n
         })
     };
-    let before_count = server
-        .get(&format!(
-            "/v1/ads/ad-1/aggregated_count?from={}&to={}",
-            m0 * 60_000,
-            sealed_to * 60_000
-        ))
-        .1["count"]
-        .clone();
+    let ad1_count = || {
+        server
+            .get(&format!(
+                "/v1/ads/ad-1/aggregated_count?from={}&to={}",
+                m0 * 60_000,
+                sealed_to * 60_000
+            ))
+            .1["count"]
+            .clone()
+    };
+    let before_count = ad1_count();
     reconcile_recalc_reconcile(dir.path(), &sent, on_time, sealed_to);
     stop_flag.store(true, Ordering::Release);
     poller.join().unwrap();
     assert!(ingest.join().unwrap() > 0, "ingestion went on during the recalculation");
     let after = server.get(&range(sealed_to)).1["ads"].clone();
-    let after_count = server
-        .get(&format!(
-            "/v1/ads/ad-1/aggregated_count?from={}&to={}",
-            m0 * 60_000,
-            sealed_to * 60_000
-        ))
-        .1["count"]
-        .clone();
+    let after_count = ad1_count();
     assert_ne!(before, after, "the recalculation changed popular_ads");
     let seen = seen.lock().unwrap();
     assert!(seen.len() >= 3, "the query loop ran");
