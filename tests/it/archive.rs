@@ -341,6 +341,15 @@ fn too_late_clicks_are_reconciled_then_recalculated_with_the_server_running() {
     let m0 = sealed_to - 5;
     let range = |t: i64| format!("/v1/ads/popular_ads?count=1000&window=5&to={}", t * 60_000);
     let before = server.get(&range(sealed_to)).1["ads"].clone();
+    // The admin endpoint answers only the bearer token of server.json.
+    for auth in [None, Some("Bearer wrong")] {
+        let mut req =
+            crate::service::agent().post(format!("{}/v1/admin/recalc?from=0&to=60000", server.url));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        assert_eq!(req.send_empty().unwrap().status().as_u16(), 401, "{auth:?}");
+    }
 
     // A query loop runs through the recalculation: every answer is the old one or the new one.
     let stop_flag = Arc::new(AtomicBool::new(false));
