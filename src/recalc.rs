@@ -41,7 +41,7 @@ use std::collections::{BinaryHeap, HashMap};
 use crate::engine::{Engine, EngineConfig, Offset, PartitionId, Payload, Record, TopUpdate};
 use crate::event::{format_rfc3339, AdId, EventTime, Minute, MINUTE_MS};
 use crate::filter::Filters;
-use crate::store::{Replaced, Store};
+use crate::store::{CountRows, Replaced, Store};
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -82,8 +82,8 @@ pub struct Progress {
 pub struct Recomputed {
     pub from: Minute,
     pub to: Minute,
-    /// (minute, ad) → counts per slot; only rows with clicks.
-    pub counts: BTreeMap<(i64, String), Vec<u64>>,
+    /// Only rows with clicks.
+    pub counts: CountRows,
     pub tops: Vec<TopUpdate>,
     pub progress: Progress,
 }
@@ -194,11 +194,14 @@ pub fn recompute(
             }
         }
         keep(engine.finish(EventTime(hi)));
-        for ((minute, ad), c) in counts {
-            if c.iter().any(|&v| v > 0) {
-                out.counts.insert((minute.0, ad.as_str().to_string()), c);
-            }
-        }
+        // Chunks come in time order: each chunk's sorted rows extend the sorted whole.
+        let mut rows: CountRows = counts
+            .into_iter()
+            .filter(|(_, c)| c.iter().any(|&v| v > 0))
+            .map(|((minute, ad), c)| ((minute.0, ad.as_str().to_string()), c))
+            .collect();
+        rows.par_sort_unstable_by(|x, y| x.0.cmp(&y.0));
+        out.counts.extend(rows);
         // Keep only what the next chunk reads again (its horizon reaches back into this hour),
         // and not more than a bounded number of rows.
         let next_lo_hour = (b - horizon).div_euclid(HOUR_MS);

@@ -671,14 +671,17 @@ pub struct ArchiveState {
 /// Everything stored for the minutes of a range, read in one transaction.
 #[derive(Debug, Default)]
 pub struct RangeRows {
-    /// (minute, ad) → counts per slot.
-    pub counts: std::collections::BTreeMap<(i64, String), Vec<u64>>,
+    pub counts: CountRows,
     /// (minute, ad) → too-late clicks per slot.
     pub too_late: std::collections::BTreeMap<(i64, String), Vec<u64>>,
     pub watermark: Watermark,
     /// Per partition, the aggregator's committed offsets.
     pub offsets: Vec<(PartitionId, Offset)>,
 }
+
+/// (minute, ad) → counts per slot, sorted by (minute, ad), each key once: built and merged in
+/// one pass, where a map would compare strings at every insert.
+pub type CountRows = Vec<((i64, String), Vec<u64>)>;
 
 /// What a recalculation replaced.
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
@@ -797,17 +800,23 @@ impl Store {
     pub fn range_rows(&self, from: Minute, to: Minute) -> Result<RangeRows, StoreError> {
         let txn = self.db.begin_read().ctx("begin read")?;
         let mut out = RangeRows { watermark: read_watermark(&txn)?, ..RangeRows::default() };
-        for (table, map) in [(COUNTS, &mut out.counts), (TOO_LATE, &mut out.too_late)] {
+        let scan = |table: TableDefinition<(i64, &str), &[u8]>| -> Result<CountRows, StoreError> {
             let t = txn.open_table(table).ctx("open counts")?;
+            let mut rows = CountRows::new();
             for item in t.range((from.0, "")..(to.0, "")).ctx("scan counts")? {
                 let (k, v) = item.ctx("read count")?;
                 let (minute, ad) = k.value();
-                map.insert(
+                rows.push((
                     (minute, ad.to_string()),
                     v.value().chunks_exact(8).map(le_u64).collect(),
-                );
+                ));
             }
-        }
+            // Already in key order as scanned: a stable sort only checks that (linear).
+            rows.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(rows)
+        };
+        out.counts = scan(COUNTS)?;
+        out.too_late = scan(TOO_LATE)?.into_iter().collect();
         let t = txn.open_table(OFFSETS).ctx("open offsets")?;
         for item in t.iter().ctx("read offsets")? {
             let (k, v) = item.ctx("read offset")?;
@@ -824,7 +833,7 @@ impl Store {
         &self,
         from: Minute,
         to: Minute,
-        counts: &std::collections::BTreeMap<(i64, String), Vec<u64>>,
+        counts: &CountRows,
         tops: &[crate::engine::TopUpdate],
         lateness_ms: i64,
     ) -> Result<Replaced, ReplaceError> {
@@ -869,7 +878,10 @@ impl Store {
                 }
             }
             for ((minute, ad), c) in &old {
-                if !counts.contains_key(&(*minute, ad.clone())) {
+                if counts
+                    .binary_search_by(|(k, _)| (k.0, k.1.as_str()).cmp(&(*minute, ad)))
+                    .is_err()
+                {
                     replaced.changed.push((Minute(*minute), AdId::new(ad), vec![0; c.len()]));
                 }
             }
