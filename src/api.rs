@@ -673,6 +673,11 @@ async fn metrics(State(s): State<AppState>) -> Response {
         "Engine checkpoints.",
         m.checkpoints.load(Ordering::Relaxed),
     );
+    counter(
+        "adclick_checkpoint_written_bytes_total",
+        "Bytes of checkpoint files written.",
+        m.checkpoint_written_bytes.load(Ordering::Relaxed),
+    );
     let _ = writeln!(out, "# HELP adclick_invalid_total Invalid lines by reason.\n# TYPE adclick_invalid_total counter");
     for kind in InvalidKind::ALL {
         let _ = writeln!(
@@ -688,7 +693,9 @@ async fn metrics(State(s): State<AppState>) -> Response {
         let _ = writeln!(out, "# HELP adclick_watermark_seconds The event-time watermark.\n# TYPE adclick_watermark_seconds gauge\nadclick_watermark_seconds {}", w as f64 / 1000.0);
     }
     let _ = writeln!(out, "# HELP adclick_ingest_inflight_bytes Ingest body bytes held in memory.\n# TYPE adclick_ingest_inflight_bytes gauge\nadclick_ingest_inflight_bytes {}", s.max_inflight_bytes.saturating_sub(s.inflight.available_permits()));
-    let _ = writeln!(out, "# HELP adclick_checkpoint_bytes Size of the last checkpoint.\n# TYPE adclick_checkpoint_bytes gauge\nadclick_checkpoint_bytes {}", m.checkpoint_bytes.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP adclick_checkpoint_bytes Size of the last checkpoint file.\n# TYPE adclick_checkpoint_bytes gauge\nadclick_checkpoint_bytes {}", m.checkpoint_bytes.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP adclick_dedup_entries Identities held for deduplication, at the last checkpoint.\n# TYPE adclick_dedup_entries gauge\nadclick_dedup_entries {}", m.dedup_entries.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP adclick_dedup_bytes Memory the deduplication state holds, at the last checkpoint.\n# TYPE adclick_dedup_bytes gauge\nadclick_dedup_bytes {}", m.dedup_bytes.load(Ordering::Relaxed));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -4,7 +4,8 @@
 //!
 //! Points: `log.before_sync` (records written, not yet durable), `store.mid_commit` (a
 //! transaction half written), `store.after_commit` (committed, not yet published to queries),
-//! `aggregator.after_checkpoint`, `archive.after_begin` (an archive flush recorded, no file
+//! `aggregator.after_checkpoint`, `checkpoint.before_sync` (a checkpoint file written, not yet
+//! durable, while commits go on), `archive.after_begin` (an archive flush recorded, no file
 //! written), `archive.mid_flush` (some of a flush's files written), `store.mid_replace` (a
 //! recalculation's transaction half written). And one that stalls instead of aborting: `aggregator.stall`
 //! (the aggregator stops consuming, to test backpressure).

@@ -33,7 +33,7 @@ use crate::event::{wire, EventTime, IdentityKey, Minute, MINUTE_MS};
 use crate::filter::Filters;
 use crate::log::{LogHandle, Records, Writer};
 use crate::popular::{Popular, MAX_WINDOW_MINUTES};
-use crate::store::{BatchRecord, Store};
+use crate::store::{BatchRecord, CheckpointFile, CheckpointRecord, Store};
 
 /// Most records one aggregator batch reads per partition.
 const MAX_BATCH_PER_PARTITION: usize = 100_000;
@@ -69,6 +69,11 @@ pub struct Metrics {
     pub commit_micros: AtomicU64,
     pub checkpoints: AtomicU64,
     pub checkpoint_bytes: AtomicU64,
+    /// Bytes of checkpoint files written, cumulative.
+    pub checkpoint_written_bytes: AtomicU64,
+    /// The dedup state at the last checkpoint: identities, and bytes in memory.
+    pub dedup_entries: AtomicU64,
+    pub dedup_bytes: AtomicU64,
 }
 
 /// What one committed batch changed, for the in-memory popular-ads index.
@@ -444,6 +449,35 @@ struct Aggregator {
     /// The offsets of the previous checkpoint: the log is kept from there, so that a start can
     /// fall back to it.
     previous_checkpoint: Option<Vec<(PartitionId, Offset)>>,
+    /// The files of the newest checkpoint taken: the next one keeps those still retained.
+    manifest: Vec<CheckpointFile>,
+    /// A checkpoint whose file is being written (one at a time), recorded by the first commit
+    /// after its file is durable.
+    pending: Option<PendingCheckpoint>,
+}
+
+/// A checkpoint taken, its file written on its own thread (encoding is on the aggregator
+/// thread and follows what changed; writing and fsync are not on the commit path).
+struct PendingCheckpoint {
+    taken: TakenCheckpoint,
+    writing: JoinHandle<Result<(), crate::store::StoreError>>,
+}
+
+struct TakenCheckpoint {
+    record: CheckpointRecord,
+    /// The engine's offsets when it was taken.
+    offsets: Vec<(PartitionId, Offset)>,
+    bytes: u64,
+}
+
+impl PendingCheckpoint {
+    /// Waits for its file to be durable; a failed write stops the process (restart recovers).
+    fn written(self) -> TakenCheckpoint {
+        match self.writing.join().expect("the checkpoint thread does not panic") {
+            Ok(()) => self.taken,
+            Err(e) => fatal("writing a checkpoint", e),
+        }
+    }
 }
 
 impl Aggregator {
@@ -474,7 +508,8 @@ impl Aggregator {
                 committed.0
             );
         }
-        let (mut engine, base) = restore_engine(&engine_config, &filters, &rec)?;
+        let (mut engine, restored) = restore_engine(&engine_config, &filters, &rec)?;
+        let base = restored.as_ref().map(|c| c.seq);
         let partitions = settings.partitions as usize;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(settings.engine.shards)
@@ -546,6 +581,8 @@ impl Aggregator {
             checkpoint_interval: settings.checkpoint_interval,
             lateness_ms: settings.engine.allowed_lateness_ms,
             previous_checkpoint: None,
+            manifest: restored.map(|c| c.files).unwrap_or_default(),
+            pending: None,
         };
         for (p, o) in agg.next.iter().enumerate() {
             agg.query.committed[p].store(*o, Ordering::Release);
@@ -630,17 +667,20 @@ pub(crate) fn read_ranges(
 }
 
 /// Restores the newest committed checkpoint that can be read, falling back to the previous one
-/// (and a longer journal replay), and says so. Returns the engine and the batch it includes.
+/// (and a longer journal replay), and says so. Returns the engine and the checkpoint restored.
 fn restore_engine(
     config: &EngineConfig,
     filters: &Arc<Filters>,
     rec: &crate::store::Recovery,
-) -> anyhow::Result<(Engine, Option<u64>)> {
+) -> anyhow::Result<(Engine, Option<CheckpointRecord>)> {
     use anyhow::Context;
     let mut failures = Vec::new();
-    for (seq, bytes) in &rec.checkpoints {
-        let restored = bytes.as_ref().map_err(Clone::clone).and_then(|b| {
-            Engine::restore(config.clone(), filters.clone(), b).map_err(|e| e.to_string())
+    for (checkpoint, files) in &rec.checkpoints {
+        let seq = checkpoint.seq;
+        let restored = files.as_ref().map_err(Clone::clone).and_then(|files| {
+            let files: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
+            Engine::restore_chain(config.clone(), filters.clone(), &files)
+                .map_err(|e| e.to_string())
         });
         match restored {
             Ok(engine) => {
@@ -655,7 +695,7 @@ fn restore_engine(
                         failures.join("; ")
                     );
                 }
-                return Ok((engine, Some(*seq)));
+                return Ok((engine, Some(checkpoint.clone())));
             }
             Err(e) => failures.push(format!("checkpoint {seq} cannot be restored ({e})")),
         }
@@ -776,8 +816,15 @@ impl Aggregator {
                 .filter(|(_, a, b)| a < b)
                 .collect();
             let wall = now_ms();
-            let checkpoint_due = last_checkpoint.elapsed() >= self.checkpoint_interval || stopping;
-            if ranges.is_empty() && !checkpoint_due {
+            // A checkpoint whose file is durable is recorded by this commit; when stopping, the
+            // one being written is waited for.
+            let written = match &self.pending {
+                Some(p) => stopping || p.writing.is_finished(),
+                None => false,
+            };
+            let checkpoint_due = self.pending.is_none()
+                && (last_checkpoint.elapsed() >= self.checkpoint_interval || stopping);
+            if ranges.is_empty() && !checkpoint_due && !written {
                 // A tick without records changes only the watermark, and how depends on the
                 // ticks before it: so every tick that runs is committed (journaled), and ticks
                 // not worth a commit are not run. One runs at once when a minute turns final,
@@ -796,26 +843,33 @@ impl Aggregator {
             if let Err(e) = read_ranges(&mut self.readers, &mut self.buf, &ranges) {
                 fatal("reading the log", e);
             }
-            let (output, snapshot) = {
+            let output = {
                 let records = match decode_records(&self.buf, &ranges) {
                     Ok(records) => records,
                     Err(e) => fatal("reading the log", e),
                 };
                 let pool = &self.pool;
-                let output = self
-                    .engine
-                    .process_with(EventTime(wall), &records, |work| run_shards(pool, work));
-                (output, checkpoint_due.then(|| self.engine.snapshot()))
+                self.engine.process_with(EventTime(wall), &records, |work| run_shards(pool, work))
             };
-            let checkpointed = snapshot.is_some();
+            let mut record = None;
+            if written {
+                record = self.pending.take().map(PendingCheckpoint::written);
+            }
+            if checkpoint_due {
+                let taken = self.take_checkpoint();
+                if stopping {
+                    // The last one is written here and recorded by this very commit.
+                    record = Some(taken.written());
+                } else {
+                    self.pending = Some(taken);
+                }
+                last_checkpoint = Instant::now();
+            }
             let batch = BatchRecord { wall, ranges, assign: Vec::new() };
-            if let Err(e) = self.commit(&batch, output, snapshot) {
+            if let Err(e) = self.commit(&batch, output, record) {
                 fatal("committing results", e);
             }
             last_commit = Instant::now();
-            if checkpointed {
-                last_checkpoint = last_commit;
-            }
             if stopping {
                 return;
             }
@@ -828,16 +882,44 @@ impl Aggregator {
         }
     }
 
-    /// Commits a processed batch (results, offsets, journal entry, and the checkpoint taken
-    /// after it, if any), then makes it visible to queries.
+    /// Takes an incremental checkpoint after the batch about to be committed (`self.seq`) and
+    /// starts writing its file. Its manifest keeps the previous files the engine still retains.
+    fn take_checkpoint(&mut self) -> PendingCheckpoint {
+        let (bytes, extent) = self.engine.checkpoint();
+        let m = &self.query.metrics;
+        m.dedup_entries.store(self.engine.shard_stats().0 as u64, Ordering::Relaxed);
+        m.dedup_bytes.store(self.engine.dedup_bytes() as u64, Ordering::Relaxed);
+        let seq = self.seq;
+        let mut files: Vec<CheckpointFile> =
+            self.manifest.iter().copied().filter(|f| self.engine.retains(f.extent)).collect();
+        files.push(CheckpointFile { seq, extent });
+        self.manifest = files.clone();
+        let store = self.store.clone();
+        let len = bytes.len() as u64;
+        let writing = std::thread::Builder::new()
+            .name("adclick-checkpoint".into())
+            .spawn(move || store.write_checkpoint(seq, &bytes))
+            .unwrap_or_else(|e| fatal("starting the checkpoint thread", e));
+        PendingCheckpoint {
+            taken: TakenCheckpoint {
+                record: CheckpointRecord { seq, files },
+                offsets: self.engine.offsets(),
+                bytes: len,
+            },
+            writing,
+        }
+    }
+
+    /// Commits a processed batch (results, offsets, journal entry, and a checkpoint whose file
+    /// is durable, if any), then makes it visible to queries.
     fn commit(
         &mut self,
         batch: &BatchRecord,
         output: crate::engine::Output,
-        snapshot: Option<Vec<u8>>,
+        checkpoint: Option<TakenCheckpoint>,
     ) -> Result<(), crate::store::StoreError> {
         let started = Instant::now();
-        self.store.commit(self.seq, batch, &output, snapshot.as_deref())?;
+        self.store.commit(self.seq, batch, &output, checkpoint.as_ref().map(|c| &c.record))?;
         crate::fault::point("store.after_commit");
         self.seq += 1;
         let m = &self.query.metrics;
@@ -847,15 +929,15 @@ impl Aggregator {
             self.next[p.0 as usize] = to.0;
         }
         self.publish(output);
-        if let Some(bytes) = snapshot {
+        if let Some(checkpoint) = checkpoint {
             crate::fault::point("aggregator.after_checkpoint");
             let m = &self.query.metrics;
             m.checkpoints.fetch_add(1, Ordering::Relaxed);
-            m.checkpoint_bytes.store(bytes.len() as u64, Ordering::Relaxed);
+            m.checkpoint_bytes.store(checkpoint.bytes, Ordering::Relaxed);
+            m.checkpoint_written_bytes.fetch_add(checkpoint.bytes, Ordering::Relaxed);
             // The log is kept from the previous checkpoint on, for a fallback to it, and from
             // what the archiver has not archived yet.
-            let offsets = self.engine.offsets();
-            if let Some(previous) = self.previous_checkpoint.replace(offsets) {
+            if let Some(previous) = self.previous_checkpoint.replace(checkpoint.offsets) {
                 let below = previous
                     .into_iter()
                     .map(|(p, o)| {

@@ -15,18 +15,24 @@
 //!                             every batch since the previous checkpoint
 //! meta     "watermark" i64 · "counters"
 //!          · "checkpoint_seq" u64, "previous_checkpoint_seq" u64 (the last batch each includes)
+//!          · "checkpoint_files", "previous_checkpoint_files": each checkpoint's manifest, the
+//!            files that restore it, oldest first (seq u, newest dedup time, newest minute)
 //!          · "settings" (the settings that change results, as JSON; see `check_settings`)
 //!
-//! checkpoints/<seq>.snap   the engine snapshot after batch <seq>, beside the database; the
-//!                          newest two are kept, so a start falls back to the previous one
-//!                          (and a longer journal replay) when the newest is missing or corrupt
+//! checkpoints/<seq>.snap   an incremental engine checkpoint taken after batch <seq>: the small
+//!                          state whole, and the window rows and dedup entries changed since the
+//!                          checkpoint before it; a checkpoint is its manifest's files together.
+//!                          The newest two checkpoints are kept, so a start falls back to the
+//!                          previous one (and a longer journal replay) when the newest is missing
+//!                          or corrupt
 //! ```
 //!
-//! Snapshots live in files, not in the database: they are large (tens of bytes per identity
-//! held for deduplication) and rewritten whole, which would bloat a copy-on-write B-tree with
-//! stale pages. A checkpoint file is written to a temporary name, fsynced, renamed and its
-//! directory fsynced *before* the transaction that names it commits; older files are removed
-//! only after. A crash in between leaves an orphan file, never a dangling reference.
+//! Checkpoint files live beside the database, not in it: they are written once and never
+//! updated, so a copy-on-write B-tree would gain nothing. A file is written to a temporary name,
+//! fsynced, renamed and its directory fsynced (by the aggregator's checkpoint thread, off the
+//! commit path) *before* the transaction that names it in a manifest commits; files neither
+//! manifest names are removed only after. A crash in between leaves an orphan file, never a
+//! dangling reference.
 //!
 //! # Commit protocol (exactly once)
 //!
@@ -50,7 +56,7 @@ use std::sync::{Arc, Mutex};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::engine::snapshot::{Decoder, Encoder};
-use crate::engine::{Counters, Offset, Output, PartitionId, Slot, Watermark};
+use crate::engine::{Counters, Extent, Offset, Output, PartitionId, Slot, Watermark};
 use crate::event::{AdId, EventTime, Minute};
 use crate::rank::Ranked;
 
@@ -169,12 +175,69 @@ fn encode_top(ads: &[Ranked]) -> Vec<u8> {
     e.buf
 }
 
+/// A checkpoint file as a manifest names it: the batch it was taken after, and how long it
+/// matters (see [`crate::engine::Engine::retains`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointFile {
+    pub seq: u64,
+    pub extent: Extent,
+}
+
+/// A checkpoint whose files are durable, to be recorded by a commit: the last batch it includes
+/// and the files that restore it, oldest first (the newest is `seq`'s).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointRecord {
+    pub seq: u64,
+    pub files: Vec<CheckpointFile>,
+}
+
+fn encode_manifest(files: &[CheckpointFile]) -> Vec<u8> {
+    let mut e = Encoder::default();
+    e.u(files.len() as u64);
+    let opt = |e: &mut Encoder, v: Option<i64>| match v {
+        Some(v) => {
+            e.bool(true);
+            e.i(v)
+        }
+        None => e.bool(false),
+    };
+    for f in files {
+        e.u(f.seq);
+        opt(&mut e, f.extent.max_time);
+        opt(&mut e, f.extent.max_minute.map(|m| m.0));
+    }
+    e.buf
+}
+
+fn decode_manifest(bytes: &[u8]) -> Option<Vec<CheckpointFile>> {
+    let mut d = Decoder::raw(bytes);
+    let opt = |d: &mut Decoder| -> Option<Option<i64>> {
+        match d.u().ok()? {
+            0 => Some(None),
+            1 => d.i().ok().map(Some),
+            _ => None,
+        }
+    };
+    let n = d.count().ok()?;
+    let mut files = Vec::with_capacity(n);
+    for _ in 0..n {
+        let seq = d.u().ok()?;
+        let max_time = opt(&mut d)?;
+        let max_minute = opt(&mut d)?.map(Minute);
+        files.push(CheckpointFile { seq, extent: Extent { max_time, max_minute } });
+    }
+    Some(files)
+}
+
+/// A checkpoint's files, oldest first, or why one cannot be read.
+pub type CheckpointBytes = Result<Vec<Vec<u8>>, String>;
+
 /// What a restart needs.
 #[derive(Debug, Default)]
 pub struct Recovery {
-    /// Committed checkpoints, newest first: (the last batch it includes, its file's bytes or why
-    /// it cannot be read).
-    pub checkpoints: Vec<(u64, Result<Vec<u8>, String>)>,
+    /// Committed checkpoints, newest first: its manifest, and its files' bytes (oldest first)
+    /// or why they cannot be read.
+    pub checkpoints: Vec<(CheckpointRecord, CheckpointBytes)>,
     /// Batches after the oldest kept checkpoint, in order.
     pub journal: Vec<(u64, BatchRecord)>,
     pub next_seq: u64,
@@ -315,13 +378,14 @@ impl Store {
     }
 
     /// Commits one batch's results atomically (see the module doc). With `checkpoint`, also
-    /// stores the engine snapshot taken after this batch and drops the journal it covers.
+    /// records a checkpoint whose files are durable (taken after this batch or an earlier one)
+    /// and drops the journal the previous checkpoint covers.
     pub fn commit(
         &self,
         seq: u64,
         batch: &BatchRecord,
         output: &Output,
-        checkpoint: Option<&[u8]>,
+        checkpoint: Option<&CheckpointRecord>,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().ctx("begin commit")?;
         let mut new_days = Vec::new();
@@ -404,23 +468,34 @@ impl Store {
             output.counters.encode(&mut e);
             meta.insert("counters", e.buf.as_slice()).ctx("write counters")?;
             journal.insert(seq, BatchRecord::encode(batch).as_slice()).ctx("write journal")?;
-            if let Some(snapshot) = checkpoint {
-                self.write_checkpoint(seq, snapshot)?;
+            if let Some(checkpoint) = checkpoint {
                 let previous = meta
                     .get("checkpoint_seq")
                     .ctx("read checkpoint seq")?
                     .map(|v| le_u64(v.value()));
-                meta.insert("checkpoint_seq", seq.to_le_bytes().as_slice())
+                let previous_files =
+                    meta.get("checkpoint_files").ctx("read manifest")?.map(|v| v.value().to_vec());
+                meta.insert("checkpoint_seq", checkpoint.seq.to_le_bytes().as_slice())
                     .ctx("write checkpoint seq")?;
+                meta.insert("checkpoint_files", encode_manifest(&checkpoint.files).as_slice())
+                    .ctx("write manifest")?;
                 match previous {
                     Some(previous) => {
                         meta.insert("previous_checkpoint_seq", previous.to_le_bytes().as_slice())
                             .ctx("write checkpoint seq")?;
+                        match previous_files {
+                            Some(files) => {
+                                meta.insert("previous_checkpoint_files", files.as_slice())
+                            }
+                            None => meta.remove("previous_checkpoint_files"),
+                        }
+                        .ctx("write manifest")?;
                         // Keep what a fallback to the previous checkpoint replays.
                         journal.retain(|k, _| k > previous).ctx("trim journal")?;
                     }
                     None => {
                         meta.remove("previous_checkpoint_seq").ctx("write checkpoint seq")?;
+                        meta.remove("previous_checkpoint_files").ctx("write manifest")?;
                     }
                 }
             }
@@ -443,13 +518,15 @@ impl Store {
         self.checkpoints.join(format!("{seq:020}.snap"))
     }
 
-    /// Writes a checkpoint file durably (temporary name, fsync, rename, directory fsync).
-    fn write_checkpoint(&self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError> {
+    /// Writes a checkpoint file durably (temporary name, fsync, rename, directory fsync), before
+    /// a commit records it. Safe beside commits (the aggregator's checkpoint thread calls it).
+    pub fn write_checkpoint(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
         let io = |what| move |e: std::io::Error| StoreError { what, source: redb::Error::Io(e) };
         let path = self.checkpoint_path(seq);
         let tmp = path.with_extension("tmp");
         let mut f = File::create(&tmp).map_err(io("create checkpoint file"))?;
-        f.write_all(snapshot).map_err(io("write checkpoint file"))?;
+        f.write_all(bytes).map_err(io("write checkpoint file"))?;
+        crate::fault::point("checkpoint.before_sync");
         f.sync_all().map_err(io("sync checkpoint file"))?;
         std::fs::rename(&tmp, &path).map_err(io("rename checkpoint file"))?;
         File::open(&self.checkpoints)
@@ -458,23 +535,40 @@ impl Store {
     }
 
     /// The committed checkpoints, newest first.
-    fn checkpoint_seqs(&self) -> Result<Vec<u64>, StoreError> {
+    fn committed_checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError> {
         let txn = self.db.begin_read().ctx("begin read")?;
         let meta = txn.open_table(META).ctx("open meta")?;
-        let mut seqs = Vec::new();
-        for key in ["checkpoint_seq", "previous_checkpoint_seq"] {
-            if let Some(v) = meta.get(key).ctx("read checkpoint seq")? {
-                seqs.push(le_u64(v.value()));
-            }
+        let mut out = Vec::new();
+        for (seq_key, files_key) in [
+            ("checkpoint_seq", "checkpoint_files"),
+            ("previous_checkpoint_seq", "previous_checkpoint_files"),
+        ] {
+            let Some(seq) =
+                meta.get(seq_key).ctx("read checkpoint seq")?.map(|v| le_u64(v.value()))
+            else {
+                continue;
+            };
+            let files = match meta.get(files_key).ctx("read manifest")? {
+                Some(v) => decode_manifest(v.value()).ok_or(StoreError {
+                    what: "checkpoint manifest is corrupt",
+                    source: redb::Error::Corrupted(format!("manifest of checkpoint {seq}")),
+                })?,
+                // Written before manifests: one self-contained file.
+                None => vec![CheckpointFile { seq, extent: Extent::default() }],
+            };
+            out.push(CheckpointRecord { seq, files });
         }
-        Ok(seqs)
+        Ok(out)
     }
 
-    /// Removes every checkpoint file the store no longer names (older ones, and orphans of a
-    /// crash before their commit).
+    /// Removes every checkpoint file neither committed manifest names (expired ones, and orphans
+    /// of a crash before their commit). Call only while no checkpoint file is being written.
     fn remove_old_checkpoints(&self) -> Result<(), StoreError> {
-        let keep: Vec<PathBuf> =
-            self.checkpoint_seqs()?.into_iter().map(|s| self.checkpoint_path(s)).collect();
+        let keep: Vec<PathBuf> = self
+            .committed_checkpoints()?
+            .iter()
+            .flat_map(|c| c.files.iter().map(|f| self.checkpoint_path(f.seq)))
+            .collect();
         let Ok(entries) = std::fs::read_dir(&self.checkpoints) else { return Ok(()) };
         for e in entries.flatten() {
             if !keep.contains(&e.path()) {
@@ -487,12 +581,31 @@ impl Store {
     }
 
     pub fn recovery(&self) -> Result<Recovery, StoreError> {
-        let seqs = self.checkpoint_seqs()?;
-        let checkpoints = seqs
-            .iter()
-            .map(|&seq| {
+        use rayon::prelude::*;
+        let committed = self.committed_checkpoints()?;
+        let seqs: Vec<u64> = committed.iter().map(|c| c.seq).collect();
+        // Files are read in parallel; the two checkpoints mostly share theirs, read once.
+        let mut wanted: Vec<u64> =
+            committed.iter().flat_map(|c| c.files.iter().map(|f| f.seq)).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let read: std::collections::HashMap<u64, Result<Arc<Vec<u8>>, String>> = wanted
+            .into_par_iter()
+            .map(|seq| {
                 let path = self.checkpoint_path(seq);
-                (seq, std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display())))
+                let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()));
+                (seq, bytes.map(Arc::new))
+            })
+            .collect();
+        let checkpoints = committed
+            .into_iter()
+            .map(|c| {
+                let files = c
+                    .files
+                    .iter()
+                    .map(|f| read[&f.seq].as_ref().map(|b| b.to_vec()).map_err(Clone::clone))
+                    .collect();
+                (c, files)
             })
             .collect();
         let txn = self.db.begin_read().ctx("begin read")?;
@@ -1068,34 +1181,65 @@ mod tests {
         let snapshot = engine.snapshot();
         let empty = |e: &mut Engine| e.process(EventTime(0), &[]);
         let nothing = BatchRecord::default();
-        store.commit(1, &nothing, &empty(&mut engine), Some(&snapshot)).unwrap();
+        // A checkpoint: its file written first, then a commit records its manifest.
+        let checkpoint = |seq: u64, bytes: &[u8], files: &[u64]| {
+            store.write_checkpoint(seq, bytes).unwrap();
+            let files = files
+                .iter()
+                .map(|&seq| CheckpointFile { seq, extent: Extent::default() })
+                .collect();
+            CheckpointRecord { seq, files }
+        };
+        let first = checkpoint(1, &snapshot, &[1]);
+        store.commit(1, &nothing, &empty(&mut engine), Some(&first)).unwrap();
         let rec = store.recovery().unwrap();
         assert_eq!(rec.next_seq, 2);
         assert_eq!(rec.journal.len(), 2, "no previous checkpoint: the journal stays whole");
-        assert_eq!(rec.checkpoints, vec![(1, Ok(snapshot.clone()))]);
-        // A second checkpoint keeps the first (and the journal after it) for a fallback; a
-        // third drops the first. An orphan from a crash before its commit goes too.
+        assert_eq!(rec.checkpoints, vec![(first.clone(), Ok(vec![snapshot.clone()]))]);
+        // The second checkpoint is taken after batch 2, its file written while batch 3 commits
+        // without it, and recorded by batch 3's commit. It keeps file 1 (incremental) and the
+        // first checkpoint (and the journal after it) for a fallback.
         std::fs::write(dir.path().join("checkpoints").join(format!("{:020}.snap", 9)), b"orphan")
             .unwrap();
-        store.commit(2, &nothing, &empty(&mut engine), Some(b"second")).unwrap();
-        store.commit(3, &nothing, &empty(&mut engine), None).unwrap();
+        store.commit(2, &nothing, &empty(&mut engine), None).unwrap();
+        let second = checkpoint(2, b"second", &[1, 2]);
+        store.commit(3, &nothing, &empty(&mut engine), Some(&second)).unwrap();
         let rec = store.recovery().unwrap();
-        assert_eq!(rec.checkpoints, vec![(2, Ok(b"second".to_vec())), (1, Ok(snapshot.clone()))]);
+        assert_eq!(
+            rec.checkpoints,
+            vec![
+                (second.clone(), Ok(vec![snapshot.clone(), b"second".to_vec()])),
+                (first.clone(), Ok(vec![snapshot.clone()]))
+            ]
+        );
         assert_eq!(rec.journal.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2, 3]);
-        store.commit(4, &nothing, &empty(&mut engine), Some(b"third")).unwrap();
-        let mut files: Vec<_> = std::fs::read_dir(dir.path().join("checkpoints"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().into_string().unwrap())
-            .collect();
-        files.sort();
-        assert_eq!(files, vec![format!("{:020}.snap", 2), format!("{:020}.snap", 4)]);
-        std::fs::remove_file(dir.path().join("checkpoints").join(format!("{:020}.snap", 4)))
+        // Files neither manifest names go after each recording commit: the orphan at once, file
+        // 1 once no kept checkpoint needs it.
+        let files = || {
+            let mut files: Vec<_> = std::fs::read_dir(dir.path().join("checkpoints"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().into_string().unwrap())
+                .collect();
+            files.sort();
+            files
+        };
+        let named = |seqs: &[u64]| -> Vec<String> {
+            seqs.iter().map(|s| format!("{s:020}.snap")).collect()
+        };
+        assert_eq!(files(), named(&[1, 2]));
+        let fourth = checkpoint(4, b"fourth", &[2, 4]);
+        store.commit(4, &nothing, &empty(&mut engine), Some(&fourth)).unwrap();
+        assert_eq!(files(), named(&[1, 2, 4]), "the previous checkpoint still needs file 1");
+        let fifth = checkpoint(5, b"fifth", &[4, 5]);
+        store.commit(5, &nothing, &empty(&mut engine), Some(&fifth)).unwrap();
+        assert_eq!(files(), named(&[2, 4, 5]));
+        std::fs::remove_file(dir.path().join("checkpoints").join(format!("{:020}.snap", 5)))
             .unwrap();
         let rec = store.recovery().unwrap();
-        assert!(rec.checkpoints[0].1.is_err(), "a missing newest checkpoint is reported");
-        assert_eq!(rec.checkpoints[1], (2, Ok(b"second".to_vec())));
-        assert_eq!(rec.journal.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![3, 4]);
+        assert!(rec.checkpoints[0].1.is_err(), "a missing file of the newest is reported");
+        assert_eq!(rec.checkpoints[1], (fourth, Ok(vec![b"second".to_vec(), b"fourth".to_vec()])));
+        assert_eq!(rec.journal.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![5]);
     }
 
     /// History popular ads: whole hours from the hour cache, edges from rows; a commit into a

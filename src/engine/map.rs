@@ -89,6 +89,10 @@ impl Mapper {
         }
     }
 
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
     pub fn watermark(&self) -> Watermark {
         self.watermarks.current()
     }

@@ -447,14 +447,57 @@ impl Engine {
         self.shards.iter().fold((0, 0), |(d, w), s| (d + s.dedup_len(), w + s.windows()))
     }
 
-    /// The whole state as bytes, see [`snapshot`].
+    /// The whole state as bytes, see [`snapshot`]: one self-contained checkpoint file.
     pub fn snapshot(&self) -> Vec<u8> {
+        self.encode(false)
+    }
+
+    /// An incremental checkpoint file: the mapper's and shards' small state whole, and only the
+    /// window rows and dedup entries changed since the previous checkpoint, each written once.
+    /// Restoring needs the files of earlier checkpoints that [`Engine::retains`] still (see
+    /// [`Engine::restore_chain`]). Its cost follows what changed, not the state.
+    pub fn checkpoint(&mut self) -> (Vec<u8>, Extent) {
+        let bytes = self.encode(true);
+        let extent = self.extent(true);
+        for s in &mut self.shards {
+            s.mark_written();
+        }
+        (bytes, extent)
+    }
+
+    fn encode(&self, changes_only: bool) -> Vec<u8> {
         let mut e = snapshot::Encoder::default();
         self.mapper.encode(&mut e);
+        // Each shard's part length-prefixed, so that a restore splits files without decoding.
+        let mut part = snapshot::Encoder::default();
         for s in &self.shards {
-            s.encode(&mut e);
+            part.buf.clear();
+            s.encode(&mut part, changes_only);
+            e.bytes(&part.buf);
         }
         e.finish()
+    }
+
+    fn extent(&self, changes_only: bool) -> Extent {
+        self.shards.iter().fold(Extent::default(), |x, s| {
+            let (time, minute) = s.extent(changes_only);
+            Extent { max_time: x.max_time.max(time), max_minute: x.max_minute.max(minute) }
+        })
+    }
+
+    /// Whether restoring the current state still needs a checkpoint file of this extent: some
+    /// of its dedup entries are not expired or some of its windows not evicted.
+    pub fn retains(&self, extent: Extent) -> bool {
+        let watermark = self.mapper.watermark();
+        let lateness = self.mapper.config().allowed_lateness_ms;
+        let expired_below = self.shards.iter().map(|s| s.expired_below()).min();
+        extent.max_time.is_some_and(|t| expired_below.is_none_or(|b| t >= b))
+            || extent.max_minute.is_some_and(|m| !watermark.is_too_late(m, lateness))
+    }
+
+    /// Bytes of deduplication state held in memory, across shards.
+    pub fn dedup_bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.dedup_bytes()).sum()
     }
 
     /// Rebuilds an engine from [`Engine::snapshot`] bytes. The shard count and the filter ids
@@ -464,22 +507,62 @@ impl Engine {
         filters: Arc<Filters>,
         bytes: &[u8],
     ) -> Result<Engine, SnapshotError> {
-        let mut engine = Engine::new(config, filters).map_err(|e| SnapshotError::Mismatch {
-            what: "configuration",
-            found: String::new(),
-            configured: e.to_string(),
-        })?;
-        let mut d = snapshot::Decoder::open(bytes)?;
+        Engine::restore_chain(config, filters, &[bytes])
+    }
+
+    /// Rebuilds an engine from checkpoint files, oldest first: the newest gives the small state,
+    /// each adds the window rows and dedup entries it changed. Files are checked and decoded in
+    /// parallel, per file and per shard.
+    pub fn restore_chain(
+        config: EngineConfig,
+        filters: Arc<Filters>,
+        files: &[&[u8]],
+    ) -> Result<Engine, SnapshotError> {
+        use rayon::prelude::*;
+        let mut engine =
+            Engine::new(config.clone(), filters.clone()).map_err(|e| SnapshotError::Mismatch {
+                what: "configuration",
+                found: String::new(),
+                configured: e.to_string(),
+            })?;
+        let Some(newest) = files.len().checked_sub(1) else {
+            return Err(SnapshotError::Corrupt("no checkpoint files"));
+        };
+        // Each file checked (frame, settings) and split into its shards' parts.
+        let shards = engine.shards.len();
+        let parts: Vec<Vec<&[u8]>> = files
+            .par_iter()
+            .map(|bytes| {
+                let mut d = snapshot::Decoder::open(bytes)?;
+                Mapper::new(config.clone(), filters.clone()).decode(&mut d)?;
+                let parts = (0..shards).map(|_| d.bytes()).collect::<Result<Vec<_>, _>>()?;
+                d.finish()?;
+                Ok(parts)
+            })
+            .collect::<Result<_, SnapshotError>>()?;
+        let mut d = snapshot::Decoder::open(files[newest])?;
         engine.mapper.decode(&mut d)?;
-        for s in &mut engine.shards {
-            s.decode(&mut d)?;
-        }
-        d.finish()?;
         let watermark = engine.mapper.watermark();
+        engine.shards.par_iter_mut().enumerate().try_for_each(|(i, shard)| {
+            for (f, file) in parts.iter().enumerate() {
+                let mut d = snapshot::Decoder::raw(file[i]);
+                shard.decode(&mut d, f == newest)?;
+                d.finish()?;
+            }
+            shard.finish_restore(watermark);
+            Ok::<_, SnapshotError>(())
+        })?;
         let tops = engine.shards.iter().map(|s| s.final_tops()).collect();
         engine.reducer.restore(watermark, tops);
         Ok(engine)
     }
+}
+
+/// How long a checkpoint file matters: the newest dedup time and window minute it holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Extent {
+    pub max_time: Option<i64>,
+    pub max_minute: Option<Minute>,
 }
 
 #[cfg(test)]

@@ -41,13 +41,16 @@ struct Window {
     /// Rows touched by the current batch (each once).
     touched: Vec<u32>,
     stamp: Vec<u64>,
+    /// Rows changed since the last checkpoint (each once), and whether each row is listed.
+    dirty: Vec<u32>,
+    is_dirty: Vec<bool>,
     is_final: bool,
     top: Vec<Vec<Ranked>>,
 }
 
 impl Window {
     fn row(&mut self, ad: &AdId, hash: u64, slots: usize) -> usize {
-        let Window { index, ads, hashes, counts, stamp, .. } = self;
+        let Window { index, ads, hashes, counts, stamp, is_dirty, .. } = self;
         if let Some(&r) = index.find(hash, |&r| ads[r as usize] == *ad) {
             return r as usize;
         }
@@ -56,6 +59,7 @@ impl Window {
         hashes.push(hash);
         counts.resize(counts.len() + slots, 0);
         stamp.push(0);
+        is_dirty.push(false);
         index.insert_unique(hash, r as u32, |&r| hashes[r as usize]);
         r
     }
@@ -141,6 +145,10 @@ impl Shard {
             if w.stamp[r] != self.batch_no {
                 w.stamp[r] = self.batch_no;
                 w.touched.push(r as u32);
+                if !w.is_dirty[r] {
+                    w.is_dirty[r] = true;
+                    w.dirty.push(r as u32);
+                }
             }
         }
 
@@ -199,30 +207,65 @@ impl Shard {
         self.windows.iter().filter(|(_, w)| w.is_final).map(|(m, w)| (*m, w.top.clone())).collect()
     }
 
-    /// Layout: counters, window count u, per window: minute i, final bool, row count u, per row:
-    /// ad str and `slots` counts u; then the dedup table.
-    pub fn encode(&self, e: &mut Encoder) {
+    /// Layout: counters, window count u, per window: minute i, row count u, per row: ad str and
+    /// `slots` counts u; then the dedup part. With `changes_only`, only the rows and dedup entries
+    /// changed since the last checkpoint ([`Shard::mark_written`]); whether a window is final
+    /// follows from the watermark on restore.
+    pub fn encode(&self, e: &mut Encoder, changes_only: bool) {
         self.counters.encode(e);
-        e.u(self.windows.len() as u64);
-        for (minute, w) in &self.windows {
+        let rows = |w: &Window| if changes_only { w.dirty.len() } else { w.ads.len() };
+        let windows: Vec<_> = self.windows.iter().filter(|(_, w)| rows(w) > 0).collect();
+        e.u(windows.len() as u64);
+        for (minute, w) in windows {
             e.i(minute.0);
-            e.bool(w.is_final);
-            e.u(w.ads.len() as u64);
-            for (ad, counts) in w.ads.iter().zip(w.counts.chunks(self.slots)) {
-                e.bytes(ad.as_str().as_bytes());
-                for &c in counts {
+            e.u(rows(w) as u64);
+            let mut row = |r: usize| {
+                e.bytes(w.ads[r].as_str().as_bytes());
+                for &c in &w.counts[r * self.slots..(r + 1) * self.slots] {
                     e.u(c);
                 }
+            };
+            if changes_only {
+                w.dirty.iter().for_each(|&r| row(r as usize));
+            } else {
+                (0..w.ads.len()).for_each(row);
             }
         }
-        self.dedup.encode(e);
+        self.dedup.encode(e, changes_only);
     }
 
-    pub fn decode(&mut self, d: &mut Decoder) -> Result<(), SnapshotError> {
-        self.counters = Counters::decode(d)?;
+    /// The newest event time and minute [`Shard::encode`] writes, for how long a file matters.
+    pub fn extent(&self, changes_only: bool) -> (Option<i64>, Option<Minute>) {
+        let minute = self
+            .windows
+            .iter()
+            .rev()
+            .find(|(_, w)| if changes_only { !w.dirty.is_empty() } else { !w.ads.is_empty() })
+            .map(|(m, _)| *m);
+        (self.dedup.max_time(changes_only), minute)
+    }
+
+    /// Everything so far is in a checkpoint file.
+    pub fn mark_written(&mut self) {
+        for w in self.windows.values_mut() {
+            for r in w.dirty.drain(..) {
+                w.is_dirty[r as usize] = false;
+            }
+        }
+        self.dedup.mark_written();
+    }
+
+    /// Applies one encoded part, oldest first: rows take the part's absolute counts, dedup entries
+    /// are added; the newest part (`base`) also gives the counters. Then
+    /// [`Shard::finish_restore`].
+    pub fn decode(&mut self, d: &mut Decoder, base: bool) -> Result<(), SnapshotError> {
+        let counters = Counters::decode(d)?;
+        if base {
+            self.counters = counters;
+        }
         for _ in 0..d.count()? {
             let minute = Minute(d.i()?);
-            let mut w = Window { is_final: d.bool()?, ..Window::default() };
+            let w = self.windows.entry(minute).or_default();
             for _ in 0..d.count()? {
                 let ad = AdId::new(d.str()?);
                 let r = w.row(&ad, ad.route_hash(), self.slots);
@@ -230,11 +273,30 @@ impl Shard {
                     w.counts[r * self.slots + slot] = d.u()?;
                 }
             }
-            if w.is_final {
+        }
+        self.dedup.decode(d, base)
+    }
+
+    /// Ends a restore at `watermark`: windows too late are dropped and final ones ranked, as
+    /// the batch that left this watermark did; dedup entries expired by then are dropped.
+    pub fn finish_restore(&mut self, watermark: super::Watermark) {
+        self.windows.retain(|m, _| !watermark.is_too_late(*m, self.lateness_ms));
+        for (&minute, w) in &mut self.windows {
+            if watermark.is_final(minute) {
+                w.is_final = true;
                 w.compute_tops(self.slots, self.top_n);
             }
-            self.windows.insert(minute, w);
         }
-        self.dedup.decode(d)
+        self.dedup.finish_restore();
+    }
+
+    /// Dedup times below this have been dropped.
+    pub fn expired_below(&self) -> i64 {
+        self.dedup.expired_below()
+    }
+
+    /// Bytes of deduplication state held in memory.
+    pub fn dedup_bytes(&self) -> usize {
+        self.dedup.bytes()
     }
 }

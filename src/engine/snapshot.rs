@@ -13,7 +13,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 const MAGIC: &[u8; 8] = b"ADCLKSNP";
 /// The body layout version written by this build.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 
 /// Why a snapshot cannot be restored.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -67,21 +67,6 @@ fn click_key(c: &adclick::event::Click<'_>) -> String {
     )
 }
 
-/// Stops a server the way an operator does (SIGTERM): it commits and archives what it holds.
-fn stop(server: &mut Server) {
-    let pid = server.child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the server did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "a graceful stop: {status}\n{}", server.log());
-}
-
 /// Runs `adclick recalc|reconcile --json` on the test's data dir; (exit code, result).
 fn job(dir: &Path, args: &[&str]) -> (i32, Value) {
     job_with(dir, args, &[])
@@ -142,7 +127,7 @@ fn the_archive_holds_exactly_the_accepted_clicks_across_kill_9() {
     // it archives everything.
     server.kill();
     server = Server::start(dir.path(), &cfg, &[]);
-    stop(&mut server);
+    server.stop();
     let log = server.log();
     assert!(log.matches("fault point archive.").count() >= 1, "no archive fault fired:\n{log}");
 
@@ -496,7 +481,7 @@ fn the_archive_on_s3_compatible_storage_serves_recalc() {
     let cfg = config(&extra);
     let mut server = Server::start(dir.path(), &cfg, &env);
     let (sent, sealed_to) = on_time_then_too_late(&server);
-    stop(&mut server);
+    server.stop();
     assert!(!dir.path().join("data/archive").exists(), "nothing archived locally");
     // The objects are in the bucket, under the prefix, partitioned by hour.
     let mut list = crate::service::agent()
@@ -689,7 +674,7 @@ fn recomputation_across_hours_matches_the_live_path_in_any_chunking() {
     let sent: Vec<(String, i64)> = lines.iter().map(|l| (l.clone(), at)).collect();
     let (expected, _) = oracle(&sent);
     assert_matches_oracle(&server, &expected);
-    stop(&mut server);
+    server.stop();
     let (from, to) = (h0.to_string(), (h0 + 3 * 3_600_000).to_string());
     let (m0, m1) = (h0 / 60_000, h0 / 60_000 + 180);
     let rows = expected.keys().filter(|k| k.2 == 0 && (m0..m1).contains(&k.0)).count() as u64;

@@ -164,10 +164,18 @@ fn oracle_seeded_workloads() {
         assert_same(&plain, &model, &format!("seed {seed}, {shards} shards"));
 
         let n = batches.len();
-        let restored = run_engine(&cfg, &filters, &batches, &[1, n / 3, n / 2, n - 1]);
+        let checkpoints: Vec<usize> = (0..n).step_by((n / 12).max(1)).collect();
+        let restored = run_engine_with(
+            &cfg,
+            &filters,
+            &batches,
+            &[1, n / 3, n / 2, n - 1],
+            &checkpoints,
+            false,
+        );
         assert_same(&restored, &model, &format!("seed {seed}, restored"));
 
-        let prevalidated = run_engine_with(&cfg, &filters, &batches, &[n / 4], true);
+        let prevalidated = run_engine_with(&cfg, &filters, &batches, &[n / 4], &[], true);
         assert_same(&prevalidated, &model, &format!("seed {seed}, pre-validated"));
     }
 }
@@ -178,6 +186,9 @@ fn dedup_state_is_bounded_by_the_horizon() {
     let cfg = small_config(1);
     let mut engine = Engine::new(cfg.clone(), Arc::new(Filters::default())).unwrap();
     let mut held = Vec::new();
+    // Incremental checkpoints once a minute, kept while the engine retains them.
+    let mut files: Vec<(Vec<u8>, adclick::engine::Extent)> = Vec::new();
+    let mut most_files = 0;
     // One hour of 20 clicks per second, all distinct.
     for sec in 0..3_600i64 {
         let t = 1_796_000_000_000 + sec * 1000;
@@ -197,7 +208,18 @@ fn dedup_state_is_bounded_by_the_horizon() {
             .collect();
         engine.process(EventTime(t), &records);
         held.push(engine.shard_stats().0);
+        if sec % 60 == 59 {
+            files.retain(|(_, extent)| engine.retains(*extent));
+            files.push(engine.checkpoint());
+            most_files = most_files.max(files.len());
+        }
     }
+    // Each file holds about a minute of changes and is dropped once its minutes expired.
+    assert!(most_files <= 10, "checkpoint files kept: {most_files}");
+    let chain: Vec<&[u8]> = files.iter().map(|(f, _)| f.as_slice()).collect();
+    let restored =
+        Engine::restore_chain(cfg.clone(), Arc::new(Filters::default()), &chain).unwrap();
+    assert_eq!(restored.shard_stats(), engine.shard_stats(), "the kept files hold the whole state");
     // Horizon 4 min + lateness 2 min + a minute of sweep slack + delay: at most ~8.1 min of clicks.
     let bound = 20 * 60 * 9;
     assert!(held.iter().all(|&n| n <= bound), "max held {}", held.iter().max().unwrap());
@@ -309,7 +331,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     /// The results are the model's whatever the batch boundaries, shard counts and
-    /// snapshot/restore points, and with every partition owned from the start the boundaries
+    /// incremental checkpoint and restore points, and with every partition owned from the start the boundaries
     /// change nothing; also across minute edges at epoch 0 and before 1970.
     #[test]
     fn boundaries_shards_and_snapshots_do_not_matter(
@@ -319,6 +341,7 @@ proptest! {
         shards_a in 1..5usize,
         shards_b in 1..5usize,
         restore in proptest::collection::vec(0..8usize, 0..3),
+        checkpoints in proptest::collection::vec(0..8usize, 0..5),
         base in prop_oneof![Just(0i64), Just(-120_000), Just(-86_400_000 * 365), Just(1_796_000_000_000)],
         assign in any::<bool>(),
     ) {
@@ -330,7 +353,7 @@ proptest! {
         let a = to_batches(base, &events, &cuts_a, assign);
         let b = to_batches(base, &events, &cuts_b, assign);
         let ea = run_engine(&prop_config(shards_a), &filters, &a, &[]);
-        let eb = run_engine(&prop_config(shards_b), &filters, &b, &restore);
+        let eb = run_engine_with(&prop_config(shards_b), &filters, &b, &restore, &checkpoints, false);
         assert_same(&ea, &run_model(&prop_config(1), &filters, &a), "cuts a");
         assert_same(&eb, &run_model(&prop_config(1), &filters, &b), "cuts b, restored");
         // Batch cuts cannot matter once every partition is owned from the start; before a

@@ -168,24 +168,33 @@ pub fn run_engine(
     batches: &[Batch],
     restore_before: &[usize],
 ) -> Folded {
-    run_engine_with(cfg, filters, batches, restore_before, false)
+    run_engine_with(cfg, filters, batches, restore_before, &[], false)
 }
 
-/// As [`run_engine`]; with `prevalidate`, valid lines arrive as clicks validated upstream with
-/// the batch's wall time, as the collector sends them.
+/// As [`run_engine`]. Before each batch of `checkpoint_before` and `restore_before` an
+/// incremental checkpoint is taken, and the files kept as the service keeps them (dropped once
+/// the engine no longer retains them); before each of `restore_before` the engine is rebuilt
+/// from those files. With `prevalidate`, valid lines arrive as clicks validated upstream with the
+/// batch's wall time, as the collector sends them.
 pub fn run_engine_with(
     cfg: &EngineConfig,
     filters: &Arc<Filters>,
     batches: &[Batch],
     restore_before: &[usize],
+    checkpoint_before: &[usize],
     prevalidate: bool,
 ) -> Folded {
     let mut engine = Engine::new(cfg.clone(), filters.clone()).expect("valid config");
     let mut out = Folded::default();
+    let mut files: Vec<(Vec<u8>, adclick::engine::Extent)> = Vec::new();
     for (i, b) in batches.iter().enumerate() {
+        if restore_before.contains(&i) || checkpoint_before.contains(&i) {
+            files.retain(|(_, extent)| engine.retains(*extent));
+            files.push(engine.checkpoint());
+        }
         if restore_before.contains(&i) {
-            let bytes = engine.snapshot();
-            engine = Engine::restore(cfg.clone(), filters.clone(), &bytes).expect("restore");
+            let chain: Vec<&[u8]> = files.iter().map(|(f, _)| f.as_slice()).collect();
+            engine = Engine::restore_chain(cfg.clone(), filters.clone(), &chain).expect("restore");
         }
         if !b.assign.is_empty() {
             let ids: Vec<PartitionId> = b.assign.iter().map(|&p| PartitionId(p)).collect();
