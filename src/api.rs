@@ -674,6 +674,11 @@ async fn metrics(State(s): State<AppState>) -> Response {
         m.checkpoints.load(Ordering::Relaxed),
     );
     counter(
+        "adclick_log_written_bytes_total",
+        "Bytes appended to the click log since start.",
+        q.log_appended_bytes(),
+    );
+    counter(
         "adclick_checkpoint_written_bytes_total",
         "Bytes of checkpoint files written.",
         m.checkpoint_written_bytes.load(Ordering::Relaxed),

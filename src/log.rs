@@ -78,6 +78,8 @@ struct Shared {
     /// Per partition: the first offset still on disk.
     start: Vec<AtomicU64>,
     poisoned: AtomicBool,
+    /// Bytes appended to segment files, cumulative.
+    appended: AtomicU64,
 }
 
 /// A handle for readers and metrics; cheap to clone.
@@ -107,6 +109,10 @@ impl LogHandle {
             .zip(positions)
             .map(|(d, at)| d.load(Ordering::Acquire).saturating_sub(at.load(Ordering::Acquire)))
             .sum()
+    }
+    /// Bytes appended to the log since it was opened.
+    pub fn appended_bytes(&self) -> u64 {
+        self.0.appended.load(Ordering::Relaxed)
     }
     pub fn reader(&self, p: PartitionId) -> Reader {
         Reader { shared: self.0.clone(), partition: p, cursor: None }
@@ -165,6 +171,7 @@ impl Writer {
             durable: parts.iter().map(|p| AtomicU64::new(p.next)).collect(),
             start: parts.iter().map(|p| AtomicU64::new(p.segments[0])).collect(),
             poisoned: AtomicBool::new(false),
+            appended: AtomicU64::new(0),
         });
         sync_dir(dir)?;
         Ok(Writer { parts, shared, segment_bytes: segment_bytes.max(1), frame: Vec::new() })
@@ -205,6 +212,7 @@ impl Writer {
         if part.file_bytes >= self.segment_bytes {
             part.roll(first)?;
         }
+        self.shared.appended.fetch_add(self.frame.len() as u64, Ordering::Relaxed);
         let path =
             segment_path(&part.dir, *part.segments.last().expect("a partition has a segment"));
         if let Err(e) = part.file.write_all(&self.frame) {

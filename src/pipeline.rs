@@ -232,6 +232,10 @@ impl QueryState {
     pub fn lag(&self) -> u64 {
         self.log.behind(&self.committed)
     }
+
+    pub fn log_appended_bytes(&self) -> u64 {
+        self.log.appended_bytes()
+    }
 }
 
 /// The collector's way into the log.
