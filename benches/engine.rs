@@ -174,6 +174,87 @@ fn bench(c: &mut Criterion) {
         b.iter(|| Engine::restore(config.clone(), filters.clone(), &bytes).expect("restores"))
     });
     g.finish();
+
+    // An incremental checkpoint after the last 5% of the input (what changed since the one before).
+    let mut g = c.benchmark_group("checkpoint");
+    g.sample_size(10);
+    let tail = input.lines.len() / 20;
+    g.throughput(Throughput::Elements(tail as u64));
+    g.bench_function("incremental_5pct", |b| {
+        b.iter_batched(
+            || {
+                let mut engine = Engine::new(config.clone(), filters.clone()).expect("valid");
+                let head = Input {
+                    lines: input.lines[..input.lines.len() - tail].to_vec(),
+                    walls: input.walls.clone(),
+                };
+                run(&mut engine, &head, false);
+                engine.checkpoint();
+                let rest = Input {
+                    lines: input.lines[input.lines.len() - tail..].to_vec(),
+                    walls: input.walls.clone(),
+                };
+                run(&mut engine, &rest, false);
+                engine
+            },
+            |mut engine| engine.checkpoint().0.len(),
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+/// `dedup_lookup/*`: the lookup structure alone, for the choice in `engine::dedup`: one table
+/// for every identity against one table per event minute probed over the ±10 min horizon
+/// (expiry would then drop whole tables). 2 M distinct identities, 2 per ms of event time (so the
+/// horizon spans its 11 minutes before), each checked and inserted once.
+fn dedup_lookup(c: &mut Criterion) {
+    use hashbrown::HashMap;
+    use rand::{rngs::SmallRng, Rng, SeedableRng};
+    const N: usize = 2_000_000;
+    const HORIZON: i64 = 600_000;
+    let mut rng = SmallRng::seed_from_u64(3);
+    let ids: Vec<(u128, i64)> = (0..N).map(|i| (rng.random(), START + i as i64 / 2)).collect();
+    let mut g = c.benchmark_group("dedup_lookup");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(N as u64));
+    g.bench_function("one_table", |b| {
+        b.iter(|| {
+            let mut t: HashMap<u128, i64> = HashMap::with_capacity(1 << 20);
+            let mut new = 0;
+            for &(id, at) in &ids {
+                match t.get(&id) {
+                    Some(&s) if (s - at).abs() <= HORIZON => {}
+                    _ => {
+                        t.insert(id, at);
+                        new += 1;
+                    }
+                }
+            }
+            new
+        })
+    });
+    g.bench_function("table_per_minute", |b| {
+        b.iter(|| {
+            let mut minutes: std::collections::BTreeMap<i64, HashMap<u128, i64>> =
+                Default::default();
+            let mut new = 0;
+            for &(id, at) in &ids {
+                let m = at.div_euclid(60_000);
+                let lo = (at - HORIZON).div_euclid(60_000);
+                let hi = (at + HORIZON).div_euclid(60_000);
+                let dup = minutes
+                    .range(lo..=hi)
+                    .any(|(_, t)| t.get(&id).is_some_and(|&s| (s - at).abs() <= HORIZON));
+                if !dup {
+                    minutes.entry(m).or_default().insert(id, at);
+                    new += 1;
+                }
+            }
+            new
+        })
+    });
+    g.finish();
 }
 
 /// `popular/*`: exact top-k over 60 minutes holding about 1.7 million distinct ads (per minute
@@ -216,5 +297,5 @@ fn popular(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, popular);
+criterion_group!(benches, bench, popular, dedup_lookup);
 criterion_main!(benches);

@@ -682,7 +682,7 @@ fn restore_engine(
     for (checkpoint, files) in &rec.checkpoints {
         let seq = checkpoint.seq;
         let restored = files.as_ref().map_err(Clone::clone).and_then(|files| {
-            let files: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
+            let files: Vec<&[u8]> = files.iter().map(|f| f.as_slice()).collect();
             Engine::restore_chain(config.clone(), filters.clone(), &files)
                 .map_err(|e| e.to_string())
         });

@@ -230,7 +230,7 @@ fn decode_manifest(bytes: &[u8]) -> Option<Vec<CheckpointFile>> {
 }
 
 /// A checkpoint's files, oldest first, or why one cannot be read.
-pub type CheckpointBytes = Result<Vec<Vec<u8>>, String>;
+pub type CheckpointBytes = Result<Vec<Arc<Vec<u8>>>, String>;
 
 /// What a restart needs.
 #[derive(Debug, Default)]
@@ -600,11 +600,7 @@ impl Store {
         let checkpoints = committed
             .into_iter()
             .map(|c| {
-                let files = c
-                    .files
-                    .iter()
-                    .map(|f| read[&f.seq].as_ref().map(|b| b.to_vec()).map_err(Clone::clone))
-                    .collect();
+                let files = c.files.iter().map(|f| read[&f.seq].clone()).collect();
                 (c, files)
             })
             .collect();
@@ -1195,7 +1191,7 @@ mod tests {
         let rec = store.recovery().unwrap();
         assert_eq!(rec.next_seq, 2);
         assert_eq!(rec.journal.len(), 2, "no previous checkpoint: the journal stays whole");
-        assert_eq!(rec.checkpoints, vec![(first.clone(), Ok(vec![snapshot.clone()]))]);
+        assert_eq!(rec.checkpoints, vec![(first.clone(), Ok(vec![Arc::new(snapshot.clone())]))]);
         // The second checkpoint is taken after batch 2, its file written while batch 3 commits
         // without it, and recorded by batch 3's commit. It keeps file 1 (incremental) and the
         // first checkpoint (and the journal after it) for a fallback.
@@ -1208,8 +1204,11 @@ mod tests {
         assert_eq!(
             rec.checkpoints,
             vec![
-                (second.clone(), Ok(vec![snapshot.clone(), b"second".to_vec()])),
-                (first.clone(), Ok(vec![snapshot.clone()]))
+                (
+                    second.clone(),
+                    Ok(vec![Arc::new(snapshot.clone()), Arc::new(b"second".to_vec())])
+                ),
+                (first.clone(), Ok(vec![Arc::new(snapshot.clone())]))
             ]
         );
         assert_eq!(rec.journal.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2, 3]);
@@ -1238,7 +1237,10 @@ mod tests {
             .unwrap();
         let rec = store.recovery().unwrap();
         assert!(rec.checkpoints[0].1.is_err(), "a missing file of the newest is reported");
-        assert_eq!(rec.checkpoints[1], (fourth, Ok(vec![b"second".to_vec(), b"fourth".to_vec()])));
+        assert_eq!(
+            rec.checkpoints[1],
+            (fourth, Ok(vec![Arc::new(b"second".to_vec()), Arc::new(b"fourth".to_vec())]))
+        );
         assert_eq!(rec.journal.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![5]);
     }
 

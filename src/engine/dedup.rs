@@ -7,18 +7,17 @@
 //!
 //! ```text
 //!  insert(id, t) ──▶ seen: id → t (one probe; the rare ids counted twice keep their times in many)
-//!                └─▶ buckets[minute of t]: (id, t) in insertion order
-//!                        │ expiry: whole minutes leave, each entry removed from seen once
-//!                        └ checkpoint: the entries after `written`, each written once
+//!                └─▶ fresh: (id, t), the clicks counted since the last checkpoint, which writes
+//!                    them (each once) and empties it
 //! ```
 //!
 //! Expiry: once the watermark is `W`, no click earlier than `W − allowed_lateness − 1 min` can be
 //! counted any more (it would be too late), so a stored time `t` that is more than the horizon
-//! before that bound can never match again. Whole minute buckets below that bound are dropped;
-//! no sweep over the table. Lookups keep one probe of one table: probing a table per minute of
-//! the horizon instead measured slower (see the README's engine benchmark).
+//! before that bound can never match again and is dropped. Expiry sweeps the table once per
+//! minute of watermark progress. One table probed once per click measured faster than tables per
+//! event minute (probed over the horizon, dropped whole) and than per-minute lists of entries
+//! beside the table (removed entry by entry): see the README's engine benchmark.
 
-use std::collections::BTreeMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use hashbrown::HashMap;
@@ -48,54 +47,12 @@ impl Hasher for IdentityHasher {
 /// Marks an identity whose times live in `Dedup::many`.
 const MANY: i64 = i64::MIN;
 
-/// Entries per block of a bucket at most: big buckets grow without copying.
-const BLOCK: usize = 1 << 16;
-
 /// A counted click: identity (as two halves, so an entry is 24 bytes) and event time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
     lo: u64,
     hi: u64,
     t: i64,
-}
-
-impl Entry {
-    fn id(&self) -> u128 {
-        (self.hi as u128) << 64 | self.lo as u128
-    }
-}
-
-/// The counted clicks of one event minute, in insertion order, in blocks.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Bucket {
-    blocks: Vec<Vec<Entry>>,
-    len: usize,
-    /// Entries before this one are in a checkpoint file already.
-    written: usize,
-}
-
-impl Bucket {
-    fn push(&mut self, e: Entry) {
-        match self.blocks.last_mut() {
-            Some(b) if b.len() < b.capacity() => b.push(e),
-            last => {
-                // Blocks double up to BLOCK: small buckets stay small.
-                let cap = last.map_or(64, |b| (b.capacity() * 2).min(BLOCK));
-                let mut b = Vec::with_capacity(cap);
-                b.push(e);
-                self.blocks.push(b);
-            }
-        }
-        self.len += 1;
-    }
-
-    fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.blocks.iter().flatten()
-    }
-
-    fn bytes(&self) -> usize {
-        self.blocks.iter().map(|b| b.capacity() * std::mem::size_of::<Entry>()).sum()
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,9 +62,9 @@ pub struct Dedup {
     seen: HashMap<u128, i64, BuildHasherDefault<IdentityHasher>>,
     /// The rare identities counted more than once (copies further apart than the horizon).
     many: HashMap<u128, Vec<i64>, BuildHasherDefault<IdentityHasher>>,
-    /// Event minute → its counted clicks.
-    buckets: BTreeMap<i64, Bucket>,
-    /// Times below this (a minute boundary) have been dropped.
+    /// Clicks counted since the last checkpoint, in order.
+    fresh: Vec<Entry>,
+    /// Times below this have been dropped.
     expired_below: i64,
 }
 
@@ -117,7 +74,8 @@ impl Dedup {
             horizon_ms,
             seen: HashMap::with_capacity_and_hasher(capacity, Default::default()),
             many: HashMap::default(),
-            buckets: BTreeMap::new(),
+            // Reserved like the table (untouched pages cost nothing): no copies as it grows.
+            fresh: Vec::with_capacity(capacity),
             expired_below: i64::MIN,
         }
     }
@@ -146,12 +104,8 @@ impl Dedup {
                 }
             }
         }
-        self.bucket(t).push(Entry { lo: id.0 as u64, hi: (id.0 >> 64) as u64, t });
+        self.fresh.push(Entry { lo: id.0 as u64, hi: (id.0 >> 64) as u64, t });
         true
-    }
-
-    fn bucket(&mut self, t: i64) -> &mut Bucket {
-        self.buckets.entry(t.div_euclid(MINUTE_MS)).or_default()
     }
 
     /// Records a click counted before (restoring a checkpoint), whatever the table holds.
@@ -170,60 +124,26 @@ impl Dedup {
                 }
             }
         }
-        let b = self.bucket(t);
-        b.push(Entry { lo: id as u64, hi: (id >> 64) as u64, t });
-        b.written = b.len;
-    }
-
-    /// Forgets one counted click (its minute expired).
-    fn forget(&mut self, id: u128, t: i64) {
-        let Some(s) = self.seen.get(&id).copied() else { return };
-        if s != MANY {
-            if s == t {
-                self.seen.remove(&id);
-            }
-            return;
-        }
-        let times = self.many.get_mut(&id).expect("MANY entries have times");
-        if let Some(i) = times.iter().position(|&s| s == t) {
-            times.swap_remove(i);
-        }
-        match times.len() {
-            0 => {
-                self.many.remove(&id);
-                self.seen.remove(&id);
-            }
-            1 => {
-                let last = times[0];
-                self.many.remove(&id);
-                self.seen.insert(id, last);
-            }
-            _ => {}
-        }
     }
 
     /// Drops what can no longer match, given that no click before `oldest_countable` will be
-    /// counted again: every minute bucket wholly below `oldest_countable − horizon`.
+    /// counted again. Sweeps only when the bound has moved by a minute or more.
     pub fn expire(&mut self, oldest_countable: i64) {
-        let drop_below =
-            oldest_countable.saturating_sub(self.horizon_ms).div_euclid(MINUTE_MS) * MINUTE_MS;
+        let drop_below = oldest_countable.saturating_sub(self.horizon_ms);
+        if drop_below < self.expired_below.saturating_add(MINUTE_MS) {
+            return;
+        }
         self.expire_below(drop_below);
     }
 
     fn expire_below(&mut self, drop_below: i64) {
-        if drop_below <= self.expired_below {
-            return;
-        }
         self.expired_below = drop_below;
-        while let Some(entry) = self.buckets.first_entry() {
-            if *entry.key() >= drop_below.div_euclid(MINUTE_MS) {
-                break;
-            }
-            let bucket = entry.remove();
-            for e in bucket.entries() {
-                self.forget(e.id(), e.t);
-            }
-        }
+        self.many.retain(|_, v| {
+            v.retain(|&t| t >= drop_below);
+            !v.is_empty()
+        });
+        let many = &self.many;
+        self.seen.retain(|id, t| if *t == MANY { many.contains_key(id) } else { *t >= drop_below });
     }
 
     pub fn len(&self) -> usize {
@@ -234,48 +154,53 @@ impl Dedup {
         self.expired_below
     }
 
-    /// Bytes the state holds in memory (tables and buckets, by capacity).
+    /// Bytes the state holds in memory (by capacity).
     pub fn bytes(&self) -> usize {
         let table = self.seen.capacity() * (std::mem::size_of::<(u128, i64)>() + 1);
         let many = self.many.capacity() * (std::mem::size_of::<(u128, Vec<i64>)>() + 1)
             + self.many.values().map(|v| v.capacity() * 8).sum::<usize>();
-        table + many + self.buckets.values().map(Bucket::bytes).sum::<usize>()
+        table + many + self.fresh.capacity() * std::mem::size_of::<Entry>()
     }
 
-    /// The largest event time of the entries [`Dedup::encode`] writes, if any.
+    /// Every (identity, time) held, or with `changes_only` those counted since the last checkpoint.
+    fn entries(&self, changes_only: bool) -> Box<dyn Iterator<Item = (u128, i64)> + '_> {
+        if changes_only {
+            return Box::new(self.fresh.iter().map(|e| ((e.hi as u128) << 64 | e.lo as u128, e.t)));
+        }
+        Box::new(self.seen.iter().flat_map(|(&id, t)| {
+            let times: &[i64] = if *t == MANY { &self.many[&id] } else { std::slice::from_ref(t) };
+            times.iter().map(move |&t| (id, t))
+        }))
+    }
+
+    /// The largest event time [`Dedup::encode`] writes, if any.
     pub fn max_time(&self, changes_only: bool) -> Option<i64> {
-        self.buckets
-            .values()
-            .rev()
-            .filter(|b| !changes_only || b.written < b.len)
-            .flat_map(|b| b.entries().skip(if changes_only { b.written } else { 0 }))
-            .map(|e| e.t)
-            .max()
+        self.entries(changes_only).map(|(_, t)| t).max()
     }
 
-    /// Layout: `expired_below` i, bucket count u, then per bucket: minute i, entry count u, per
-    /// entry: identity (16 bytes LE) and time − minute start u. With `changes_only`, only the
-    /// entries no checkpoint has written yet.
+    /// Layout: `expired_below` i, entry count u, per entry: identity (16 bytes LE) and the time as
+    /// the difference from the previous entry's i (clicks come nearly in time order). With
+    /// `changes_only`, the clicks counted since the last checkpoint ([`Dedup::mark_written`]).
     pub fn encode(&self, e: &mut Encoder, changes_only: bool) {
         e.i(self.expired_below);
-        let skip = |b: &Bucket| if changes_only { b.written } else { 0 };
-        let buckets: Vec<_> = self.buckets.iter().filter(|(_, b)| b.len > skip(b)).collect();
-        e.u(buckets.len() as u64);
-        for (&minute, b) in buckets {
-            e.i(minute);
-            e.u((b.len - skip(b)) as u64);
-            for entry in b.entries().skip(skip(b)) {
-                e.u128(entry.id());
-                e.u((entry.t - minute * MINUTE_MS) as u64);
-            }
+        let n = if changes_only {
+            self.fresh.len()
+        } else {
+            self.seen.values().map(|&t| if t == MANY { 0 } else { 1 }).sum::<usize>()
+                + self.many.values().map(Vec::len).sum::<usize>()
+        };
+        e.u(n as u64);
+        let mut previous = 0i64;
+        for (id, t) in self.entries(changes_only) {
+            e.u128(id);
+            e.i(t.wrapping_sub(previous));
+            previous = t;
         }
     }
 
     /// Everything so far is in a checkpoint file.
     pub fn mark_written(&mut self) {
-        for b in self.buckets.values_mut() {
-            b.written = b.len;
-        }
+        self.fresh.clear();
     }
 
     /// Adds the entries of one [`Dedup::encode`]d part; `expired_below` is taken from the
@@ -285,26 +210,26 @@ impl Dedup {
         if base {
             self.expired_below = expired_below;
         }
-        for _ in 0..d.count()? {
-            let minute = d.i()?;
-            let start = minute.checked_mul(MINUTE_MS).ok_or(SnapshotError::Corrupt("minute"))?;
-            for _ in 0..d.count()? {
-                let id = d.u128()?;
-                let t = i64::try_from(d.u()?)
-                    .ok()
-                    .filter(|&o| o < MINUTE_MS)
-                    .ok_or(SnapshotError::Corrupt("dedup time"))?;
-                self.record(id, start + t);
+        let n = d.count()?;
+        self.seen.reserve(n);
+        let mut previous = 0i64;
+        for _ in 0..n {
+            let id = d.u128()?;
+            let t = previous.wrapping_add(d.i()?);
+            if t == MANY {
+                return Err(SnapshotError::Corrupt("dedup time out of range"));
             }
+            previous = t;
+            self.record(id, t);
         }
         Ok(())
     }
 
     /// Drops what older parts held that had expired by the newest.
     pub fn finish_restore(&mut self) {
-        let below = self.expired_below;
-        self.expired_below = i64::MIN;
-        self.expire_below(below);
+        if self.expired_below != i64::MIN {
+            self.expire_below(self.expired_below);
+        }
     }
 }
 
