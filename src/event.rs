@@ -74,6 +74,12 @@ impl fmt::Display for AdId {
     }
 }
 
+impl std::borrow::Borrow<str> for AdId {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
 impl From<&str> for AdId {
     fn from(s: &str) -> Self {
         AdId::new(s)

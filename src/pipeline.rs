@@ -570,6 +570,7 @@ impl Aggregator {
             committed
         );
         *query.counters.lock().expect("not poisoned") = committed;
+        store.load_open(&engine.open_rows()).context("handing the open minutes to the store")?;
         let mut agg = Aggregator {
             engine,
             pool,
@@ -875,6 +876,10 @@ impl Aggregator {
             }
             last_commit = Instant::now();
             if stopping {
+                // So that a process opening the store alone reads the open minutes too.
+                if let Err(e) = self.store.flush_open() {
+                    fatal("writing the open minutes' counts", e);
+                }
                 return;
             }
             // A full batch means more is waiting: go again at once.

@@ -4,7 +4,8 @@
 //! # Key layout
 //!
 //! ```text
-//! counts   (minute, ad_id)  → u64 LE per slot (total, then each filter)   absolute values
+//! counts   (minute, ad_id)  → u64 LE per slot (total, then each filter)   absolute values, of
+//!                             final minutes (open ones are kept in memory until final: `Open`)
 //! ad_days  (ad_id, day)     → ()   the UTC days in which an ad has counts: an ad's series reads
 //!                                   only those days, whatever the calendar span asked for
 //! hour_versions hour        → u64  commits that wrote into the hour: validates the in-memory
@@ -13,7 +14,7 @@
 //! offsets  partition        → next offset: every record below is reflected in counts and tops
 //! journal  seq              → wall i64, [(partition, from, to)], [assigned partition]
 //!                             every batch since the previous checkpoint
-//! meta     "watermark" i64 · "counters"
+//! meta     "watermark" i64 · "counters" · "commit_seq" u64 (the last batch committed)
 //!          · "checkpoint_seq" u64, "previous_checkpoint_seq" u64 (the last batch each includes)
 //!          · "checkpoint_files", "previous_checkpoint_files": each checkpoint's manifest, the
 //!            files that restore it, oldest first (seq u, newest dedup time, newest minute)
@@ -48,10 +49,11 @@
 //! committed offsets. Absolute counts make a replayed write harmless. A crash before a commit
 //! loses nothing: the records are in the log and the offsets were not advanced.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -254,6 +256,37 @@ pub struct Store {
     ad_days_written: Mutex<hashbrown::HashSet<(i64, AdId)>>,
     /// Summed counts of whole hours, for `popular` over history; see [`HourCache`].
     hours: Mutex<HourCache>,
+    /// The counts of minutes not final yet, while an aggregator owns the store; see [`Open`].
+    open: RwLock<Open>,
+}
+
+/// The committed counts of the minutes that are not final yet, kept in memory instead of in
+/// `counts`: ten commits a second would otherwise rewrite the B-tree pages of every open minute's
+/// rows (thousands of ads spread over the minute's key range) again and again. A minute's rows
+/// are written to `counts` once, by the commit whose watermark makes it final; corrections of
+/// final minutes (late clicks) are written as they come.
+///
+/// Nothing is lost in a crash: the rows follow from the engine's state, which recovery restores
+/// and replays to the last commit, and then hands over with [`Store::load_open`]. Reads take the
+/// rows of minutes the committed watermark leaves open from here, and those before from `counts`,
+/// both at the same commit (`seq`, also in `meta`). A process that opens the store without an
+/// aggregator (recalc, reconcile) reads `counts` alone, which a clean stop brings up to date
+/// ([`Store::flush_open`]).
+#[derive(Default)]
+struct Open {
+    /// Whether an aggregator keeps these rows (otherwise `counts` holds everything there is).
+    live: bool,
+    /// The commit these rows are at.
+    seq: Option<u64>,
+    minutes: BTreeMap<i64, HashMap<AdId, Box<[u64]>>>,
+}
+
+/// A read transaction, its watermark, the first minute read from memory, and those minutes.
+type View<'a> = (redb::ReadTransaction, Watermark, i64, Option<RwLockReadGuard<'a, Open>>);
+
+/// The first minute a watermark leaves open: every minute before it is final.
+fn first_open(watermark: Watermark) -> i64 {
+    watermark.ms().map_or(i64::MIN, |w| w.div_euclid(crate::event::MINUTE_MS))
 }
 
 /// One hour's summed counts of one slot: every ad with a count, unordered.
@@ -321,8 +354,13 @@ impl Store {
             txn.open_table(ARCHIVE_OFFSETS).ctx("create archive_offsets")?;
         }
         txn.commit().ctx("commit")?;
-        let store =
-            Store { db, checkpoints, ad_days_written: Mutex::default(), hours: Mutex::default() };
+        let store = Store {
+            db,
+            checkpoints,
+            ad_days_written: Mutex::default(),
+            hours: Mutex::default(),
+            open: RwLock::default(),
+        };
         store.build_ad_days()?;
         Ok(store)
     }
@@ -390,12 +428,30 @@ impl Store {
         let txn = self.db.begin_write().ctx("begin commit")?;
         let mut new_days = Vec::new();
         let mut hours_touched: Vec<i64> = Vec::new();
+        // Rows of minutes this commit leaves open stay in memory (see `Open`); those of minutes
+        // it makes final are written, with the batch's newer rows in place of the kept ones.
+        let open = self.open.read().expect("not poisoned");
+        let open_from = if open.live { first_open(output.watermark) } else { i64::MAX };
+        let (kept, rows): (Vec<_>, Vec<_>) =
+            output.counts.iter().partition(|(minute, _, _)| minute.0 >= open_from);
+        let turning_final: Vec<i64> = open.minutes.range(..open_from).map(|(m, _)| *m).collect();
+        let mut rows: Vec<(Minute, &AdId, &[u64])> = rows;
+        if !turning_final.is_empty() {
+            let newer: hashbrown::HashSet<(i64, &str)> =
+                rows.iter().map(|(m, ad, _)| (m.0, ad.as_str())).collect();
+            for &m in &turning_final {
+                for (ad, c) in &open.minutes[&m] {
+                    if !newer.contains(&(m, ad.as_str())) {
+                        rows.push((Minute(m), ad, c));
+                    }
+                }
+            }
+        }
         {
             let mut counts = txn.open_table(COUNTS).ctx("open counts")?;
             let mut row = Vec::new();
             let written = self.ad_days_written.lock().expect("not poisoned");
             // In key order: consecutive inserts land in the same B-tree pages.
-            let rows: Vec<_> = output.counts.iter().collect();
             // Integer keys first (minute, the ad's first 8 bytes): few string comparisons.
             let prefix = |ad: &AdId| {
                 let b = ad.as_str().as_bytes();
@@ -464,6 +520,7 @@ impl Store {
             let mut meta = txn.open_table(META).ctx("open meta")?;
             meta.insert("watermark", output.watermark.to_raw().to_le_bytes().as_slice())
                 .ctx("write watermark")?;
+            meta.insert("commit_seq", seq.to_le_bytes().as_slice()).ctx("write commit seq")?;
             let mut e = Encoder::default();
             output.counters.encode(&mut e);
             meta.insert("counters", e.buf.as_slice()).ctx("write counters")?;
@@ -501,6 +558,17 @@ impl Store {
             }
         }
         txn.commit().ctx("commit")?;
+        drop(open);
+        {
+            let mut open = self.open.write().expect("not poisoned");
+            for m in &turning_final {
+                open.minutes.remove(m);
+            }
+            for (minute, ad, c) in kept {
+                open.minutes.entry(minute.0).or_default().insert(ad.clone(), c.into());
+            }
+            open.seq = Some(seq);
+        }
         if !new_days.is_empty() {
             let mut written = self.ad_days_written.lock().expect("not poisoned");
             if written.len() + new_days.len() > AD_DAYS_REMEMBERED {
@@ -622,6 +690,65 @@ impl Store {
         Ok(Recovery { checkpoints, journal, next_seq, offsets, watermark })
     }
 
+    /// Hands the store the rows of the minutes not final yet, as of the last commit (the
+    /// aggregator after recovery): from now on it keeps them in memory (see [`Open`]).
+    pub fn load_open(&self, rows: &crate::engine::CountUpdates) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().ctx("begin read")?;
+        let seq = read_commit_seq(&txn)?;
+        let open_from = first_open(read_watermark(&txn)?);
+        let mut open = self.open.write().expect("not poisoned");
+        open.minutes.clear();
+        for (minute, ad, c) in rows.iter().filter(|(m, _, _)| m.0 >= open_from) {
+            open.minutes.entry(minute.0).or_default().insert(ad.clone(), c.into());
+        }
+        open.seq = seq;
+        open.live = true;
+        Ok(())
+    }
+
+    /// Writes the rows kept in memory to `counts` (a clean stop: so that a process that opens
+    /// the store alone reads every committed count), and stops keeping them.
+    pub fn flush_open(&self) -> Result<(), StoreError> {
+        let mut open = self.open.write().expect("not poisoned");
+        let txn = self.db.begin_write().ctx("begin")?;
+        {
+            let mut counts = txn.open_table(COUNTS).ctx("open counts")?;
+            let mut row = Vec::new();
+            for (minute, rows) in &open.minutes {
+                let mut rows: Vec<_> = rows.iter().collect();
+                rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                for (ad, c) in rows {
+                    row.clear();
+                    c.iter().for_each(|v| row.extend_from_slice(&v.to_le_bytes()));
+                    counts.insert((*minute, ad.as_str()), row.as_slice()).ctx("write count")?;
+                }
+            }
+        }
+        txn.commit().ctx("commit open minutes")?;
+        *open = Open::default();
+        Ok(())
+    }
+
+    /// A read transaction, with the minutes kept in memory at the same commit when an aggregator
+    /// keeps them, and the first minute to take from there (`i64::MAX`: none).
+    fn read_view(&self) -> Result<View<'_>, StoreError> {
+        loop {
+            let txn = self.db.begin_read().ctx("begin read")?;
+            let seq = read_commit_seq(&txn)?;
+            let watermark = read_watermark(&txn)?;
+            let open = self.open.read().expect("not poisoned");
+            if !open.live {
+                return Ok((txn, watermark, i64::MAX, None));
+            }
+            if open.seq == seq {
+                return Ok((txn, watermark, first_open(watermark), Some(open)));
+            }
+            // A commit between the two reads: its rows reach memory right after.
+            drop(open);
+            std::thread::yield_now();
+        }
+    }
+
     pub fn offsets(&self) -> Result<Vec<(PartitionId, Offset)>, StoreError> {
         let txn = self.db.begin_read().ctx("begin read")?;
         let t = txn.open_table(OFFSETS).ctx("open offsets")?;
@@ -660,11 +787,24 @@ impl Store {
         from: Minute,
         to: Minute,
     ) -> Result<(Vec<(Minute, u64)>, Watermark), StoreError> {
-        let txn = self.db.begin_read().ctx("begin read")?;
-        let watermark = read_watermark(&txn)?;
+        let (txn, watermark, open_from, open) = self.read_view()?;
+        let mut kept = Vec::new();
+        if let Some(open) = open {
+            for (&minute, rows) in open.minutes.range(from.0.max(open_from)..to.0.max(open_from)) {
+                if let Some(c) = rows.get(ad).map(|c| c.get(slot.index()).copied().unwrap_or(0)) {
+                    if c > 0 {
+                        kept.push((Minute(minute), c));
+                    }
+                }
+            }
+        }
+        let to = Minute(to.0.min(open_from));
         let t = txn.open_table(COUNTS).ctx("open counts")?;
         let days = txn.open_table(AD_DAYS).ctx("open ad_days")?;
         let mut out = Vec::new();
+        if from >= to {
+            return Ok((kept, watermark));
+        }
         let last_day = day_of(to.0 - 1);
         for item in days.range((ad, day_of(from.0))..=(ad, last_day)).ctx("scan ad days")? {
             let (k, _) = item.ctx("read ad day")?;
@@ -678,6 +818,7 @@ impl Store {
                 }
             }
         }
+        out.extend(kept);
         Ok((out, watermark))
     }
 
@@ -692,12 +833,25 @@ impl Store {
         to: Minute,
         k: usize,
     ) -> Result<(Vec<Ranked>, Watermark), StoreError> {
-        let txn = self.db.begin_read().ctx("begin read")?;
-        let watermark = read_watermark(&txn)?;
+        let (txn, watermark, open_from, open) = self.read_view()?;
+        let mut sums: std::collections::HashMap<AdId, u64> = std::collections::HashMap::new();
+        if let Some(open) = open {
+            for rows in open.minutes.range(from.0.max(open_from)..to.0.max(open_from)) {
+                for (ad, c) in rows.1 {
+                    let c = c.get(slot.index()).copied().unwrap_or(0);
+                    if c > 0 {
+                        *sums.entry(ad.clone()).or_default() += c;
+                    }
+                }
+            }
+        }
+        let to = Minute(to.0.min(open_from));
         let t = txn.open_table(COUNTS).ctx("open counts")?;
         let versions = txn.open_table(HOUR_VERSIONS).ctx("open hour_versions")?;
-        let mut sums: std::collections::HashMap<AdId, u64> = std::collections::HashMap::new();
-        let mut add = |ad: &str, c: u64| *sums.entry(AdId::new(ad)).or_default() += c;
+        let mut add = |ad: &str, c: u64| match sums.get_mut(ad) {
+            Some(sum) => *sum += c,
+            None => drop(sums.insert(AdId::new(ad), c)),
+        };
         let mut at = from.0;
         while at < to.0 {
             let hour = at.div_euclid(60);
@@ -744,15 +898,24 @@ impl Store {
         since: Minute,
         mut f: impl FnMut(Minute, &str, &[u64]),
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_read().ctx("begin read")?;
+        let (txn, _, open_from, open) = self.read_view()?;
         let t = txn.open_table(COUNTS).ctx("open counts")?;
         let mut row = Vec::new();
-        for item in t.range((since.0, "")..).ctx("scan counts")? {
-            let (k, v) = item.ctx("read count")?;
-            let (minute, ad) = k.value();
-            row.clear();
-            row.extend(v.value().chunks_exact(8).map(le_u64));
-            f(Minute(minute), ad, &row);
+        if since.0 < open_from {
+            for item in t.range((since.0, "")..(open_from, "")).ctx("scan counts")? {
+                let (k, v) = item.ctx("read count")?;
+                let (minute, ad) = k.value();
+                row.clear();
+                row.extend(v.value().chunks_exact(8).map(le_u64));
+                f(Minute(minute), ad, &row);
+            }
+        }
+        if let Some(open) = open {
+            for (&minute, rows) in open.minutes.range(since.0.max(open_from)..) {
+                for (ad, c) in rows {
+                    f(Minute(minute), ad.as_str(), c);
+                }
+            }
         }
         Ok(())
     }
@@ -907,12 +1070,23 @@ impl Store {
     /// Every stored count and too-late count of the minutes `[from, to)`, with the watermark
     /// and offsets, from one read transaction (reconciliation and dry runs).
     pub fn range_rows(&self, from: Minute, to: Minute) -> Result<RangeRows, StoreError> {
-        let txn = self.db.begin_read().ctx("begin read")?;
-        let mut out = RangeRows { watermark: read_watermark(&txn)?, ..RangeRows::default() };
-        let scan = |table: TableDefinition<(i64, &str), &[u8]>| -> Result<CountRows, StoreError> {
+        let (txn, watermark, open_from, open) = self.read_view()?;
+        let mut out = RangeRows { watermark, ..RangeRows::default() };
+        let mut kept = CountRows::new();
+        if let Some(open) = open {
+            for (&minute, rows) in open.minutes.range(from.0.max(open_from)..to.0.max(open_from)) {
+                kept.extend(rows.iter().map(|(ad, c)| ((minute, ad.to_string()), c.to_vec())));
+            }
+        }
+        let scan = |table: TableDefinition<(i64, &str), &[u8]>,
+                    end: i64|
+         -> Result<CountRows, StoreError> {
             let t = txn.open_table(table).ctx("open counts")?;
             let mut rows = CountRows::new();
-            for item in t.range((from.0, "")..(to.0, "")).ctx("scan counts")? {
+            if from.0 >= end {
+                return Ok(rows);
+            }
+            for item in t.range((from.0, "")..(end, "")).ctx("scan counts")? {
                 let (k, v) = item.ctx("read count")?;
                 let (minute, ad) = k.value();
                 rows.push((
@@ -924,8 +1098,10 @@ impl Store {
             rows.sort_by(|a, b| a.0.cmp(&b.0));
             Ok(rows)
         };
-        out.counts = scan(COUNTS)?;
-        out.too_late = scan(TOO_LATE)?.into_iter().collect();
+        out.counts = scan(COUNTS, to.0.min(open_from))?;
+        kept.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out.counts.extend(kept);
+        out.too_late = scan(TOO_LATE, to.0)?.into_iter().collect();
         let t = txn.open_table(OFFSETS).ctx("open offsets")?;
         for item in t.iter().ctx("read offsets")? {
             let (k, v) = item.ctx("read offset")?;
@@ -1083,6 +1259,11 @@ fn day_of(minute: i64) -> i64 {
     minute.div_euclid(DAY_MINUTES)
 }
 
+fn read_commit_seq(txn: &redb::ReadTransaction) -> Result<Option<u64>, StoreError> {
+    let meta = txn.open_table(META).ctx("open meta")?;
+    Ok(meta.get("commit_seq").ctx("read commit seq")?.map(|v| le_u64(v.value())))
+}
+
 fn read_watermark(txn: &redb::ReadTransaction) -> Result<Watermark, StoreError> {
     let meta = txn.open_table(META).ctx("open meta")?;
     Ok(meta
@@ -1104,6 +1285,96 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    /// Rows of `counts` as stored, without the minutes kept in memory.
+    fn stored_rows(store: &Store) -> Vec<(i64, String, Vec<u64>)> {
+        let txn = store.db.begin_read().unwrap();
+        let t = txn.open_table(COUNTS).unwrap();
+        t.iter()
+            .unwrap()
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                let (m, ad) = k.value();
+                (m, ad.to_string(), v.value().chunks_exact(8).map(le_u64).collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn open_minutes_stay_in_memory_until_final_and_read_the_same() {
+        use crate::engine::{CountUpdates, Output};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        store.load_open(&CountUpdates::new(2)).unwrap();
+        let output = |watermark: i64, rows: &[(i64, &str, [u64; 2])]| {
+            let mut counts = CountUpdates::new(2);
+            for (m, ad, c) in rows {
+                counts.push(Minute(*m), &AdId::new(ad), c);
+            }
+            Output { counts, watermark: Watermark::at(watermark), ..Output::default() }
+        };
+        let minute = crate::event::MINUTE_MS;
+        let filter = Slot::from_index(1);
+        let reads = |to: i64| {
+            let mut scanned = Vec::new();
+            store
+                .scan_counts(Minute(0), |m, ad, c| scanned.push((m.0, ad.to_string(), c.to_vec())))
+                .unwrap();
+            scanned.sort();
+            (
+                store.series("a", Slot::Total, Minute(0), Minute(to)).unwrap().0,
+                store.series("b", filter, Minute(0), Minute(to)).unwrap().0,
+                store.popular(Slot::Total, Minute(0), Minute(to), 5).unwrap().0,
+                store.range_rows(Minute(0), Minute(to)).unwrap().counts,
+                scanned,
+            )
+        };
+        // Minutes 1 and 2 open (watermark inside minute 1): nothing of them written.
+        let first = output(minute + 5, &[(1, "a", [3, 1]), (1, "b", [2, 2]), (2, "a", [1, 0])]);
+        store.commit(0, &BatchRecord::default(), &first, None).unwrap();
+        assert_eq!(stored_rows(&store), vec![]);
+        let (a, b, top, rows, scanned) = reads(10);
+        assert_eq!(a, vec![(Minute(1), 3), (Minute(2), 1)]);
+        assert_eq!(b, vec![(Minute(1), 2)]);
+        assert_eq!(top, vec![(AdId::new("a"), 4), (AdId::new("b"), 2)]);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(scanned.len(), 3);
+        assert_eq!(reads(2).0, vec![(Minute(1), 3)], "the range's end bounds the open minutes");
+        // Minute 1 turns final with a newer row of `a`: written once, with the kept row of `b`.
+        let second = output(2 * minute, &[(1, "a", [4, 1]), (2, "b", [5, 0])]);
+        store.commit(1, &BatchRecord::default(), &second, None).unwrap();
+        assert_eq!(
+            stored_rows(&store),
+            vec![(1, "a".into(), vec![4, 1]), (1, "b".into(), vec![2, 2])]
+        );
+        let (a, b, top, rows, _) = reads(10);
+        assert_eq!(a, vec![(Minute(1), 4), (Minute(2), 1)]);
+        assert_eq!(b, vec![(Minute(1), 2)]);
+        assert_eq!(top, vec![(AdId::new("b"), 7), (AdId::new("a"), 5)]);
+        assert_eq!(
+            rows.iter().map(|((m, ad), c)| (*m, ad.as_str(), c.clone())).collect::<Vec<_>>(),
+            vec![
+                (1, "a", vec![4, 1]),
+                (1, "b", vec![2, 2]),
+                (2, "a", vec![1, 0]),
+                (2, "b", vec![5, 0])
+            ]
+        );
+        // A late correction of final minute 1 is written at once.
+        let third = output(2 * minute + 10, &[(1, "b", [3, 3])]);
+        store.commit(2, &BatchRecord::default(), &third, None).unwrap();
+        assert_eq!(stored_rows(&store)[1], (1, "b".into(), vec![3, 3]));
+        // A clean stop writes the open minute, and a store without an aggregator reads it all.
+        store.flush_open().unwrap();
+        assert_eq!(stored_rows(&store).len(), 4);
+        assert_eq!(reads(10).0, vec![(Minute(1), 4), (Minute(2), 1)]);
+        drop(store);
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        assert_eq!(
+            store.series("b", Slot::Total, Minute(0), Minute(10)).unwrap().0,
+            vec![(Minute(1), 3), (Minute(2), 5)]
+        );
+    }
 
     #[test]
     fn commits_read_back_and_checkpoints_trim_the_journal() {

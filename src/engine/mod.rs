@@ -495,6 +495,18 @@ impl Engine {
             || extent.max_minute.is_some_and(|m| !watermark.is_too_late(m, lateness))
     }
 
+    /// Every row of the minutes not final yet (what the store keeps in memory until they are).
+    pub fn open_rows(&self) -> CountUpdates {
+        let mut out = CountUpdates::default();
+        for s in &self.shards {
+            let mut rows = CountUpdates::new(s.slots());
+            s.open_rows(&mut rows);
+            out.stride = rows.stride;
+            out.append(&mut rows);
+        }
+        out
+    }
+
     /// Bytes of deduplication state held in memory, across shards.
     pub fn dedup_bytes(&self) -> usize {
         self.shards.iter().map(|s| s.dedup_bytes()).sum()

@@ -113,6 +113,11 @@ impl Shard {
         &self.counters
     }
 
+    /// Counts per row: the total, then each filter.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
     /// Windows held (open, or final within the lateness).
     pub fn windows(&self) -> usize {
         self.windows.len()
@@ -205,6 +210,15 @@ impl Shard {
     /// The local top-N lists of every final window (to rebuild the reducer after a restore).
     pub fn final_tops(&self) -> Vec<MinuteTops> {
         self.windows.iter().filter(|(_, w)| w.is_final).map(|(m, w)| (*m, w.top.clone())).collect()
+    }
+
+    /// Every row of the windows not final yet, appended to `out`.
+    pub fn open_rows(&self, out: &mut CountUpdates) {
+        for (&minute, w) in self.windows.iter().filter(|(_, w)| !w.is_final) {
+            for (r, ad) in w.ads.iter().enumerate() {
+                out.push(minute, ad, &w.counts[r * self.slots..(r + 1) * self.slots]);
+            }
+        }
     }
 
     /// Layout: counters, window count u, per window: minute i, row count u, per row: ad str and
