@@ -619,6 +619,8 @@ fn soak(args: &BenchArgs, duration: Duration) -> anyhow::Result<()> {
     let _ = generator.wait();
     let _ = poller.join();
     drop(server);
+    // Its recovery log line says where the time went.
+    std::env::set_var("ADCLICK_LOG", "adclick=info");
     let (server, took) = Server::start(&data, &[])?;
     println!("recovery after kill -9 at steady state: {:.2} s to listening", took.as_secs_f64());
     drop(server);

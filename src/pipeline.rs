@@ -497,6 +497,7 @@ impl Aggregator {
         let started = Instant::now();
         let filters = query.filters.clone();
         let rec = store.recovery().context("reading the store for recovery")?;
+        let read_ms = started.elapsed().as_millis() as u64;
         // A log that ends below what the store committed lost records (damaged, deleted or
         // restored files): new clicks would reuse those offsets and be skipped as replays.
         for &(p, committed) in &rec.offsets {
@@ -513,6 +514,7 @@ impl Aggregator {
             );
         }
         let (mut engine, restored) = restore_engine(&engine_config, &filters, &rec)?;
+        let restored_ms = started.elapsed().as_millis() as u64;
         let base = restored.as_ref().map(|c| c.seq);
         let partitions = settings.partitions as usize;
         let pool = rayon::ThreadPoolBuilder::new()
@@ -570,7 +572,11 @@ impl Aggregator {
             committed
         );
         *query.counters.lock().expect("not poisoned") = committed;
-        store.load_open(&engine.open_rows()).context("handing the open minutes to the store")?;
+        let replayed_ms = started.elapsed().as_millis() as u64;
+        let (rows, tops) = engine.unsealed();
+        store
+            .load_open(&rows, &tops, settings.engine.allowed_lateness_ms)
+            .context("handing the unsealed minutes to the store")?;
         let mut agg = Aggregator {
             engine,
             pool,
@@ -592,11 +598,17 @@ impl Aggregator {
         for (p, o) in agg.next.iter().enumerate() {
             agg.query.committed[p].store(*o, Ordering::Release);
         }
+        let popular_started = Instant::now();
         agg.rebuild_popular().context("rebuilding the popular-ads index")?;
+        let popular_ms = popular_started.elapsed().as_millis() as u64;
         agg.assign_all().context("assigning the partitions")?;
         agg.query.ready.store(true, Ordering::Release);
         tracing::info!(
             replayed_batches = journal.len(),
+            read_ms,
+            restore_ms = restored_ms - read_ms,
+            replay_ms = replayed_ms - restored_ms,
+            popular_ms,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered"
         );

@@ -260,34 +260,46 @@ pub struct Store {
     open: RwLock<Open>,
 }
 
-/// The committed counts of the minutes that are not final yet, kept in memory instead of in
-/// `counts`: ten commits a second would otherwise rewrite the B-tree pages of every open minute's
-/// rows (thousands of ads spread over the minute's key range) again and again. A minute's rows
-/// are written to `counts` once, by the commit whose watermark makes it final; corrections of
-/// final minutes (late clicks) are written as they come.
+/// The committed counts and top-N lists of the minutes that can still change, kept in memory
+/// instead of in `counts` and `tops`: ten commits a second would otherwise rewrite the B-tree
+/// pages of every open minute's rows (thousands of ads spread over the minute's key range), and
+/// late clicks would rewrite a page of a final minute each. A minute is written once, by the
+/// commit whose watermark seals it (more than `allowed_lateness` past its end: nothing can change
+/// it any more).
 ///
-/// Nothing is lost in a crash: the rows follow from the engine's state, which recovery restores
+/// Nothing is lost in a crash: these rows follow from the engine's state, which recovery restores
 /// and replays to the last commit, and then hands over with [`Store::load_open`]. Reads take the
-/// rows of minutes the committed watermark leaves open from here, and those before from `counts`,
+/// minutes the committed watermark leaves unsealed from here, and those before from the tables,
 /// both at the same commit (`seq`, also in `meta`). A process that opens the store without an
-/// aggregator (recalc, reconcile) reads `counts` alone, which a clean stop brings up to date
+/// aggregator (recalc, reconcile) reads the tables alone, which a clean stop brings up to date
 /// ([`Store::flush_open`]).
 #[derive(Default)]
 struct Open {
-    /// Whether an aggregator keeps these rows (otherwise `counts` holds everything there is).
+    /// Whether an aggregator keeps these rows (otherwise the tables hold everything there is).
     live: bool,
+    lateness_ms: i64,
     /// The commit these rows are at.
     seq: Option<u64>,
     minutes: BTreeMap<i64, HashMap<AdId, Box<[u64]>>>,
+    /// (minute, slot) → the top-N of final minutes not sealed yet.
+    tops: BTreeMap<(i64, u32), Vec<Ranked>>,
+}
+
+impl Open {
+    /// The first minute kept here at `watermark`: every minute before it is sealed, in the
+    /// tables. `i64::MAX` when nothing is kept here.
+    fn from(&self, watermark: Watermark) -> i64 {
+        if !self.live {
+            return i64::MAX;
+        }
+        watermark
+            .oldest_countable(self.lateness_ms)
+            .map_or(i64::MIN, |start| start.div_euclid(crate::event::MINUTE_MS))
+    }
 }
 
 /// A read transaction, its watermark, the first minute read from memory, and those minutes.
 type View<'a> = (redb::ReadTransaction, Watermark, i64, Option<RwLockReadGuard<'a, Open>>);
-
-/// The first minute a watermark leaves open: every minute before it is final.
-fn first_open(watermark: Watermark) -> i64 {
-    watermark.ms().map_or(i64::MIN, |w| w.div_euclid(crate::event::MINUTE_MS))
-}
 
 /// One hour's summed counts of one slot: every ad with a count, unordered.
 type Block = Arc<Vec<(AdId, u64)>>;
@@ -428,23 +440,33 @@ impl Store {
         let txn = self.db.begin_write().ctx("begin commit")?;
         let mut new_days = Vec::new();
         let mut hours_touched: Vec<i64> = Vec::new();
-        // Rows of minutes this commit leaves open stay in memory (see `Open`); those of minutes
-        // it makes final are written, with the batch's newer rows in place of the kept ones.
+        // Rows and top-N lists of minutes this commit leaves unsealed stay in memory (see
+        // `Open`); those of minutes it seals are written, the batch's newer ones first.
         let open = self.open.read().expect("not poisoned");
-        let open_from = if open.live { first_open(output.watermark) } else { i64::MAX };
+        let open_from = open.from(output.watermark);
         let (kept, rows): (Vec<_>, Vec<_>) =
             output.counts.iter().partition(|(minute, _, _)| minute.0 >= open_from);
-        let turning_final: Vec<i64> = open.minutes.range(..open_from).map(|(m, _)| *m).collect();
+        let (kept_tops, tops): (Vec<_>, Vec<_>) =
+            output.top.iter().partition(|t| t.minute.0 >= open_from);
+        let mut tops: Vec<(i64, u32, &[Ranked])> =
+            tops.iter().map(|t| (t.minute.0, t.slot.index() as u32, t.ads.as_slice())).collect();
+        let sealing: Vec<i64> = open.minutes.range(..open_from).map(|(m, _)| *m).collect();
         let mut rows: Vec<(Minute, &AdId, &[u64])> = rows;
-        if !turning_final.is_empty() {
+        if !sealing.is_empty() {
             let newer: hashbrown::HashSet<(i64, &str)> =
                 rows.iter().map(|(m, ad, _)| (m.0, ad.as_str())).collect();
-            for &m in &turning_final {
+            for &m in &sealing {
                 for (ad, c) in &open.minutes[&m] {
                     if !newer.contains(&(m, ad.as_str())) {
                         rows.push((Minute(m), ad, c));
                     }
                 }
+            }
+        }
+        let newer: Vec<(i64, u32)> = tops.iter().map(|t| (t.0, t.1)).collect();
+        for (&(m, slot), ads) in open.tops.range(..(open_from, 0)) {
+            if !newer.contains(&(m, slot)) {
+                tops.push((m, slot, ads));
             }
         }
         {
@@ -490,10 +512,9 @@ impl Store {
                 let v = versions.get(hour).ctx("read hour version")?.map_or(0, |v| v.value());
                 versions.insert(hour, v + 1).ctx("write hour version")?;
             }
-            let mut tops = txn.open_table(TOPS).ctx("open tops")?;
-            for t in &output.top {
-                tops.insert((t.minute.0, t.slot.index() as u32), encode_top(&t.ads).as_slice())
-                    .ctx("write top")?;
+            let mut top_table = txn.open_table(TOPS).ctx("open tops")?;
+            for (minute, slot, ads) in tops {
+                top_table.insert((minute, slot), encode_top(ads).as_slice()).ctx("write top")?;
             }
             if !output.too_late.is_empty() {
                 let mut late = txn.open_table(TOO_LATE).ctx("open too_late")?;
@@ -561,11 +582,15 @@ impl Store {
         drop(open);
         {
             let mut open = self.open.write().expect("not poisoned");
-            for m in &turning_final {
+            for m in &sealing {
                 open.minutes.remove(m);
             }
+            open.tops.retain(|&(m, _), _| m >= open_from);
             for (minute, ad, c) in kept {
                 open.minutes.entry(minute.0).or_default().insert(ad.clone(), c.into());
+            }
+            for t in kept_tops {
+                open.tops.insert((t.minute.0, t.slot.index() as u32), t.ads.clone());
             }
             open.seq = Some(seq);
         }
@@ -690,23 +715,31 @@ impl Store {
         Ok(Recovery { checkpoints, journal, next_seq, offsets, watermark })
     }
 
-    /// Hands the store the rows of the minutes not final yet, as of the last commit (the
-    /// aggregator after recovery): from now on it keeps them in memory (see [`Open`]).
-    pub fn load_open(&self, rows: &crate::engine::CountUpdates) -> Result<(), StoreError> {
+    /// Hands the store the rows and top-N lists of the minutes that can still change, as of the
+    /// last commit (the aggregator after recovery, from [`crate::engine::Engine::unsealed`]):
+    /// from now on it keeps them in memory (see [`Open`]).
+    pub fn load_open(
+        &self,
+        rows: &crate::engine::CountUpdates,
+        tops: &[crate::engine::TopUpdate],
+        lateness_ms: i64,
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_read().ctx("begin read")?;
         let seq = read_commit_seq(&txn)?;
-        let open_from = first_open(read_watermark(&txn)?);
+        let watermark = read_watermark(&txn)?;
         let mut open = self.open.write().expect("not poisoned");
-        open.minutes.clear();
+        *open = Open { live: true, lateness_ms, seq, ..Open::default() };
+        let open_from = open.from(watermark);
         for (minute, ad, c) in rows.iter().filter(|(m, _, _)| m.0 >= open_from) {
             open.minutes.entry(minute.0).or_default().insert(ad.clone(), c.into());
         }
-        open.seq = seq;
-        open.live = true;
+        for t in tops.iter().filter(|t| t.minute.0 >= open_from) {
+            open.tops.insert((t.minute.0, t.slot.index() as u32), t.ads.clone());
+        }
         Ok(())
     }
 
-    /// Writes the rows kept in memory to `counts` (a clean stop: so that a process that opens
+    /// Writes the rows and lists kept in memory to the tables (a clean stop: so that a process that opens
     /// the store alone reads every committed count), and stops keeping them.
     pub fn flush_open(&self) -> Result<(), StoreError> {
         let mut open = self.open.write().expect("not poisoned");
@@ -722,6 +755,10 @@ impl Store {
                     c.iter().for_each(|v| row.extend_from_slice(&v.to_le_bytes()));
                     counts.insert((*minute, ad.as_str()), row.as_slice()).ctx("write count")?;
                 }
+            }
+            let mut tops = txn.open_table(TOPS).ctx("open tops")?;
+            for (key, ads) in &open.tops {
+                tops.insert(*key, encode_top(ads).as_slice()).ctx("write top")?;
             }
         }
         txn.commit().ctx("commit open minutes")?;
@@ -741,7 +778,7 @@ impl Store {
                 return Ok((txn, watermark, i64::MAX, None));
             }
             if open.seq == seq {
-                return Ok((txn, watermark, first_open(watermark), Some(open)));
+                return Ok((txn, watermark, open.from(watermark), Some(open)));
             }
             // A commit between the two reads: its rows reach memory right after.
             drop(open);
@@ -922,7 +959,10 @@ impl Store {
 
     /// The stored top-N of a minute and slot.
     pub fn top(&self, minute: Minute, slot: Slot) -> Result<Option<Vec<Ranked>>, StoreError> {
-        let txn = self.db.begin_read().ctx("begin read")?;
+        let (txn, _, open_from, open) = self.read_view()?;
+        if let Some(open) = open.filter(|_| minute.0 >= open_from) {
+            return Ok(open.tops.get(&(minute.0, slot.index() as u32)).cloned());
+        }
         let t = txn.open_table(TOPS).ctx("open tops")?;
         Ok(t.get((minute.0, slot.index() as u32)).ctx("read top")?.and_then(|v| {
             let mut d = Decoder::raw(v.value());
@@ -1301,79 +1341,104 @@ mod tests {
     }
 
     #[test]
-    fn open_minutes_stay_in_memory_until_final_and_read_the_same() {
-        use crate::engine::{CountUpdates, Output};
+    fn unsealed_minutes_stay_in_memory_until_sealed_and_read_the_same() {
+        use crate::engine::{CountUpdates, Output, TopUpdate};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        store.load_open(&CountUpdates::new(2)).unwrap();
-        let output = |watermark: i64, rows: &[(i64, &str, [u64; 2])]| {
+        let minute = crate::event::MINUTE_MS;
+        // Minutes are sealed a minute after their end.
+        store.load_open(&CountUpdates::new(2), &[], minute).unwrap();
+        let output = |watermark: i64, rows: &[(i64, &str, [u64; 2])], tops: &[(i64, &str, u64)]| {
             let mut counts = CountUpdates::new(2);
             for (m, ad, c) in rows {
                 counts.push(Minute(*m), &AdId::new(ad), c);
             }
-            Output { counts, watermark: Watermark::at(watermark), ..Output::default() }
+            let top = tops
+                .iter()
+                .map(|(m, ad, c)| TopUpdate {
+                    minute: Minute(*m),
+                    slot: Slot::Total,
+                    ads: vec![(AdId::new(ad), *c)],
+                })
+                .collect();
+            Output { counts, top, watermark: Watermark::at(watermark), ..Output::default() }
         };
-        let minute = crate::event::MINUTE_MS;
-        let filter = Slot::from_index(1);
-        let reads = |to: i64| {
+        type Reads = (
+            Vec<(Minute, u64)>,
+            Vec<(Minute, u64)>,
+            Vec<Ranked>,
+            Vec<(i64, String, Vec<u64>)>,
+            Vec<(i64, String, Vec<u64>)>,
+        );
+        fn reads(store: &Store, to: i64) -> Reads {
+            let filter = Slot::from_index(1);
             let mut scanned = Vec::new();
             store
                 .scan_counts(Minute(0), |m, ad, c| scanned.push((m.0, ad.to_string(), c.to_vec())))
                 .unwrap();
             scanned.sort();
+            let rows = store.range_rows(Minute(0), Minute(to)).unwrap().counts;
             (
                 store.series("a", Slot::Total, Minute(0), Minute(to)).unwrap().0,
                 store.series("b", filter, Minute(0), Minute(to)).unwrap().0,
                 store.popular(Slot::Total, Minute(0), Minute(to), 5).unwrap().0,
-                store.range_rows(Minute(0), Minute(to)).unwrap().counts,
+                rows.into_iter().map(|((m, ad), c)| (m, ad, c)).collect::<Vec<_>>(),
                 scanned,
             )
-        };
-        // Minutes 1 and 2 open (watermark inside minute 1): nothing of them written.
-        let first = output(minute + 5, &[(1, "a", [3, 1]), (1, "b", [2, 2]), (2, "a", [1, 0])]);
+        }
+        let row = |m: i64, ad: &str, c: [u64; 2]| (m, ad.to_string(), c.to_vec());
+        // Minutes 1 and 2 open: nothing of them written.
+        let first =
+            output(minute + 5, &[(1, "a", [3, 1]), (1, "b", [2, 2]), (2, "a", [1, 0])], &[]);
         store.commit(0, &BatchRecord::default(), &first, None).unwrap();
         assert_eq!(stored_rows(&store), vec![]);
-        let (a, b, top, rows, scanned) = reads(10);
+        let (a, b, top, rows, scanned) = reads(&store, 10);
         assert_eq!(a, vec![(Minute(1), 3), (Minute(2), 1)]);
         assert_eq!(b, vec![(Minute(1), 2)]);
         assert_eq!(top, vec![(AdId::new("a"), 4), (AdId::new("b"), 2)]);
-        assert_eq!(rows.len(), 3);
-        assert_eq!(scanned.len(), 3);
-        assert_eq!(reads(2).0, vec![(Minute(1), 3)], "the range's end bounds the open minutes");
-        // Minute 1 turns final with a newer row of `a`: written once, with the kept row of `b`.
-        let second = output(2 * minute, &[(1, "a", [4, 1]), (2, "b", [5, 0])]);
-        store.commit(1, &BatchRecord::default(), &second, None).unwrap();
+        assert_eq!(rows, vec![row(1, "a", [3, 1]), row(1, "b", [2, 2]), row(2, "a", [1, 0])]);
+        assert_eq!(scanned, rows);
         assert_eq!(
-            stored_rows(&store),
-            vec![(1, "a".into(), vec![4, 1]), (1, "b".into(), vec![2, 2])]
+            reads(&store, 2).0,
+            vec![(Minute(1), 3)],
+            "the range's end bounds the kept minutes"
         );
-        let (a, b, top, rows, _) = reads(10);
+        // Minute 1 final but not sealed, its top-N too: still only in memory.
+        let second = output(2 * minute, &[(1, "a", [4, 1]), (2, "b", [5, 0])], &[(1, "a", 4)]);
+        store.commit(1, &BatchRecord::default(), &second, None).unwrap();
+        assert_eq!(stored_rows(&store), vec![]);
+        assert_eq!(store.top(Minute(1), Slot::Total).unwrap(), Some(vec![(AdId::new("a"), 4)]));
+        let (a, b, top, rows, _) = reads(&store, 10);
         assert_eq!(a, vec![(Minute(1), 4), (Minute(2), 1)]);
         assert_eq!(b, vec![(Minute(1), 2)]);
         assert_eq!(top, vec![(AdId::new("b"), 7), (AdId::new("a"), 5)]);
         assert_eq!(
-            rows.iter().map(|((m, ad), c)| (*m, ad.as_str(), c.clone())).collect::<Vec<_>>(),
+            rows,
             vec![
-                (1, "a", vec![4, 1]),
-                (1, "b", vec![2, 2]),
-                (2, "a", vec![1, 0]),
-                (2, "b", vec![5, 0])
+                row(1, "a", [4, 1]),
+                row(1, "b", [2, 2]),
+                row(2, "a", [1, 0]),
+                row(2, "b", [5, 0])
             ]
         );
-        // A late correction of final minute 1 is written at once.
-        let third = output(2 * minute + 10, &[(1, "b", [3, 3])]);
+        // Minute 1 sealed: written once, the kept rows and list with it; minute 2 corrected late.
+        let third = output(3 * minute + 1, &[(2, "a", [2, 0])], &[(2, "b", 5)]);
         store.commit(2, &BatchRecord::default(), &third, None).unwrap();
-        assert_eq!(stored_rows(&store)[1], (1, "b".into(), vec![3, 3]));
-        // A clean stop writes the open minute, and a store without an aggregator reads it all.
+        assert_eq!(stored_rows(&store), vec![row(1, "a", [4, 1]), row(1, "b", [2, 2])]);
+        assert_eq!(store.top(Minute(1), Slot::Total).unwrap(), Some(vec![(AdId::new("a"), 4)]));
+        assert_eq!(store.top(Minute(2), Slot::Total).unwrap(), Some(vec![(AdId::new("b"), 5)]));
+        assert_eq!(reads(&store, 10).0, vec![(Minute(1), 4), (Minute(2), 2)]);
+        // A clean stop writes the rest, and a store without an aggregator reads it all.
         store.flush_open().unwrap();
         assert_eq!(stored_rows(&store).len(), 4);
-        assert_eq!(reads(10).0, vec![(Minute(1), 4), (Minute(2), 1)]);
         drop(store);
         let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        assert_eq!(
-            store.series("b", Slot::Total, Minute(0), Minute(10)).unwrap().0,
-            vec![(Minute(1), 3), (Minute(2), 5)]
-        );
+        let (a, b, top, rows, _) = reads(&store, 10);
+        assert_eq!(a, vec![(Minute(1), 4), (Minute(2), 2)]);
+        assert_eq!(b, vec![(Minute(1), 2)]);
+        assert_eq!(top, vec![(AdId::new("b"), 7), (AdId::new("a"), 6)]);
+        assert_eq!(rows.len(), 4);
+        assert_eq!(store.top(Minute(2), Slot::Total).unwrap(), Some(vec![(AdId::new("b"), 5)]));
     }
 
     #[test]

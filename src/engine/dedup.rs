@@ -11,6 +11,11 @@
 //!                    them (each once) and empties it
 //! ```
 //!
+//! The table is split into [`TABLES`] sub-tables by the identity's high bits: each grows (doubles
+//! and rehashes) on its own, a 1/256 share of the work at a time, spread over the seconds in
+//! which the sub-tables cross their thresholds, instead of one rehash of every identity that
+//! stalls the shard for seconds at the chapter's peak.
+//!
 //! Expiry: once the watermark is `W`, no click earlier than `W − allowed_lateness − 1 min` can be
 //! counted any more (it would be too late), so a stored time `t` that is more than the horizon
 //! before that bound can never match again and is dropped. Expiry sweeps the table once per
@@ -44,6 +49,16 @@ impl Hasher for IdentityHasher {
     }
 }
 
+/// Sub-tables of `seen`, chosen by the top bits of the identity's high half (the low half is the
+/// hash inside a table, so its bits stay independent of the choice).
+const TABLES: usize = 256;
+
+type Table<V> = HashMap<u128, V, BuildHasherDefault<IdentityHasher>>;
+
+fn table_of(id: u128) -> usize {
+    ((id >> 64) as u64 >> (64 - TABLES.trailing_zeros())) as usize
+}
+
 /// Marks an identity whose times live in `Dedup::many`.
 const MANY: i64 = i64::MIN;
 
@@ -58,10 +73,10 @@ struct Entry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dedup {
     horizon_ms: i64,
-    /// Identity → the event time of its counted click: 32-byte entries, the hot table.
-    seen: HashMap<u128, i64, BuildHasherDefault<IdentityHasher>>,
+    /// Identity → the event time of its counted click: 32-byte entries, the hot tables.
+    seen: Vec<Table<i64>>,
     /// The rare identities counted more than once (copies further apart than the horizon).
-    many: HashMap<u128, Vec<i64>, BuildHasherDefault<IdentityHasher>>,
+    many: Table<Vec<i64>>,
     /// Clicks counted since the last checkpoint, in order.
     fresh: Vec<Entry>,
     /// Times below this have been dropped.
@@ -72,7 +87,9 @@ impl Dedup {
     pub fn new(horizon_ms: i64, capacity: usize) -> Self {
         Dedup {
             horizon_ms,
-            seen: HashMap::with_capacity_and_hasher(capacity, Default::default()),
+            seen: (0..TABLES)
+                .map(|_| HashMap::with_capacity_and_hasher(capacity / TABLES, Default::default()))
+                .collect(),
             many: HashMap::default(),
             // Reserved like the table (untouched pages cost nothing): no copies as it grows.
             fresh: Vec::with_capacity(capacity),
@@ -83,7 +100,7 @@ impl Dedup {
     /// Records a click; true when it is new (to be counted), false for a duplicate.
     pub fn insert(&mut self, id: Identity, t: i64) -> bool {
         let h = self.horizon_ms;
-        match self.seen.entry(id.0) {
+        match self.seen[table_of(id.0)].entry(id.0) {
             hashbrown::hash_map::Entry::Vacant(v) => {
                 v.insert(t);
             }
@@ -110,7 +127,7 @@ impl Dedup {
 
     /// Records a click counted before (restoring a checkpoint), whatever the table holds.
     fn record(&mut self, id: u128, t: i64) {
-        match self.seen.entry(id) {
+        match self.seen[table_of(id)].entry(id) {
             hashbrown::hash_map::Entry::Vacant(v) => {
                 v.insert(t);
             }
@@ -143,11 +160,13 @@ impl Dedup {
             !v.is_empty()
         });
         let many = &self.many;
-        self.seen.retain(|id, t| if *t == MANY { many.contains_key(id) } else { *t >= drop_below });
+        for table in &mut self.seen {
+            table.retain(|id, t| if *t == MANY { many.contains_key(id) } else { *t >= drop_below });
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.seen.len()
+        self.seen.iter().map(HashMap::len).sum()
     }
 
     pub fn expired_below(&self) -> i64 {
@@ -156,7 +175,8 @@ impl Dedup {
 
     /// Bytes the state holds in memory (by capacity).
     pub fn bytes(&self) -> usize {
-        let table = self.seen.capacity() * (std::mem::size_of::<(u128, i64)>() + 1);
+        let table = self.seen.iter().map(HashMap::capacity).sum::<usize>()
+            * (std::mem::size_of::<(u128, i64)>() + 1);
         let many = self.many.capacity() * (std::mem::size_of::<(u128, Vec<i64>)>() + 1)
             + self.many.values().map(|v| v.capacity() * 8).sum::<usize>();
         table + many + self.fresh.capacity() * std::mem::size_of::<Entry>()
@@ -167,7 +187,7 @@ impl Dedup {
         if changes_only {
             return Box::new(self.fresh.iter().map(|e| ((e.hi as u128) << 64 | e.lo as u128, e.t)));
         }
-        Box::new(self.seen.iter().flat_map(|(&id, t)| {
+        Box::new(self.seen.iter().flatten().flat_map(|(&id, t)| {
             let times: &[i64] = if *t == MANY { &self.many[&id] } else { std::slice::from_ref(t) };
             times.iter().map(move |&t| (id, t))
         }))
@@ -186,7 +206,7 @@ impl Dedup {
         let n = if changes_only {
             self.fresh.len()
         } else {
-            self.seen.values().map(|&t| if t == MANY { 0 } else { 1 }).sum::<usize>()
+            self.seen.iter().flat_map(|t| t.values()).filter(|&&t| t != MANY).count()
                 + self.many.values().map(Vec::len).sum::<usize>()
         };
         e.u(n as u64);
@@ -211,7 +231,11 @@ impl Dedup {
             self.expired_below = expired_below;
         }
         let n = d.count()?;
-        self.seen.reserve(n);
+        // Each sub-table grows once to what it will hold, not by doublings.
+        let share = n / TABLES + n / TABLES / 16 + 1;
+        for table in &mut self.seen {
+            table.reserve(share);
+        }
         let mut previous = 0i64;
         for _ in 0..n {
             let id = d.u128()?;

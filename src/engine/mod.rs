@@ -495,16 +495,17 @@ impl Engine {
             || extent.max_minute.is_some_and(|m| !watermark.is_too_late(m, lateness))
     }
 
-    /// Every row of the minutes not final yet (what the store keeps in memory until they are).
-    pub fn open_rows(&self) -> CountUpdates {
+    /// Every row and final top-N list of the minutes that can still change (not yet more than
+    /// `allowed_lateness` behind the watermark): what the store keeps in memory until they can't.
+    pub fn unsealed(&self) -> (CountUpdates, Vec<TopUpdate>) {
         let mut out = CountUpdates::default();
         for s in &self.shards {
             let mut rows = CountUpdates::new(s.slots());
-            s.open_rows(&mut rows);
+            s.rows(&mut rows);
             out.stride = rows.stride;
             out.append(&mut rows);
         }
-        out
+        (out, self.reducer.tops())
     }
 
     /// Bytes of deduplication state held in memory, across shards.
@@ -542,23 +543,24 @@ impl Engine {
         };
         // Each file checked (frame, settings) and split into its shards' parts.
         let shards = engine.shards.len();
-        let parts: Vec<Vec<&[u8]>> = files
+        let parts: Vec<(Vec<&[u8]>, u16)> = files
             .par_iter()
             .map(|bytes| {
                 let mut d = snapshot::Decoder::open(bytes)?;
                 Mapper::new(config.clone(), filters.clone()).decode(&mut d)?;
                 let parts = (0..shards).map(|_| d.bytes()).collect::<Result<Vec<_>, _>>()?;
+                let version = d.version();
                 d.finish()?;
-                Ok(parts)
+                Ok((parts, version))
             })
             .collect::<Result<_, SnapshotError>>()?;
         let mut d = snapshot::Decoder::open(files[newest])?;
         engine.mapper.decode(&mut d)?;
         let watermark = engine.mapper.watermark();
         engine.shards.par_iter_mut().enumerate().try_for_each(|(i, shard)| {
-            for (f, file) in parts.iter().enumerate() {
+            for (f, (file, version)) in parts.iter().enumerate() {
                 let mut d = snapshot::Decoder::raw(file[i]);
-                shard.decode(&mut d, f == newest)?;
+                shard.decode(&mut d, f == newest, watermark, *version)?;
                 d.finish()?;
             }
             shard.finish_restore(watermark);

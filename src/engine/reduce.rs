@@ -51,20 +51,7 @@ impl Reducer {
         changed.dedup();
         let mut top = Vec::new();
         for minute in changed {
-            let per_shard = &self.minutes[&minute];
-            for slot in 0..self.slots {
-                let all = per_shard
-                    .iter()
-                    .filter_map(|lists| lists.get(slot))
-                    .flatten()
-                    .cloned()
-                    .collect();
-                top.push(TopUpdate {
-                    minute,
-                    slot: Slot::from_index(slot),
-                    ads: rank::top(all, self.top_n),
-                });
-            }
+            self.merge(minute, &mut top);
         }
         self.evict(meta.watermark);
         Output {
@@ -76,6 +63,29 @@ impl Reducer {
             counters,
             too_late: meta.too_late,
         }
+    }
+
+    /// The global top-N lists of `minute`, one per slot, appended to `out`.
+    fn merge(&self, minute: Minute, out: &mut Vec<TopUpdate>) {
+        let per_shard = &self.minutes[&minute];
+        for slot in 0..self.slots {
+            let all =
+                per_shard.iter().filter_map(|lists| lists.get(slot)).flatten().cloned().collect();
+            out.push(TopUpdate {
+                minute,
+                slot: Slot::from_index(slot),
+                ads: rank::top(all, self.top_n),
+            });
+        }
+    }
+
+    /// The global top-N lists of every final minute still open to corrections.
+    pub fn tops(&self) -> Vec<TopUpdate> {
+        let mut out = Vec::new();
+        for &minute in self.minutes.keys() {
+            self.merge(minute, &mut out);
+        }
+        out
     }
 
     fn accept(&mut self, shard: usize, tops: Vec<MinuteTops>) {

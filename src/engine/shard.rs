@@ -212,31 +212,34 @@ impl Shard {
         self.windows.iter().filter(|(_, w)| w.is_final).map(|(m, w)| (*m, w.top.clone())).collect()
     }
 
-    /// Every row of the windows not final yet, appended to `out`.
-    pub fn open_rows(&self, out: &mut CountUpdates) {
-        for (&minute, w) in self.windows.iter().filter(|(_, w)| !w.is_final) {
+    /// Every row of every window held (none is sealed), appended to `out`.
+    pub fn rows(&self, out: &mut CountUpdates) {
+        for (&minute, w) in &self.windows {
             for (r, ad) in w.ads.iter().enumerate() {
                 out.push(minute, ad, &w.counts[r * self.slots..(r + 1) * self.slots]);
             }
         }
     }
 
-    /// Layout: counters, window count u, per window: minute i, row count u, per row: ad str and
-    /// `slots` counts u; then the dedup part. With `changes_only`, only the rows and dedup entries
-    /// changed since the last checkpoint ([`Shard::mark_written`]); whether a window is final
-    /// follows from the watermark on restore.
+    /// Layout: counters, window count u, per window: minute i and its rows as one length-prefixed
+    /// block (so that a restore skips the windows sealed by then without decoding them): row
+    /// count u, per row: ad str and `slots` counts u; then the dedup part. With `changes_only`,
+    /// only the rows and dedup entries changed since the last checkpoint
+    /// ([`Shard::mark_written`]); whether a window is final follows from the watermark on restore.
     pub fn encode(&self, e: &mut Encoder, changes_only: bool) {
         self.counters.encode(e);
         let rows = |w: &Window| if changes_only { w.dirty.len() } else { w.ads.len() };
         let windows: Vec<_> = self.windows.iter().filter(|(_, w)| rows(w) > 0).collect();
         e.u(windows.len() as u64);
+        let mut block = Encoder::default();
         for (minute, w) in windows {
             e.i(minute.0);
-            e.u(rows(w) as u64);
+            block.buf.clear();
+            block.u(rows(w) as u64);
             let mut row = |r: usize| {
-                e.bytes(w.ads[r].as_str().as_bytes());
+                block.bytes(w.ads[r].as_str().as_bytes());
                 for &c in &w.counts[r * self.slots..(r + 1) * self.slots] {
-                    e.u(c);
+                    block.u(c);
                 }
             };
             if changes_only {
@@ -244,6 +247,7 @@ impl Shard {
             } else {
                 (0..w.ads.len()).for_each(row);
             }
+            e.bytes(&block.buf);
         }
         self.dedup.encode(e, changes_only);
     }
@@ -270,25 +274,47 @@ impl Shard {
     }
 
     /// Applies one encoded part, oldest first: rows take the part's absolute counts, dedup entries
-    /// are added; the newest part (`base`) also gives the counters. Then
+    /// are added; the newest part (`base`) also gives the counters. Windows sealed at
+    /// `watermark` (the newest part's) are skipped. `version`: the file's layout. Then
     /// [`Shard::finish_restore`].
-    pub fn decode(&mut self, d: &mut Decoder, base: bool) -> Result<(), SnapshotError> {
+    pub fn decode(
+        &mut self,
+        d: &mut Decoder,
+        base: bool,
+        watermark: super::Watermark,
+        version: u16,
+    ) -> Result<(), SnapshotError> {
         let counters = Counters::decode(d)?;
         if base {
             self.counters = counters;
         }
         for _ in 0..d.count()? {
             let minute = Minute(d.i()?);
-            let w = self.windows.entry(minute).or_default();
-            for _ in 0..d.count()? {
-                let ad = AdId::new(d.str()?);
-                let r = w.row(&ad, ad.route_hash(), self.slots);
-                for slot in 0..self.slots {
-                    w.counts[r * self.slots + slot] = d.u()?;
+            let sealed = watermark.is_too_late(minute, self.lateness_ms);
+            if version >= 4 {
+                let block = d.bytes()?;
+                if !sealed {
+                    let mut d = Decoder::raw(block);
+                    self.decode_rows(minute, &mut d)?;
+                    d.finish()?;
                 }
+            } else {
+                self.decode_rows(minute, d)?;
             }
         }
         self.dedup.decode(d, base)
+    }
+
+    fn decode_rows(&mut self, minute: Minute, d: &mut Decoder) -> Result<(), SnapshotError> {
+        let w = self.windows.entry(minute).or_default();
+        for _ in 0..d.count()? {
+            let ad = AdId::new(d.str()?);
+            let r = w.row(&ad, ad.route_hash(), self.slots);
+            for slot in 0..self.slots {
+                w.counts[r * self.slots + slot] = d.u()?;
+            }
+        }
+        Ok(())
     }
 
     /// Ends a restore at `watermark`: windows too late are dropped and final ones ranked, as

@@ -13,14 +13,19 @@ use xxhash_rust::xxh3::xxh3_64;
 
 const MAGIC: &[u8; 8] = b"ADCLKSNP";
 /// The body layout version written by this build.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
+/// The oldest body layout this build still reads (3: windows not length-prefixed).
+pub const OLDEST_READABLE: u16 = 3;
 
 /// Why a snapshot cannot be restored.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SnapshotError {
     #[error("not an adclick engine snapshot (bad magic)")]
     BadMagic,
-    #[error("snapshot format version {found} is not supported (this build reads {VERSION})")]
+    #[error(
+        "snapshot format version {found} is not supported (this build reads {OLDEST_READABLE} to \
+         {VERSION})"
+    )]
     Version { found: u16 },
     #[error("snapshot is truncated or corrupt: {0}")]
     Corrupt(&'static str),
@@ -73,12 +78,13 @@ impl Encoder {
 /// Reads values back; every read checks bounds.
 pub struct Decoder<'a> {
     buf: &'a [u8],
+    version: u16,
 }
 
 impl<'a> Decoder<'a> {
     /// A decoder over unframed bytes (values stored elsewhere with this encoding).
     pub fn raw(bytes: &'a [u8]) -> Decoder<'a> {
-        Decoder { buf: bytes }
+        Decoder { buf: bytes, version: VERSION }
     }
 
     /// Checks the frame and returns a decoder over the body.
@@ -87,7 +93,7 @@ impl<'a> Decoder<'a> {
             return Err(SnapshotError::BadMagic);
         }
         let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != VERSION {
+        if !(OLDEST_READABLE..=VERSION).contains(&version) {
             return Err(SnapshotError::Version { found: version });
         }
         let len = u64::from_le_bytes(bytes[10..18].try_into().expect("8 bytes"));
@@ -100,7 +106,12 @@ impl<'a> Decoder<'a> {
         if xxh3_64(body) != sum {
             return Err(SnapshotError::Checksum);
         }
-        Ok(Decoder { buf: body })
+        Ok(Decoder { buf: body, version })
+    }
+
+    /// The body layout version of the frame opened ([`VERSION`] for raw bytes).
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     pub fn u(&mut self) -> Result<u64, SnapshotError> {
