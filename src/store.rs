@@ -438,8 +438,7 @@ impl Store {
         checkpoint: Option<&CheckpointRecord>,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().ctx("begin commit")?;
-        let mut new_days = Vec::new();
-        let mut hours_touched: Vec<i64> = Vec::new();
+        let new_days;
         // Rows and top-N lists of minutes this commit leaves unsealed stay in memory (see
         // `Open`); those of minutes it seals are written, the batch's newer ones first.
         let open = self.open.read().expect("not poisoned");
@@ -470,52 +469,8 @@ impl Store {
             }
         }
         {
-            let mut counts = txn.open_table(COUNTS).ctx("open counts")?;
-            let mut row = Vec::new();
-            let written = self.ad_days_written.lock().expect("not poisoned");
-            // In key order: consecutive inserts land in the same B-tree pages.
-            // Integer keys first (minute, the ad's first 8 bytes): few string comparisons.
-            let prefix = |ad: &AdId| {
-                let b = ad.as_str().as_bytes();
-                let mut p = [0u8; 8];
-                p[..b.len().min(8)].copy_from_slice(&b[..b.len().min(8)]);
-                u64::from_be_bytes(p)
-            };
-            let mut rows: Vec<_> = rows.into_iter().map(|r| ((r.0, prefix(r.1)), r)).collect();
-            rows.sort_unstable_by(|(ka, a), (kb, b)| {
-                ka.cmp(kb).then_with(|| a.1.as_str().cmp(b.1.as_str()))
-            });
-            let rows = rows.into_iter().map(|(_, r)| r);
-            for (minute, ad, c) in rows {
-                let hour = minute.0.div_euclid(60);
-                if hours_touched.last() != Some(&hour) {
-                    hours_touched.push(hour); // rows are in minute order
-                }
-                row.clear();
-                for v in c {
-                    row.extend_from_slice(&v.to_le_bytes());
-                }
-                counts.insert((minute.0, ad.as_str()), row.as_slice()).ctx("write count")?;
-                let key = (day_of(minute.0), ad.clone());
-                if !written.contains(&key) {
-                    new_days.push(key);
-                }
-            }
-            drop(written);
-            new_days.sort_unstable_by(|a, b| (a.1.as_str(), a.0).cmp(&(b.1.as_str(), b.0)));
-            let mut days = txn.open_table(AD_DAYS).ctx("open ad_days")?;
-            for (day, ad) in &new_days {
-                days.insert((ad.as_str(), *day), ()).ctx("write ad day")?;
-            }
-            let mut versions = txn.open_table(HOUR_VERSIONS).ctx("open hour_versions")?;
-            for &hour in &hours_touched {
-                let v = versions.get(hour).ctx("read hour version")?.map_or(0, |v| v.value());
-                versions.insert(hour, v + 1).ctx("write hour version")?;
-            }
-            let mut top_table = txn.open_table(TOPS).ctx("open tops")?;
-            for (minute, slot, ads) in tops {
-                top_table.insert((minute, slot), encode_top(ads).as_slice()).ctx("write top")?;
-            }
+            new_days = self.write_rows(&txn, rows)?;
+            write_tops(&txn, tops)?;
             if !output.too_late.is_empty() {
                 let mut late = txn.open_table(TOO_LATE).ctx("open too_late")?;
                 for (minute, ad, c) in output.too_late.iter() {
@@ -594,17 +549,74 @@ impl Store {
             }
             open.seq = Some(seq);
         }
-        if !new_days.is_empty() {
-            let mut written = self.ad_days_written.lock().expect("not poisoned");
-            if written.len() + new_days.len() > AD_DAYS_REMEMBERED {
-                written.clear();
-            }
-            written.extend(new_days);
-        }
+        self.remember_days(new_days);
         if checkpoint.is_some() {
             self.remove_old_checkpoints()?;
         }
         Ok(())
+    }
+
+    /// Writes absolute counts (any order) into `counts` in key order, with the `ad_days` pairs
+    /// not written before and the versions of the hours touched. Returns the new (day, ad)
+    /// pairs, for [`Store::remember_days`] once the transaction has committed.
+    fn write_rows(
+        &self,
+        txn: &redb::WriteTransaction,
+        rows: Vec<(Minute, &AdId, &[u64])>,
+    ) -> Result<Vec<(i64, AdId)>, StoreError> {
+        let mut new_days = Vec::new();
+        let mut hours_touched: Vec<i64> = Vec::new();
+        let mut counts = txn.open_table(COUNTS).ctx("open counts")?;
+        let mut row = Vec::new();
+        let written = self.ad_days_written.lock().expect("not poisoned");
+        // In key order: consecutive inserts land in the same B-tree pages.
+        // Integer keys first (minute, the ad's first 8 bytes): few string comparisons.
+        let prefix = |ad: &AdId| {
+            let b = ad.as_str().as_bytes();
+            let mut p = [0u8; 8];
+            p[..b.len().min(8)].copy_from_slice(&b[..b.len().min(8)]);
+            u64::from_be_bytes(p)
+        };
+        let mut rows: Vec<_> = rows.into_iter().map(|r| ((r.0, prefix(r.1)), r)).collect();
+        rows.sort_unstable_by(|(ka, a), (kb, b)| {
+            ka.cmp(kb).then_with(|| a.1.as_str().cmp(b.1.as_str()))
+        });
+        for (_, (minute, ad, c)) in rows {
+            let hour = minute.0.div_euclid(60);
+            if hours_touched.last() != Some(&hour) {
+                hours_touched.push(hour); // rows are in minute order
+            }
+            encode_counts(&mut row, c);
+            counts.insert((minute.0, ad.as_str()), row.as_slice()).ctx("write count")?;
+            let key = (day_of(minute.0), ad.clone());
+            if !written.contains(&key) {
+                new_days.push(key);
+            }
+        }
+        drop(written);
+        new_days.sort_unstable_by(|a, b| (a.1.as_str(), a.0).cmp(&(b.1.as_str(), b.0)));
+        let mut days = txn.open_table(AD_DAYS).ctx("open ad_days")?;
+        for (day, ad) in &new_days {
+            days.insert((ad.as_str(), *day), ()).ctx("write ad day")?;
+        }
+        let mut versions = txn.open_table(HOUR_VERSIONS).ctx("open hour_versions")?;
+        for &hour in &hours_touched {
+            let v = versions.get(hour).ctx("read hour version")?.map_or(0, |v| v.value());
+            versions.insert(hour, v + 1).ctx("write hour version")?;
+        }
+        Ok(new_days)
+    }
+
+    /// Remembers (day, ad) pairs a committed transaction wrote, so later commits skip them.
+    fn remember_days(&self, new_days: Vec<(i64, AdId)>) {
+        if new_days.is_empty() {
+            return;
+        }
+        let mut written = self.ad_days_written.lock().expect("not poisoned");
+        if written.len() + new_days.len() > AD_DAYS_REMEMBERED {
+            written.clear();
+        }
+        written.extend(new_days);
     }
 
     fn checkpoint_path(&self, seq: u64) -> PathBuf {
@@ -744,24 +756,15 @@ impl Store {
     pub fn flush_open(&self) -> Result<(), StoreError> {
         let mut open = self.open.write().expect("not poisoned");
         let txn = self.db.begin_write().ctx("begin")?;
-        {
-            let mut counts = txn.open_table(COUNTS).ctx("open counts")?;
-            let mut row = Vec::new();
-            for (minute, rows) in &open.minutes {
-                let mut rows: Vec<_> = rows.iter().collect();
-                rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
-                for (ad, c) in rows {
-                    row.clear();
-                    c.iter().for_each(|v| row.extend_from_slice(&v.to_le_bytes()));
-                    counts.insert((*minute, ad.as_str()), row.as_slice()).ctx("write count")?;
-                }
-            }
-            let mut tops = txn.open_table(TOPS).ctx("open tops")?;
-            for (key, ads) in &open.tops {
-                tops.insert(*key, encode_top(ads).as_slice()).ctx("write top")?;
-            }
-        }
+        let rows = open
+            .minutes
+            .iter()
+            .flat_map(|(&m, rows)| rows.iter().map(move |(ad, c)| (Minute(m), ad, &c[..])))
+            .collect();
+        let new_days = self.write_rows(&txn, rows)?;
+        write_tops(&txn, open.tops.iter().map(|(&(m, slot), ads)| (m, slot, ads.as_slice())))?;
         txn.commit().ctx("commit open minutes")?;
+        self.remember_days(new_days);
         *open = Open::default();
         Ok(())
     }
@@ -1191,10 +1194,7 @@ impl Store {
                 if *minute < from.0 || *minute >= to.0 || c.iter().all(|&v| v == 0) {
                     continue;
                 }
-                row.clear();
-                for v in c {
-                    row.extend_from_slice(&v.to_le_bytes());
-                }
+                encode_counts(&mut row, c);
                 t.insert((*minute, ad.as_str()), row.as_slice()).ctx("write count")?;
                 days.insert((ad.as_str(), day_of(*minute)), ()).ctx("write ad day")?;
                 replaced.rows_after += 1;
@@ -1291,6 +1291,23 @@ fn sum_rows(
         if c > 0 {
             f(key.value().1, c);
         }
+    }
+    Ok(())
+}
+
+/// A `counts` value: u64 LE per slot.
+fn encode_counts(row: &mut Vec<u8>, counts: &[u64]) {
+    row.clear();
+    counts.iter().for_each(|v| row.extend_from_slice(&v.to_le_bytes()));
+}
+
+fn write_tops<'a>(
+    txn: &redb::WriteTransaction,
+    tops: impl IntoIterator<Item = (i64, u32, &'a [Ranked])>,
+) -> Result<(), StoreError> {
+    let mut table = txn.open_table(TOPS).ctx("open tops")?;
+    for (minute, slot, ads) in tops {
+        table.insert((minute, slot), encode_top(ads).as_slice()).ctx("write top")?;
     }
     Ok(())
 }
@@ -1439,6 +1456,31 @@ mod tests {
         assert_eq!(top, vec![(AdId::new("b"), 7), (AdId::new("a"), 6)]);
         assert_eq!(rows.len(), 4);
         assert_eq!(store.top(Minute(2), Slot::Total).unwrap(), Some(vec![(AdId::new("b"), 5)]));
+    }
+
+    #[test]
+    fn a_clean_stop_writes_open_minutes_as_a_commit_would() {
+        use crate::engine::{CountUpdates, Output};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).unwrap();
+        store.load_open(&CountUpdates::new(1), &[], 0).unwrap();
+        // Months away from anything stored, in minutes no commit has sealed.
+        let day = 200 * DAY_MINUTES;
+        let mut counts = CountUpdates::new(1);
+        counts.push(Minute(day + 5), &AdId::new("z"), &[2]);
+        counts.push(Minute(day + 6), &AdId::new("z"), &[3]);
+        let output = Output { counts, watermark: Watermark::at(0), ..Output::default() };
+        store.commit(0, &BatchRecord::default(), &output, None).unwrap();
+        assert_eq!(stored_rows(&store), vec![]);
+        store.flush_open().unwrap();
+        drop(store);
+        // Read alone: the day index finds the ad's day, the hour sums see the rows.
+        let store = Store::open(&path).unwrap();
+        let (series, _) = store.series("z", Slot::Total, Minute(0), Minute(day + 60)).unwrap();
+        assert_eq!(series, vec![(Minute(day + 5), 2), (Minute(day + 6), 3)]);
+        let (top, _) = store.popular(Slot::Total, Minute(day), Minute(day + 120), 3).unwrap();
+        assert_eq!(top, vec![(AdId::new("z"), 5)]);
     }
 
     #[test]

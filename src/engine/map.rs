@@ -89,6 +89,11 @@ impl Mapper {
         }
     }
 
+    /// Counts per row: the total, then each filter.
+    pub fn slots(&self) -> usize {
+        self.filters.len() + 1
+    }
+
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
@@ -136,7 +141,7 @@ impl Mapper {
             })
             .collect();
         let mut rejected = Vec::new();
-        let mut too_late = CountUpdates::new(self.filters.len() + 1);
+        let mut too_late = CountUpdates::new(self.slots());
         self.groups.clear();
         let v = Validation { now: wall, max_skew_ms: self.config.max_clock_skew_ms };
         let mut touched = Vec::new();

@@ -498,12 +498,9 @@ impl Engine {
     /// Every row and final top-N list of the minutes that can still change (not yet more than
     /// `allowed_lateness` behind the watermark): what the store keeps in memory until they can't.
     pub fn unsealed(&self) -> (CountUpdates, Vec<TopUpdate>) {
-        let mut out = CountUpdates::default();
+        let mut out = CountUpdates::new(self.mapper.slots());
         for s in &self.shards {
-            let mut rows = CountUpdates::new(s.slots());
-            s.rows(&mut rows);
-            out.stride = rows.stride;
-            out.append(&mut rows);
+            s.rows(&mut out);
         }
         (out, self.reducer.tops())
     }

@@ -113,11 +113,6 @@ impl Shard {
         &self.counters
     }
 
-    /// Counts per row: the total, then each filter.
-    pub fn slots(&self) -> usize {
-        self.slots
-    }
-
     /// Windows held (open, or final within the lateness).
     pub fn windows(&self) -> usize {
         self.windows.len()
