@@ -776,6 +776,9 @@ impl Store {
             let txn = self.db.begin_read().ctx("begin read")?;
             let seq = read_commit_seq(&txn)?;
             let watermark = read_watermark(&txn)?;
+            // Tests widen the window in which a commit lands between the two reads.
+            #[cfg(test)]
+            std::thread::sleep(std::time::Duration::from_micros(50));
             let open = self.open.read().expect("not poisoned");
             if !open.live {
                 return Ok((txn, watermark, i64::MAX, None));
@@ -1481,6 +1484,45 @@ mod tests {
         assert_eq!(series, vec![(Minute(day + 5), 2), (Minute(day + 6), 3)]);
         let (top, _) = store.popular(Slot::Total, Minute(day), Minute(day + 120), 3).unwrap();
         assert_eq!(top, vec![(AdId::new("z"), 5)]);
+    }
+
+    #[test]
+    fn reads_racing_commits_see_each_minute_once() {
+        use crate::engine::{CountUpdates, Output};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("s.redb")).unwrap());
+        store.load_open(&CountUpdates::new(1), &[], 0).unwrap();
+        let minute = crate::event::MINUTE_MS;
+        let commits = 1000;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (store, done) = (store.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !done.load(std::sync::atomic::Ordering::Acquire) || reads == 0 {
+                    // Minute k holds one click from commit k on; commit k+1 seals it (moves it
+                    // from memory to the table). Each read must see minutes 1..=n exactly once.
+                    let (series, w) =
+                        store.series("a", Slot::Total, Minute(0), Minute(2000)).unwrap();
+                    let minutes: Vec<i64> = series.iter().map(|(m, _)| m.0).collect();
+                    assert_eq!(minutes, (1..=minutes.len() as i64).collect::<Vec<_>>(), "at {w:?}");
+                    assert!(series.iter().all(|(_, c)| *c == 1));
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for k in 1..=commits {
+            let mut counts = CountUpdates::new(1);
+            counts.push(Minute(k), &AdId::new("a"), &[1]);
+            // Minute k - 1 more than 0 ms past its end: sealed by this commit.
+            let output =
+                Output { counts, watermark: Watermark::at(k * minute + 1), ..Output::default() };
+            store.commit(k as u64, &BatchRecord::default(), &output, None).unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        assert!(reader.join().unwrap() > 0);
+        assert_eq!(stored_rows(&store).len() as i64, commits - 1, "all but the last minute sealed");
     }
 
     #[test]
