@@ -81,6 +81,10 @@ pub struct Dedup {
     fresh: Vec<Entry>,
     /// Times below this have been dropped.
     expired_below: i64,
+    /// While restoring: the decoded entries by sub-table, in file order, inserted by
+    /// [`Dedup::finish_restore`] one sub-table at a time (a table in cache, not random writes
+    /// over all of them).
+    staged: Vec<Vec<(u128, i64)>>,
 }
 
 impl Dedup {
@@ -94,6 +98,7 @@ impl Dedup {
             // Reserved like the table (untouched pages cost nothing): no copies as it grows.
             fresh: Vec::with_capacity(capacity),
             expired_below: i64::MIN,
+            staged: Vec::new(),
         }
     }
 
@@ -155,13 +160,27 @@ impl Dedup {
 
     fn expire_below(&mut self, drop_below: i64) {
         self.expired_below = drop_below;
-        self.many.retain(|_, v| {
+        // An identity left with one time goes back to a plain entry, as if counted once: the
+        // state depends only on the times held, so a restore that skips expired entries
+        // rebuilds it exactly.
+        let mut single = Vec::new();
+        self.many.retain(|&id, v| {
             v.retain(|&t| t >= drop_below);
-            !v.is_empty()
+            match v[..] {
+                [] => false,
+                [t] => {
+                    single.push((id, t));
+                    false
+                }
+                _ => true,
+            }
         });
         let many = &self.many;
         for table in &mut self.seen {
             table.retain(|id, t| if *t == MANY { many.contains_key(id) } else { *t >= drop_below });
+        }
+        for (id, t) in single {
+            self.seen[table_of(id)].insert(id, t);
         }
     }
 
@@ -231,10 +250,12 @@ impl Dedup {
             self.expired_below = expired_below;
         }
         let n = d.count()?;
-        // Each sub-table grows once to what it will hold, not by doublings.
-        let share = n / TABLES + n / TABLES / 16 + 1;
-        for table in &mut self.seen {
-            table.reserve(share);
+        if self.staged.is_empty() {
+            self.staged = (0..TABLES).map(|_| Vec::new()).collect();
+        }
+        let share = n / TABLES + n / TABLES / 8 + 16;
+        for bucket in &mut self.staged {
+            bucket.reserve(share);
         }
         let mut previous = 0i64;
         for _ in 0..n {
@@ -244,15 +265,23 @@ impl Dedup {
                 return Err(SnapshotError::Corrupt("dedup time out of range"));
             }
             previous = t;
-            self.record(id, t);
+            self.staged[table_of(id)].push((id, t));
         }
         Ok(())
     }
 
-    /// Drops what older parts held that had expired by the newest.
+    /// Builds the tables from the decoded parts, without what had expired by the newest: each
+    /// sub-table sized once and filled from its own entries, whose memory is freed as it goes.
     pub fn finish_restore(&mut self) {
-        if self.expired_below != i64::MIN {
-            self.expire_below(self.expired_below);
+        let below = self.expired_below;
+        for (i, bucket) in std::mem::take(&mut self.staged).into_iter().enumerate() {
+            let keep = bucket.iter().filter(|(_, t)| *t >= below).count();
+            self.seen[i].reserve(keep);
+            for (id, t) in bucket {
+                if t >= below {
+                    self.record(id, t);
+                }
+            }
         }
     }
 }
@@ -274,5 +303,63 @@ mod tests {
         d.expire(600_000 + 60_000);
         assert_eq!(d.len(), 1, "identity 43 (t=0) can no longer match a countable click");
         assert!(!d.insert(id, 600_001));
+    }
+
+    /// What a run does to the state: a click, the watermark's bound moving, or a checkpoint.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Insert(u8, i64),
+        Expire(i64),
+        Checkpoint,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (0..12u8, 0..40 * MINUTE_MS).prop_map(|(k, t)| Op::Insert(k, t)),
+            1 => (0..40 * MINUTE_MS).prop_map(Op::Expire),
+            1 => Just(Op::Checkpoint),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Restoring every checkpoint part of a run (the staged, pre-filtered path) gives the
+        /// state the run holds, identities counted many times and collapsed by expiry included.
+        #[test]
+        fn restoring_the_parts_of_a_run_gives_its_state(
+            ops in proptest::collection::vec(op(), 0..200)
+        ) {
+            // Spread over the sub-tables, with several identities per table.
+            let id = |k: u8| Identity((k as u128 % 6).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) ^ (k as u128 / 6));
+            let mut run = Dedup::new(5 * MINUTE_MS, 0);
+            let mut parts = Vec::new();
+            let checkpoint = |run: &mut Dedup| {
+                let mut e = Encoder::default();
+                run.encode(&mut e, true);
+                run.mark_written();
+                e.buf
+            };
+            for op in ops {
+                match op {
+                    Op::Insert(k, t) => {
+                        let expired = t < run.expired_below();
+                        if !expired {
+                            run.insert(id(k), t);
+                        }
+                    }
+                    Op::Expire(bound) => run.expire(bound.max(run.expired_below() + 5 * MINUTE_MS)),
+                    Op::Checkpoint => parts.push(checkpoint(&mut run)),
+                }
+            }
+            parts.push(checkpoint(&mut run));
+            let mut restored = Dedup::new(5 * MINUTE_MS, 0);
+            for (i, part) in parts.iter().enumerate() {
+                let mut d = Decoder::raw(part);
+                restored.decode(&mut d, i + 1 == parts.len()).unwrap();
+                d.finish().unwrap();
+            }
+            restored.finish_restore();
+            proptest::prop_assert_eq!(restored, run);
+        }
     }
 }
