@@ -86,14 +86,26 @@ struct Published {
     keep_from: Minute,
 }
 
+/// A change to the index: a commit's rows, or a recalculation's. Both carry absolute counts, so
+/// applying a change again, in order, after a newer read of the store leaves the same index.
+enum Change {
+    Commit(Published),
+    Replace(Vec<(Minute, crate::event::AdId, Vec<u64>)>),
+}
+
 /// The popular-ads index of recent minutes, one [`Popular`] per slot, with the watermark of the
 /// same commits so that a query's `final` matches its counts.
 ///
 /// Publishing never waits for a query: the aggregator appends to `pending` (a short lock) and
 /// applies it only if the index is free; a query applies whatever is pending before it reads.
+///
+/// At start the index is empty and `rebuilding`: queries read the store, changes wait in
+/// `pending`, and [`rebuild_popular`] fills the index from the store off the aggregator's path,
+/// then applies every change published since it began.
 pub struct LiveIndex {
     state: Mutex<LiveState>,
-    pending: Mutex<Vec<Published>>,
+    pending: Mutex<Vec<Change>>,
+    rebuilding: AtomicBool,
 }
 
 pub struct LiveState {
@@ -105,7 +117,11 @@ pub struct LiveState {
 }
 
 impl LiveState {
-    fn apply(&mut self, p: Published) {
+    fn apply(&mut self, change: Change) {
+        let p = match change {
+            Change::Commit(p) => p,
+            Change::Replace(changed) => return self.replace(&changed),
+        };
         for (slot, index) in self.slots.iter_mut().enumerate() {
             for (minute, ad, counts) in p.counts.iter() {
                 if minute < p.keep_from {
@@ -121,6 +137,17 @@ impl LiveState {
         self.watermark = self.watermark.max(p.watermark);
         self.keep_from = self.keep_from.max(p.keep_from);
     }
+
+    fn replace(&mut self, changed: &[(Minute, crate::event::AdId, Vec<u64>)]) {
+        for (minute, ad, counts) in changed {
+            if *minute < self.keep_from {
+                continue;
+            }
+            for (slot, index) in self.slots.iter_mut().enumerate() {
+                index.set(*minute, ad, counts.get(slot).copied().unwrap_or(0));
+            }
+        }
+    }
 }
 
 impl LiveIndex {
@@ -129,38 +156,54 @@ impl LiveIndex {
             state: Mutex::new(LiveState {
                 slots: (0..slots).map(|_| Popular::new()).collect(),
                 watermark: Watermark::NONE,
-                keep_from: Minute(i64::MIN),
+                // Nothing held yet: every window is read from the store.
+                keep_from: Minute(i64::MAX),
             }),
             pending: Mutex::new(Vec::new()),
+            rebuilding: AtomicBool::new(true),
         }
     }
 
     fn publish(&self, p: Published) {
-        self.pending.lock().expect("not poisoned").push(p);
+        self.pending.lock().expect("not poisoned").push(Change::Commit(p));
+        if self.rebuilding.load(Ordering::Acquire) {
+            return;
+        }
         if let Ok(mut state) = self.state.try_lock() {
             self.drain(&mut state);
         }
     }
 
     fn drain(&self, state: &mut LiveState) {
+        if self.rebuilding.load(Ordering::Acquire) {
+            return;
+        }
         let pending = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
-        for p in pending {
-            state.apply(p);
+        for change in pending {
+            state.apply(change);
         }
     }
 
     /// Applies a recalculation's changes (absolute counts per slot; zeros remove) at once.
     pub fn replace(&self, changed: &[(Minute, crate::event::AdId, Vec<u64>)]) {
         let mut state = self.read();
-        let keep_from = state.keep_from;
-        for (minute, ad, counts) in changed {
-            if *minute < keep_from {
-                continue;
-            }
-            for (slot, index) in state.slots.iter_mut().enumerate() {
-                index.set(*minute, ad, counts.get(slot).copied().unwrap_or(0));
-            }
+        if self.rebuilding.load(Ordering::Acquire) {
+            // Held with the state lock, which the end of the rebuild takes to apply these.
+            let change = Change::Replace(changed.to_vec());
+            self.pending.lock().expect("not poisoned").push(change);
+            return;
         }
+        state.replace(changed);
+    }
+
+    /// Ends the rebuild: the index read from the store, then every change since, in order.
+    fn install(&self, slots: Vec<Popular>, keep_from: Minute, watermark: Watermark) {
+        let mut state = self.state.lock().expect("not poisoned");
+        state.slots = slots;
+        state.keep_from = keep_from;
+        state.watermark = state.watermark.max(watermark);
+        self.rebuilding.store(false, Ordering::Release);
+        self.drain(&mut state);
     }
 
     /// The index with every published commit applied. Holding it blocks other queries only.
@@ -337,6 +380,14 @@ impl Pipeline {
 
         let mut aggregator =
             Aggregator::recover(settings, engine_config, store, log, query.clone(), tx.clone())?;
+        let popular_thread = {
+            let query = query.clone();
+            let sealed = aggregator.sealed_below();
+            std::thread::Builder::new()
+                .name("adclick-popular".into())
+                .spawn(move || rebuild_popular(&query, sealed))
+                .context("starting the popular-ads rebuild")?
+        };
         let writer_thread = {
             let shutdown = shutdown.clone();
             let retention = settings.log_retention;
@@ -363,7 +414,7 @@ impl Pipeline {
             ingest: Ingest { tx, partitions: settings.partitions },
             query,
             shutdown,
-            threads: vec![aggregator_thread, archiver_thread, writer_thread],
+            threads: vec![aggregator_thread, archiver_thread, writer_thread, popular_thread],
         })
     }
 
@@ -598,9 +649,6 @@ impl Aggregator {
         for (p, o) in agg.next.iter().enumerate() {
             agg.query.committed[p].store(*o, Ordering::Release);
         }
-        let popular_started = Instant::now();
-        agg.rebuild_popular().context("rebuilding the popular-ads index")?;
-        let popular_ms = popular_started.elapsed().as_millis() as u64;
         agg.assign_all().context("assigning the partitions")?;
         agg.query.ready.store(true, Ordering::Release);
         tracing::info!(
@@ -608,7 +656,6 @@ impl Aggregator {
             read_ms,
             restore_ms = restored_ms - read_ms,
             replay_ms = replayed_ms - restored_ms,
-            popular_ms,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered"
         );
@@ -627,29 +674,6 @@ impl Aggregator {
         self.commit(&BatchRecord { wall, ranges: Vec::new(), assign: all }, output, None)
     }
 
-    fn rebuild_popular(&self) -> Result<(), crate::store::StoreError> {
-        let keep_from = recent_window_start();
-        let mut live = self.query.live.read();
-        self.store.scan_counts(keep_from, |minute, ad, counts| {
-            let ad = crate::event::AdId::new(ad);
-            for (slot, &c) in counts.iter().enumerate() {
-                if c > 0 {
-                    if let Some(p) = live.slots.get_mut(slot) {
-                        p.set(minute, &ad, c);
-                    }
-                }
-            }
-        })?;
-        let sealed = self.sealed_below();
-        for p in &mut live.slots {
-            p.seal_below(sealed);
-        }
-        live.keep_from = keep_from;
-        // Recovery checked that the engine ends at the committed watermark.
-        live.watermark = self.engine.watermark();
-        Ok(())
-    }
-
     /// Minutes below this can no longer be corrected by the live path.
     fn sealed_below(&self) -> Minute {
         match self.engine.watermark().oldest_countable(self.lateness_ms) {
@@ -657,6 +681,35 @@ impl Aggregator {
             None => Minute(i64::MIN),
         }
     }
+}
+
+/// Fills the popular-ads index of a starting server from the store (see [`LiveIndex`]), while
+/// queries already run against the store; `sealed`: the minutes the live path can no longer
+/// change at recovery. A failed read stops the process, like a failed commit.
+fn rebuild_popular(query: &QueryState, sealed: Minute) {
+    let started = Instant::now();
+    let keep_from = recent_window_start();
+    let mut slots: Vec<Popular> = (0..query.filters.len() + 1).map(|_| Popular::new()).collect();
+    let mut rows = 0u64;
+    let scanned = query.store.scan_counts(keep_from, |minute, ad, counts| {
+        rows += 1;
+        let ad = crate::event::AdId::new(ad);
+        for (p, &c) in slots.iter_mut().zip(counts) {
+            if c > 0 {
+                p.set(minute, &ad, c);
+            }
+        }
+    });
+    let watermark = scanned.unwrap_or_else(|e| fatal("rebuilding the popular-ads index", e));
+    for p in &mut slots {
+        p.seal_below(sealed);
+    }
+    query.live.install(slots, keep_from, watermark);
+    tracing::info!(
+        rows,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "popular-ads index rebuilt"
+    );
 }
 
 /// Reads the records `[from, to)` of each range into `buf` (one buffer per partition).
@@ -695,7 +748,7 @@ fn restore_engine(
     for (checkpoint, files) in &rec.checkpoints {
         let seq = checkpoint.seq;
         let restored = files.as_ref().map_err(Clone::clone).and_then(|files| {
-            let files: Vec<&[u8]> = files.iter().map(|f| f.as_slice()).collect();
+            let files: Vec<&[u8]> = files.iter().map(|f| &f[..]).collect();
             Engine::restore_chain(config.clone(), filters.clone(), &files)
                 .map_err(|e| e.to_string())
         });
@@ -985,5 +1038,46 @@ impl Aggregator {
             sealed_below: self.sealed_below(),
             keep_from: recent_window_start(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::AdId;
+
+    fn commit(minute: i64, rows: &[(&str, u64)]) -> Published {
+        let mut counts = CountUpdates::new(1);
+        for (ad, c) in rows {
+            counts.push(Minute(minute), &AdId::new(ad), &[*c]);
+        }
+        Published {
+            counts,
+            watermark: Watermark::NONE,
+            sealed_below: Minute(0),
+            keep_from: Minute(0),
+        }
+    }
+
+    /// Changes published while the index is rebuilt from the store wait, and are applied in
+    /// order over the store's rows: absolute counts, so those the scan already saw do no harm.
+    #[test]
+    fn changes_during_the_rebuild_are_applied_after_it_in_order() {
+        let live = LiveIndex::new(1);
+        live.publish(commit(5, &[("x", 3)]));
+        assert_eq!(live.read().keep_from, Minute(i64::MAX), "queries read the store meanwhile");
+        live.publish(commit(5, &[("x", 7), ("y", 2)]));
+        live.replace(&[(Minute(5), AdId::new("z"), vec![4])]);
+        live.publish(commit(6, &[("y", 6)]));
+        // The store's rows as the rebuild read them, between the first two commits.
+        let mut scanned = Popular::new();
+        scanned.set(Minute(5), &AdId::new("x"), 3);
+        scanned.set(Minute(4), &AdId::new("w"), 1);
+        live.install(vec![scanned], Minute(0), Watermark::NONE);
+        let mut state = live.read();
+        assert_eq!(state.keep_from, Minute(0));
+        let top = state.slots[0].top(Minute(7), 5, 10);
+        let top: Vec<(&str, u64)> = top.iter().map(|(ad, c)| (ad.as_str(), *c)).collect();
+        assert_eq!(top, vec![("y", 8), ("x", 7), ("z", 4), ("w", 1)]);
     }
 }
