@@ -81,10 +81,6 @@ pub struct Dedup {
     fresh: Vec<Entry>,
     /// Times below this have been dropped.
     expired_below: i64,
-    /// While restoring: the decoded entries by sub-table, in file order, inserted by
-    /// [`Dedup::finish_restore`] one sub-table at a time (a table in cache, not random writes
-    /// over all of them).
-    staged: Vec<Vec<(u128, i64)>>,
 }
 
 impl Dedup {
@@ -98,7 +94,6 @@ impl Dedup {
             // Reserved like the table (untouched pages cost nothing): no copies as it grows.
             fresh: Vec::with_capacity(capacity),
             expired_below: i64::MIN,
-            staged: Vec::new(),
         }
     }
 
@@ -217,23 +212,28 @@ impl Dedup {
         self.entries(changes_only).map(|(_, t)| t).max()
     }
 
-    /// Layout: `expired_below` i, entry count u, per entry: identity (16 bytes LE) and the time as
-    /// the difference from the previous entry's i (clicks come nearly in time order). With
-    /// `changes_only`, the clicks counted since the last checkpoint ([`Dedup::mark_written`]).
+    /// Layout (version 5): `expired_below` i, then per sub-table its entry count u and byte
+    /// length u, then each sub-table's entries: identity (16 bytes LE) and the time as the
+    /// difference from the previous entry's i (clicks come nearly in time order). Grouped so that
+    /// a restore builds one table at a time from every file. With `changes_only`, the clicks
+    /// counted since the last checkpoint ([`Dedup::mark_written`]), in order within each table.
     pub fn encode(&self, e: &mut Encoder, changes_only: bool) {
-        e.i(self.expired_below);
-        let n = if changes_only {
-            self.fresh.len()
-        } else {
-            self.seen.iter().flat_map(|t| t.values()).filter(|&&t| t != MANY).count()
-                + self.many.values().map(Vec::len).sum::<usize>()
-        };
-        e.u(n as u64);
-        let mut previous = 0i64;
+        let mut groups: Vec<(usize, i64, Encoder)> =
+            (0..TABLES).map(|_| (0, 0, Encoder::default())).collect();
         for (id, t) in self.entries(changes_only) {
-            e.u128(id);
-            e.i(t.wrapping_sub(previous));
-            previous = t;
+            let (n, previous, g) = &mut groups[table_of(id)];
+            g.u128(id);
+            g.i(t.wrapping_sub(*previous));
+            *previous = t;
+            *n += 1;
+        }
+        e.i(self.expired_below);
+        for (n, _, g) in &groups {
+            e.u(*n as u64);
+            e.u(g.buf.len() as u64);
+        }
+        for (_, _, g) in &groups {
+            e.buf.extend_from_slice(&g.buf);
         }
     }
 
@@ -242,47 +242,84 @@ impl Dedup {
         self.fresh.clear();
     }
 
-    /// Adds the entries of one [`Dedup::encode`]d part; `expired_below` is taken from the
-    /// newest (`base`) one. Call [`Dedup::finish_restore`] after the last.
-    pub fn decode(&mut self, d: &mut Decoder, base: bool) -> Result<(), SnapshotError> {
+    /// Rebuilds the state from the encoded parts of a checkpoint's files, oldest first (times
+    /// and counts repeat in log order); `expired_below` is the newest's, and entries below it
+    /// are skipped. Each sub-table is sized once and filled from every part in turn: one table
+    /// in cache at a time, instead of random writes over GiBs.
+    pub fn restore(&mut self, parts: &[DedupPart<'_>]) -> Result<(), SnapshotError> {
+        let Some(newest) = parts.last() else { return Ok(()) };
+        self.expired_below = newest.expired_below;
+        let below = self.expired_below;
+        for i in 0..TABLES {
+            self.seen[i].reserve(parts.iter().map(|p| p.groups[i].0).sum());
+            for part in parts {
+                let (n, range) = part.groups[i].clone();
+                let mut d = Decoder::raw(&part.body[range]);
+                let mut previous = 0i64;
+                for _ in 0..n {
+                    let id = d.u128()?;
+                    let t = previous.wrapping_add(d.i()?);
+                    if t == MANY || table_of(id) != i {
+                        return Err(SnapshotError::Corrupt("dedup entry out of range"));
+                    }
+                    previous = t;
+                    if t >= below {
+                        self.record(id, t);
+                    }
+                }
+                d.finish()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One file's dedup entries, located by sub-table (see [`Dedup::encode`]).
+pub struct DedupPart<'a> {
+    expired_below: i64,
+    body: std::borrow::Cow<'a, [u8]>,
+    /// Per sub-table: entry count and byte range in `body`.
+    groups: Vec<(usize, std::ops::Range<usize>)>,
+}
+
+impl<'a> DedupPart<'a> {
+    /// Reads the part at `d` (the rest of a shard's part), written in layout `version`.
+    pub fn read(d: &mut Decoder<'a>, version: u16) -> Result<DedupPart<'a>, SnapshotError> {
+        if version < 5 {
+            return DedupPart::regroup(d);
+        }
         let expired_below = d.i()?;
-        if base {
-            self.expired_below = expired_below;
+        let mut groups = Vec::with_capacity(TABLES);
+        let mut at = 0usize;
+        for _ in 0..TABLES {
+            let (n, len) = (d.count()?, d.count()?);
+            let end = at.checked_add(len).ok_or(SnapshotError::Corrupt("dedup group length"))?;
+            groups.push((n, at..end));
+            at = end;
         }
-        let n = d.count()?;
-        if self.staged.is_empty() {
-            self.staged = (0..TABLES).map(|_| Vec::new()).collect();
-        }
-        let share = n / TABLES + n / TABLES / 8 + 16;
-        for bucket in &mut self.staged {
-            bucket.reserve(share);
-        }
+        let body = d.take(at)?;
+        Ok(DedupPart { expired_below, body: body.into(), groups })
+    }
+
+    /// Layouts 3 and 4 (entry count, then every entry in log order), grouped as 5 is.
+    fn regroup(d: &mut Decoder<'a>) -> Result<DedupPart<'a>, SnapshotError> {
+        let mut dedup = Dedup::new(0, 0);
+        dedup.expired_below = d.i()?;
         let mut previous = 0i64;
-        for _ in 0..n {
+        for _ in 0..d.count()? {
             let id = d.u128()?;
             let t = previous.wrapping_add(d.i()?);
             if t == MANY {
                 return Err(SnapshotError::Corrupt("dedup time out of range"));
             }
             previous = t;
-            self.staged[table_of(id)].push((id, t));
+            dedup.fresh.push(Entry { lo: id as u64, hi: (id >> 64) as u64, t });
         }
-        Ok(())
-    }
-
-    /// Builds the tables from the decoded parts, without what had expired by the newest: each
-    /// sub-table sized once and filled from its own entries, whose memory is freed as it goes.
-    pub fn finish_restore(&mut self) {
-        let below = self.expired_below;
-        for (i, bucket) in std::mem::take(&mut self.staged).into_iter().enumerate() {
-            let keep = bucket.iter().filter(|(_, t)| *t >= below).count();
-            self.seen[i].reserve(keep);
-            for (id, t) in bucket {
-                if t >= below {
-                    self.record(id, t);
-                }
-            }
-        }
+        let mut e = Encoder::default();
+        dedup.encode(&mut e, true);
+        let mut d = Decoder::raw(&e.buf);
+        let part = DedupPart::read(&mut d, 5)?;
+        Ok(DedupPart { body: part.body.into_owned().into(), ..part })
     }
 }
 
@@ -323,19 +360,33 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Restoring every checkpoint part of a run (the staged, pre-filtered path) gives the
-        /// state the run holds, identities counted many times and collapsed by expiry included.
+        /// Restoring every checkpoint part of a run gives the state the run holds, identities
+        /// counted many times and collapsed by expiry included, from both layouts.
         #[test]
         fn restoring_the_parts_of_a_run_gives_its_state(
-            ops in proptest::collection::vec(op(), 0..200)
+            ops in proptest::collection::vec(op(), 0..200),
+            legacy: bool,
         ) {
             // Spread over the sub-tables, with several identities per table.
             let id = |k: u8| Identity((k as u128 % 6).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) ^ (k as u128 / 6));
             let mut run = Dedup::new(5 * MINUTE_MS, 0);
             let mut parts = Vec::new();
+            // Each checkpoint's part, in this build's layout or in that of version 4 (every
+            // entry in log order) that restores still read.
             let checkpoint = |run: &mut Dedup| {
                 let mut e = Encoder::default();
-                run.encode(&mut e, true);
+                if legacy {
+                    e.i(run.expired_below);
+                    e.u(run.fresh.len() as u64);
+                    let mut previous = 0i64;
+                    for entry in &run.fresh {
+                        e.u128((entry.hi as u128) << 64 | entry.lo as u128);
+                        e.i(entry.t - previous);
+                        previous = entry.t;
+                    }
+                } else {
+                    run.encode(&mut e, true);
+                }
                 run.mark_written();
                 e.buf
             };
@@ -352,13 +403,14 @@ mod tests {
                 }
             }
             parts.push(checkpoint(&mut run));
+            let mut decoders: Vec<Decoder> = parts.iter().map(|p| Decoder::raw(p)).collect();
+            let read: Vec<DedupPart> = decoders
+                .iter_mut()
+                .map(|d| DedupPart::read(d, if legacy { 4 } else { 5 }).unwrap())
+                .collect();
+            assert!(decoders.into_iter().all(|d| d.finish().is_ok()));
             let mut restored = Dedup::new(5 * MINUTE_MS, 0);
-            for (i, part) in parts.iter().enumerate() {
-                let mut d = Decoder::raw(part);
-                restored.decode(&mut d, i + 1 == parts.len()).unwrap();
-                d.finish().unwrap();
-            }
-            restored.finish_restore();
+            restored.restore(&read).unwrap();
             proptest::prop_assert_eq!(restored, run);
         }
     }

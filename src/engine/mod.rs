@@ -555,13 +555,13 @@ impl Engine {
         engine.mapper.decode(&mut d)?;
         let watermark = engine.mapper.watermark();
         engine.shards.par_iter_mut().enumerate().try_for_each(|(i, shard)| {
+            let mut dedup = Vec::with_capacity(parts.len());
             for (f, (file, version)) in parts.iter().enumerate() {
                 let mut d = snapshot::Decoder::raw(file[i]);
-                shard.decode(&mut d, f == newest, watermark, *version)?;
+                dedup.push(shard.decode(&mut d, f == newest, watermark, *version)?);
                 d.finish()?;
             }
-            shard.finish_restore(watermark);
-            Ok::<_, SnapshotError>(())
+            shard.finish_restore(watermark, &dedup)
         })?;
         let tops = engine.shards.iter().map(|s| s.final_tops()).collect();
         engine.reducer.restore(watermark, tops);

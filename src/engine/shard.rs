@@ -14,7 +14,7 @@ use hashbrown::HashTable;
 use crate::event::{AdId, Minute};
 use crate::rank::{self, Ranked};
 
-use super::dedup::Dedup;
+use super::dedup::{Dedup, DedupPart};
 use super::map::ShardBatch;
 use super::snapshot::{Decoder, Encoder, SnapshotError};
 use super::{CountUpdates, Counters, EngineConfig};
@@ -268,17 +268,17 @@ impl Shard {
         self.dedup.mark_written();
     }
 
-    /// Applies one encoded part, oldest first: rows take the part's absolute counts, dedup entries
-    /// are added; the newest part (`base`) also gives the counters. Windows sealed at
-    /// `watermark` (the newest part's) are skipped. `version`: the file's layout. Then
-    /// [`Shard::finish_restore`].
-    pub fn decode(
+    /// Applies one encoded part, oldest first: rows take the part's absolute counts; the newest
+    /// part (`base`) also gives the counters. Windows sealed at `watermark` (the newest part's)
+    /// are skipped. `version`: the file's layout. Returns the part's dedup entries, for
+    /// [`Shard::finish_restore`] once every part is read.
+    pub fn decode<'a>(
         &mut self,
-        d: &mut Decoder,
+        d: &mut Decoder<'a>,
         base: bool,
         watermark: super::Watermark,
         version: u16,
-    ) -> Result<(), SnapshotError> {
+    ) -> Result<DedupPart<'a>, SnapshotError> {
         let counters = Counters::decode(d)?;
         if base {
             self.counters = counters;
@@ -297,7 +297,7 @@ impl Shard {
                 self.decode_rows(minute, d)?;
             }
         }
-        self.dedup.decode(d, base)
+        DedupPart::read(d, version)
     }
 
     fn decode_rows(&mut self, minute: Minute, d: &mut Decoder) -> Result<(), SnapshotError> {
@@ -313,8 +313,13 @@ impl Shard {
     }
 
     /// Ends a restore at `watermark`: windows too late are dropped and final ones ranked, as
-    /// the batch that left this watermark did; dedup entries expired by then are dropped.
-    pub fn finish_restore(&mut self, watermark: super::Watermark) {
+    /// the batch that left this watermark did; the dedup state is built from every part's
+    /// entries (oldest first) without those expired by then.
+    pub fn finish_restore(
+        &mut self,
+        watermark: super::Watermark,
+        dedup: &[DedupPart<'_>],
+    ) -> Result<(), SnapshotError> {
         self.windows.retain(|m, _| !watermark.is_too_late(*m, self.lateness_ms));
         for (&minute, w) in &mut self.windows {
             if watermark.is_final(minute) {
@@ -322,7 +327,7 @@ impl Shard {
                 w.compute_tops(self.slots, self.top_n);
             }
         }
-        self.dedup.finish_restore();
+        self.dedup.restore(dedup)
     }
 
     /// Dedup times below this have been dropped.

@@ -13,8 +13,9 @@ use xxhash_rust::xxh3::xxh3_64;
 
 const MAGIC: &[u8; 8] = b"ADCLKSNP";
 /// The body layout version written by this build.
-pub const VERSION: u16 = 4;
-/// The oldest body layout this build still reads (3: windows not length-prefixed).
+pub const VERSION: u16 = 5;
+/// The oldest body layout this build still reads (3: windows not length-prefixed; 3 and 4: dedup
+/// entries in log order, not grouped by sub-table).
 pub const OLDEST_READABLE: u16 = 3;
 
 /// Why a snapshot cannot be restored.
@@ -140,6 +141,15 @@ impl<'a> Decoder<'a> {
     }
     pub fn bytes(&mut self) -> Result<&'a [u8], SnapshotError> {
         let n = self.count()?;
+        let (b, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(b)
+    }
+    /// The next `n` bytes, stored without a length.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
+        if self.buf.len() < n {
+            return Err(SnapshotError::Corrupt("length"));
+        }
         let (b, rest) = self.buf.split_at(n);
         self.buf = rest;
         Ok(b)
