@@ -162,10 +162,14 @@ impl Writer {
                 what: format!("holds {existing} partitions but `partitions` is {partitions}; the partition count is fixed once data exists"),
             });
         }
-        let mut parts = Vec::with_capacity(partitions);
-        for p in 0..partitions {
-            parts.push(Partition::open(&partition_dir(dir, p))?);
-        }
+        // Each partition's last segment is scanned (up to `segment_bytes`): in parallel.
+        let parts = {
+            use rayon::prelude::*;
+            (0..partitions)
+                .into_par_iter()
+                .map(|p| Partition::open(&partition_dir(dir, p)))
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             durable: parts.iter().map(|p| AtomicU64::new(p.next)).collect(),
@@ -488,14 +492,21 @@ impl Reader {
         let path = segment_path(dir, base);
         let f = File::open(&path).map_err(io_err(&path))?;
         let mut r = BufReader::with_capacity(256 << 10, f);
-        let mut payload = Vec::new();
+        // Frames before `offset` are not returned, so they are stepped over by their lengths,
+        // unchecked: a seek into a full segment costs its headers, not its bytes' CRCs.
+        let mut header = [0u8; FRAME_HEADER];
         for at in base..offset {
-            if !read_frame(&mut r, &mut payload).map_err(io_err(&path))? {
+            let len = match read_full(&mut r, &mut header).map_err(io_err(&path))? {
+                true => u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize,
+                false => usize::MAX,
+            };
+            if len > MAX_RECORD_BYTES {
                 return Err(LogError::Corrupt {
                     path,
                     what: format!("ends at offset {at}, before {offset}"),
                 });
             }
+            r.seek_relative(len as i64).map_err(io_err(&path))?;
         }
         Ok((base, r, offset))
     }
