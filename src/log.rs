@@ -373,7 +373,7 @@ fn read_frame(r: &mut impl Read, payload: &mut Vec<u8>) -> io::Result<bool> {
     if !read_full(r, &mut header)? {
         return Ok(false);
     }
-    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let len = frame_len(&header);
     if len > MAX_RECORD_BYTES {
         return Ok(false);
     }
@@ -383,6 +383,11 @@ fn read_frame(r: &mut impl Read, payload: &mut Vec<u8>) -> io::Result<bool> {
     }
     let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
     Ok(crc32c::crc32c_append(crc32c::crc32c(&header[..4]), payload) == crc)
+}
+
+/// The payload length a frame header declares.
+fn frame_len(header: &[u8; FRAME_HEADER]) -> usize {
+    u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize
 }
 
 /// Fills `buf`; false when the input ends first.
@@ -496,11 +501,9 @@ impl Reader {
         // unchecked: a seek into a full segment costs its headers, not its bytes' CRCs.
         let mut header = [0u8; FRAME_HEADER];
         for at in base..offset {
-            let len = match read_full(&mut r, &mut header).map_err(io_err(&path))? {
-                true => u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize,
-                false => usize::MAX,
-            };
-            if len > MAX_RECORD_BYTES {
+            let complete = read_full(&mut r, &mut header).map_err(io_err(&path))?;
+            let len = frame_len(&header);
+            if !complete || len > MAX_RECORD_BYTES {
                 return Err(LogError::Corrupt {
                     path,
                     what: format!("ends at offset {at}, before {offset}"),
