@@ -32,13 +32,16 @@ use crate::event::{
     format_rfc3339, parse_line, parse_rfc3339, partition_of, route_hash, wire, EventTime,
     InvalidKind, Minute, Validation, MAX_AD_ID_BYTES, MINUTE_MS,
 };
-use crate::pipeline::{now_ms, Ingest, QueryState};
+use crate::filter::Filters;
+use crate::pipeline::{now_ms, Ingest, Metrics, QueryState};
 
 /// Shared by all handlers.
 #[derive(Clone)]
 pub struct AppState {
-    pub ingest: Ingest,
-    pub query: Arc<QueryState>,
+    pub collector: Collector,
+    pub results: Results,
+    pub metrics: Arc<Metrics>,
+    pub filters: Arc<Filters>,
     pub max_body_bytes: usize,
     pub max_skew_ms: i64,
     pub max_lag_records: u64,
@@ -50,6 +53,81 @@ pub struct AppState {
     pub validating: Arc<Semaphore>,
     /// Bearer token of the admin endpoints (recalc, reconcile), from `<data_dir>/server.json`.
     pub admin_token: Arc<String>,
+}
+
+impl AppState {
+    /// A state with neither collector nor results, and the limits of `settings`.
+    pub fn new(settings: &crate::config::Settings) -> AppState {
+        AppState {
+            collector: Collector::Off,
+            results: Results::Off,
+            metrics: Arc::default(),
+            filters: Arc::new(settings.filters.clone()),
+            max_body_bytes: settings.max_body_bytes,
+            max_skew_ms: settings.engine.max_clock_skew_ms,
+            max_lag_records: settings.max_lag_records,
+            inflight: Arc::new(Semaphore::new(settings.max_inflight_bytes)),
+            max_inflight_bytes: settings.max_inflight_bytes,
+            validating: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
+            admin_token: Default::default(),
+        }
+    }
+}
+
+fn no_query_role() -> ApiError {
+    ApiError::NotFound("this process does not run the query role".into())
+}
+
+/// Where accepted clicks go: the embedded log, or Kafka (scale-out); `Off` when this process
+/// does not run the collect role.
+#[derive(Clone)]
+pub enum Collector {
+    Log(Ingest),
+    Kafka(Arc<crate::scaleout::kafka::Sink>),
+    Off,
+}
+
+impl Collector {
+    fn partitions(&self) -> u32 {
+        match self {
+            Collector::Log(i) => i.partitions(),
+            Collector::Kafka(k) => k.partitions(),
+            Collector::Off => 1,
+        }
+    }
+
+    /// Returns once every record is durable (the log fsynced, or every broker acknowledged).
+    async fn append(&self, parts: Vec<(PartitionId, Vec<Vec<u8>>)>) -> Result<(), ApiError> {
+        match self {
+            Collector::Log(i) => {
+                i.append(parts).await.map_err(|e| ApiError::Internal(e.to_string()))
+            }
+            Collector::Kafka(k) => k.append(parts).await.map_err(ApiError::Unavailable),
+            Collector::Off => {
+                Err(ApiError::NotFound("this process does not run the collect role".into()))
+            }
+        }
+    }
+}
+
+/// What queries read: the embedded store and its in-memory index, or PostgreSQL (scale-out);
+/// `Off` when this process does not run the query role.
+#[derive(Clone)]
+pub enum Results {
+    Embedded(Arc<QueryState>),
+    Postgres(Arc<crate::scaleout::PgResults>),
+    Off,
+}
+
+impl Results {
+    fn embedded(&self) -> Option<&Arc<QueryState>> {
+        match self {
+            Results::Embedded(q) => Some(q),
+            _ => None,
+        }
+    }
 }
 
 /// Most rejected lines an ingest answer lists one by one; the rest are in its totals.
@@ -66,6 +144,8 @@ pub enum ApiError {
     MethodNotAllowed,
     Unauthorized,
     Conflict(String),
+    /// A service this one depends on failed (Kafka, PostgreSQL): 503, retry later.
+    Unavailable(String),
     Internal(String),
 }
 
@@ -87,6 +167,12 @@ impl IntoResponse for ApiError {
                 "admin endpoints need the bearer token of <data_dir>/server.json".into(),
             ),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
+            ApiError::Unavailable(m) => {
+                tracing::warn!("unavailable: {m}");
+                let body = json!({"error": format!("unavailable: {m}; retry later")});
+                return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body))
+                    .into_response();
+            }
             ApiError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint".into())
             }
@@ -183,7 +269,7 @@ fn reserve(
         .ok()
         .and_then(|n| s.inflight.clone().try_acquire_many_owned(n).ok())
         .ok_or_else(|| {
-            s.query.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
+            s.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
             ApiError::Overloaded("too many ingest bytes in flight (max_inflight_bytes)".into())
         })?;
     match held {
@@ -198,11 +284,11 @@ async fn clicks(
     headers: HeaderMap,
     mut body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    s.query.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let encoding = Encoding::of(&headers)?;
-    let lag = s.query.lag();
+    let lag = s.results.embedded().map_or(0, |q| q.lag());
     if lag > s.max_lag_records {
-        s.query.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
+        s.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
         return Err(ApiError::Overloaded(format!("{lag} records wait for aggregation")));
     }
     // Read chunk by chunk, within the body limit and the in-flight budget.
@@ -247,7 +333,10 @@ async fn clicks(
         )));
     }
     let v = Validation { now: EventTime(now_ms()), max_skew_ms: s.max_skew_ms };
-    let partitions = s.ingest.partitions();
+    if matches!(s.collector, Collector::Off) {
+        return Err(ApiError::NotFound("this process does not run the collect role".into()));
+    }
+    let partitions = s.collector.partitions();
     let Checked { parts, rejected, by_reason, accepted } =
         cpu_bound(&s, || check_body(&bytes, v, partitions)).await?;
     let parts: Vec<_> = parts
@@ -257,14 +346,14 @@ async fn clicks(
         .map(|(p, r)| (PartitionId(p as u32), r))
         .collect();
     if !parts.is_empty() {
-        s.ingest.append(parts).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        s.collector.append(parts).await?;
     }
     drop(held);
-    s.query.metrics.accepted.fetch_add(accepted, Ordering::Relaxed);
+    s.metrics.accepted.fetch_add(accepted, Ordering::Relaxed);
     let mut totals = serde_json::Map::new();
     for kind in InvalidKind::ALL {
         let n = by_reason[kind.index()];
-        s.query.metrics.rejected[kind.index()].fetch_add(n, Ordering::Relaxed);
+        s.metrics.rejected[kind.index()].fetch_add(n, Ordering::Relaxed);
         if n > 0 {
             totals.insert(kind.label().to_string(), json!(n));
         }
@@ -371,11 +460,11 @@ fn range(q: &HashMap<String, String>) -> Result<(Minute, Minute), ApiError> {
 fn slot(s: &AppState, q: &HashMap<String, String>) -> Result<(Slot, Value), ApiError> {
     match q.get("filter") {
         None => Ok((Slot::Total, Value::Null)),
-        Some(id) => match s.query.filters.index_of(id) {
+        Some(id) => match s.filters.index_of(id) {
             Some(i) => Ok((Slot::Filter(i), Value::String(id.clone()))),
             None => Err(ApiError::NotFound(format!(
                 "filter: unknown filter {id:?} (configured: {:?})",
-                s.query.filters.ids()
+                s.filters.ids()
             ))),
         },
     }
@@ -414,12 +503,18 @@ async fn ad_series(
         )));
     }
     let (slot, filter) = slot(s, q)?;
-    let (store, ad) = (s.query.store.clone(), ad.to_owned());
-    let (series, watermark) =
-        tokio::task::spawn_blocking(move || store.series(&ad, slot, from, to))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (results, ad) = (s.results.clone(), ad.to_owned());
+    let (series, watermark) = tokio::task::spawn_blocking(move || match results {
+        Results::Embedded(q) => {
+            q.store.series(&ad, slot, from, to).map_err(|e| ApiError::Internal(e.to_string()))
+        }
+        Results::Postgres(pg) => {
+            pg.series(&ad, slot, from, to).map_err(|e| ApiError::Unavailable(e.to_string()))
+        }
+        Results::Off => Err(no_query_role()),
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok((from, to, filter, series, watermark))
 }
 
@@ -496,22 +591,33 @@ async fn popular_ads(
     let window = int_param(&q, "window", 1, crate::popular::MAX_WINDOW_MINUTES)?;
     let to = minute_param(&q, "to")?.unwrap_or_else(current_minute);
     let (slot, filter) = slot(&s, &q)?;
-    let query = s.query.clone();
+    let results = s.results.clone();
     // Recent windows from the in-memory index, older ones from the store; each answer's counts
     // and watermark come from one consistent read.
     let (ads, watermark) = tokio::task::spawn_blocking(move || {
         let from = Minute(to.0 - i64::from(window));
+        let query = match results {
+            Results::Embedded(q) => q,
+            Results::Postgres(pg) => {
+                return pg
+                    .popular(slot, from, to, count as usize)
+                    .map_err(|e| ApiError::Unavailable(e.to_string()))
+            }
+            Results::Off => return Err(no_query_role()),
+        };
         let mut live = query.live.read();
         if from >= live.keep_from {
             let ads = live.slots[slot.index()].top(to, window, count as usize);
             return Ok((ads, live.watermark));
         }
         drop(live);
-        query.store.popular(slot, from, to, count as usize)
+        query
+            .store
+            .popular(slot, from, to, count as usize)
+            .map_err(|e| ApiError::Internal(e.to_string()))
     })
     .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     let ads: Vec<Value> =
         ads.into_iter().map(|(ad, c)| json!({"ad_id": ad.as_str(), "count": c})).collect();
     Ok(Json(json!({
@@ -565,7 +671,11 @@ async fn admin_job(
     if from >= to {
         return Err(ApiError::BadRequest("from: must be before to".into()));
     }
-    let query = s.query.clone();
+    let Some(query) = s.results.embedded().cloned() else {
+        return Err(ApiError::NotFound(
+            "recalc and reconcile run on an embedded server only (not in scale-out)".into(),
+        ));
+    };
     let busy = query.jobs.try_lock().is_err();
     if busy {
         return Err(ApiError::Conflict(
@@ -614,27 +724,42 @@ async fn admin_job(
 }
 
 async fn dashboard(State(s): State<AppState>) -> Html<String> {
-    let ids = serde_json::to_string(s.query.filters.ids()).unwrap_or_else(|_| "[]".into());
+    let ids = serde_json::to_string(s.filters.ids()).unwrap_or_else(|_| "[]".into());
     Html(DASHBOARD.replace("(FILTERS)", &format!("({ids})")))
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {
-    let ready = s.query.ready.load(Ordering::Acquire);
-    let w = Watermark::from_raw(s.query.watermark.load(Ordering::Acquire));
-    let body = json!({
-        "status": if ready { "ok" } else { "starting" },
-        "watermark": w.ms().map(|w| format_rfc3339(EventTime(w))),
-        "lag_records": s.query.lag(),
-        "archive_lag_records": s.query.archive_lag(),
-    });
+    let (ready, body) = match &s.results {
+        Results::Embedded(q) => {
+            let ready = q.ready.load(Ordering::Acquire);
+            let w = Watermark::from_raw(q.watermark.load(Ordering::Acquire));
+            let body = json!({
+                "status": if ready { "ok" } else { "starting" },
+                "watermark": w.ms().map(|w| format_rfc3339(EventTime(w))),
+                "lag_records": q.lag(),
+                "archive_lag_records": q.archive_lag(),
+            });
+            (ready, body)
+        }
+        Results::Postgres(pg) => {
+            let pg = pg.clone();
+            match tokio::task::spawn_blocking(move || pg.watermark()).await {
+                Ok(Ok(w)) => (
+                    true,
+                    json!({"status": "ok", "watermark": w.ms().map(|w| format_rfc3339(EventTime(w)))}),
+                ),
+                Ok(Err(e)) => (false, json!({"status": "unavailable", "error": e.to_string()})),
+                Err(e) => (false, json!({"status": "unavailable", "error": e.to_string()})),
+            }
+        }
+        Results::Off => (true, json!({"status": "ok"})),
+    };
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    let q = &s.query;
-    let m = &q.metrics;
-    let c = q.counters.lock().expect("not poisoned").clone();
+    let m = &s.metrics;
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, v: u64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -654,35 +779,6 @@ async fn metrics(State(s): State<AppState>) -> Response {
         "Requests answered 503.",
         m.overloaded.load(Ordering::Relaxed),
     );
-    counter("adclick_counted_total", "Distinct clicks counted.", c.counted);
-    counter("adclick_duplicates_total", "Duplicate clicks not counted.", c.duplicate);
-    counter(
-        "adclick_late_corrections_total",
-        "Clicks that corrected a final minute.",
-        c.late_corrected,
-    );
-    counter("adclick_too_late_total", "Clicks too late for the live path.", c.too_late);
-    counter("adclick_commits_total", "Store commits.", m.commits.load(Ordering::Relaxed));
-    counter(
-        "adclick_commit_seconds_total",
-        "Time spent in store commits.",
-        m.commit_micros.load(Ordering::Relaxed) / 1_000_000,
-    );
-    counter(
-        "adclick_checkpoints_total",
-        "Engine checkpoints.",
-        m.checkpoints.load(Ordering::Relaxed),
-    );
-    counter(
-        "adclick_log_written_bytes_total",
-        "Bytes appended to the click log since start.",
-        q.log_appended_bytes(),
-    );
-    counter(
-        "adclick_checkpoint_written_bytes_total",
-        "Bytes of checkpoint files written.",
-        m.checkpoint_written_bytes.load(Ordering::Relaxed),
-    );
     let _ = writeln!(out, "# HELP adclick_invalid_total Invalid lines by reason.\n# TYPE adclick_invalid_total counter");
     for kind in InvalidKind::ALL {
         let _ = writeln!(
@@ -692,15 +788,50 @@ async fn metrics(State(s): State<AppState>) -> Response {
             m.rejected[kind.index()].load(Ordering::Relaxed)
         );
     }
-    let _ = writeln!(out, "# HELP adclick_lag_records Durable records not yet aggregated.\n# TYPE adclick_lag_records gauge\nadclick_lag_records {}", q.lag());
-    let _ = writeln!(out, "# HELP adclick_archive_lag_records Durable records not yet archived.\n# TYPE adclick_archive_lag_records gauge\nadclick_archive_lag_records {}", q.archive_lag());
-    if let Some(w) = Watermark::from_raw(q.watermark.load(Ordering::Acquire)).ms() {
-        let _ = writeln!(out, "# HELP adclick_watermark_seconds The event-time watermark.\n# TYPE adclick_watermark_seconds gauge\nadclick_watermark_seconds {}", w as f64 / 1000.0);
-    }
     let _ = writeln!(out, "# HELP adclick_ingest_inflight_bytes Ingest body bytes held in memory.\n# TYPE adclick_ingest_inflight_bytes gauge\nadclick_ingest_inflight_bytes {}", s.max_inflight_bytes.saturating_sub(s.inflight.available_permits()));
-    let _ = writeln!(out, "# HELP adclick_checkpoint_bytes Size of the last checkpoint file.\n# TYPE adclick_checkpoint_bytes gauge\nadclick_checkpoint_bytes {}", m.checkpoint_bytes.load(Ordering::Relaxed));
-    let _ = writeln!(out, "# HELP adclick_dedup_entries Identities held for deduplication, at the last checkpoint.\n# TYPE adclick_dedup_entries gauge\nadclick_dedup_entries {}", m.dedup_entries.load(Ordering::Relaxed));
-    let _ = writeln!(out, "# HELP adclick_dedup_bytes Memory the deduplication state holds, at the last checkpoint.\n# TYPE adclick_dedup_bytes gauge\nadclick_dedup_bytes {}", m.dedup_bytes.load(Ordering::Relaxed));
+    if let Some(q) = s.results.embedded() {
+        let c = q.counters.lock().expect("not poisoned").clone();
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        counter("adclick_counted_total", "Distinct clicks counted.", c.counted);
+        counter("adclick_duplicates_total", "Duplicate clicks not counted.", c.duplicate);
+        counter(
+            "adclick_late_corrections_total",
+            "Clicks that corrected a final minute.",
+            c.late_corrected,
+        );
+        counter("adclick_too_late_total", "Clicks too late for the live path.", c.too_late);
+        counter("adclick_commits_total", "Store commits.", m.commits.load(Ordering::Relaxed));
+        counter(
+            "adclick_commit_seconds_total",
+            "Time spent in store commits.",
+            m.commit_micros.load(Ordering::Relaxed) / 1_000_000,
+        );
+        counter(
+            "adclick_checkpoints_total",
+            "Engine checkpoints.",
+            m.checkpoints.load(Ordering::Relaxed),
+        );
+        counter(
+            "adclick_log_written_bytes_total",
+            "Bytes appended to the click log since start.",
+            q.log_appended_bytes(),
+        );
+        counter(
+            "adclick_checkpoint_written_bytes_total",
+            "Bytes of checkpoint files written.",
+            m.checkpoint_written_bytes.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(out, "# HELP adclick_lag_records Durable records not yet aggregated.\n# TYPE adclick_lag_records gauge\nadclick_lag_records {}", q.lag());
+        let _ = writeln!(out, "# HELP adclick_archive_lag_records Durable records not yet archived.\n# TYPE adclick_archive_lag_records gauge\nadclick_archive_lag_records {}", q.archive_lag());
+        if let Some(w) = Watermark::from_raw(q.watermark.load(Ordering::Acquire)).ms() {
+            let _ = writeln!(out, "# HELP adclick_watermark_seconds The event-time watermark.\n# TYPE adclick_watermark_seconds gauge\nadclick_watermark_seconds {}", w as f64 / 1000.0);
+        }
+        let _ = writeln!(out, "# HELP adclick_checkpoint_bytes Size of the last checkpoint file.\n# TYPE adclick_checkpoint_bytes gauge\nadclick_checkpoint_bytes {}", m.checkpoint_bytes.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP adclick_dedup_entries Identities held for deduplication, at the last checkpoint.\n# TYPE adclick_dedup_entries gauge\nadclick_dedup_entries {}", m.dedup_entries.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP adclick_dedup_bytes Memory the deduplication state holds, at the last checkpoint.\n# TYPE adclick_dedup_bytes gauge\nadclick_dedup_bytes {}", m.dedup_bytes.load(Ordering::Relaxed));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

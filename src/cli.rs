@@ -117,6 +117,18 @@ pub struct ServeArgs {
     /// Aggregate shards (threads).
     #[arg(long)]
     pub shards: Option<usize>,
+    /// Scale out: Kafka bootstrap brokers (host:port,…), with --postgres.
+    #[arg(long)]
+    pub kafka: Option<String>,
+    /// Scale out: PostgreSQL URL (postgres://user:pass@host:port/db), with --kafka.
+    #[arg(long)]
+    pub postgres: Option<String>,
+    /// Scale out: the Kafka topic of raw clicks (default ad-clicks).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Scale out: the roles to run, any of collect,aggregate,query (default all).
+    #[arg(long)]
+    pub roles: Option<String>,
 }
 
 impl ServeArgs {
@@ -138,6 +150,10 @@ impl ServeArgs {
         put("commit_interval", self.commit_interval.clone());
         put("checkpoint_interval", self.checkpoint_interval.clone());
         put("shards", self.shards.map(|v| v.to_string()));
+        put("kafka", self.kafka.clone());
+        put("postgres", self.postgres.clone());
+        put("topic", self.topic.clone());
+        put("roles", self.roles.clone());
         o
     }
 }
@@ -265,19 +281,16 @@ fn serve(settings: Settings, demo_rate: Option<u64>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting tokio")?;
+    if let Some(scale) = settings.scaleout.clone() {
+        return runtime.block_on(crate::scaleout::serve(settings, scale));
+    }
     let pipeline = Pipeline::start(&settings)?;
     let state = crate::api::AppState {
-        ingest: pipeline.ingest.clone(),
-        query: pipeline.query.clone(),
-        max_body_bytes: settings.max_body_bytes,
-        max_skew_ms: settings.engine.max_clock_skew_ms,
-        max_lag_records: settings.max_lag_records,
-        inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(settings.max_inflight_bytes)),
-        max_inflight_bytes: settings.max_inflight_bytes,
-        validating: std::sync::Arc::new(tokio::sync::Semaphore::new(
-            std::thread::available_parallelism().map_or(2, |n| n.get()),
-        )),
-        admin_token: Default::default(),
+        collector: crate::api::Collector::Log(pipeline.ingest.clone()),
+        results: crate::api::Results::Embedded(pipeline.query.clone()),
+        metrics: pipeline.query.metrics.clone(),
+        filters: pipeline.query.filters.clone(),
+        ..crate::api::AppState::new(&settings)
     };
     let result = runtime.block_on(async {
         let shutdown = shutdown_signal();
@@ -340,7 +353,7 @@ fn print_demo_help(addr: std::net::SocketAddr, settings: &Settings) {
 
 /// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called (not when it is
 /// first polled), so a SIGTERM during start-up is a graceful stop too.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());

@@ -59,6 +59,21 @@ pub struct Config {
     pub archive_flush_interval: String,
     /// Most clicks per archive flush (files roll by size).
     pub archive_file_rows: usize,
+    /// Scale-out: Kafka bootstrap brokers (`host:port,…`); with `postgres`, replaces the
+    /// embedded log and store.
+    #[serde(default)]
+    pub kafka: Option<String>,
+    /// Scale-out: PostgreSQL connection URL (`postgres://user:pass@host:port/db`).
+    #[serde(default)]
+    pub postgres: Option<String>,
+    /// Scale-out: the Kafka topic of raw clicks.
+    pub topic: String,
+    /// Scale-out: the aggregators' Kafka consumer group.
+    pub consumer_group: String,
+    /// Scale-out: the roles this process runs: any of collect, aggregate, query.
+    pub roles: String,
+    /// Scale-out: how long an aggregator may stay silent before the group moves its partitions.
+    pub session_timeout: String,
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
 }
@@ -90,13 +105,25 @@ impl Default for Config {
             archive_allow_http: false,
             archive_flush_interval: "1m".into(),
             archive_file_rows: 1_000_000,
+            kafka: None,
+            postgres: None,
+            topic: "ad-clicks".into(),
+            consumer_group: "adclick-aggregators".into(),
+            roles: "collect,aggregate,query".into(),
+            session_timeout: "10s".into(),
             filters: Vec::new(),
         }
     }
 }
 
 /// The keys `ADCLICK_*` variables may set (filters come from the file only).
-const ENV_KEYS: [&str; 24] = [
+const ENV_KEYS: [&str; 30] = [
+    "kafka",
+    "postgres",
+    "topic",
+    "consumer_group",
+    "roles",
+    "session_timeout",
     "archive",
     "archive_endpoint",
     "archive_region",
@@ -151,6 +178,8 @@ pub struct Settings {
     pub segment_bytes: u64,
     pub log_retention: Duration,
     pub archive: crate::archive::ArchiveSettings,
+    /// Kafka and PostgreSQL instead of the embedded log and store.
+    pub scaleout: Option<crate::scaleout::ScaleOut>,
 }
 
 impl Config {
@@ -229,7 +258,44 @@ impl Config {
                 ),
             ));
         }
+        let scaleout = match (&self.kafka, &self.postgres) {
+            (None, None) => {
+                if crate::scaleout::Roles::parse(&self.roles).map_err(|e| invalid("roles", e))?
+                    != crate::scaleout::Roles::ALL
+                {
+                    return Err(invalid(
+                        "roles",
+                        "an embedded server runs every role; roles need kafka and postgres".into(),
+                    ));
+                }
+                None
+            }
+            (Some(brokers), Some(postgres)) => {
+                if self.topic.is_empty() || self.consumer_group.is_empty() {
+                    return Err(invalid(
+                        "topic",
+                        "topic and consumer_group must not be empty".into(),
+                    ));
+                }
+                Some(crate::scaleout::ScaleOut {
+                    brokers: brokers.clone(),
+                    postgres: postgres.clone(),
+                    topic: self.topic.clone(),
+                    group: self.consumer_group.clone(),
+                    roles: crate::scaleout::Roles::parse(&self.roles)
+                        .map_err(|e| invalid("roles", e))?,
+                    session_timeout: duration("session_timeout", &self.session_timeout)?,
+                })
+            }
+            (Some(_), None) => {
+                return Err(invalid("postgres", "kafka is set: postgres must be set too".into()))
+            }
+            (None, Some(_)) => {
+                return Err(invalid("kafka", "postgres is set: kafka must be set too".into()))
+            }
+        };
         Ok(Settings {
+            scaleout,
             listen,
             data_dir: self.data_dir.clone(),
             partitions: self.partitions,

@@ -37,4 +37,5 @@ pub mod config;
 pub mod fault;
 pub mod pipeline;
 pub mod recalc;
+pub mod scaleout;
 pub mod ship;

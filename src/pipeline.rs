@@ -222,7 +222,7 @@ pub struct QueryState {
     /// The committed watermark, for health and metrics (`i64::MIN` for none).
     pub watermark: AtomicI64,
     pub counters: Mutex<Counters>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub log: LogHandle,
     /// Per partition: the next offset the aggregator has committed.
     pub committed: Vec<AtomicU64>,
@@ -370,7 +370,7 @@ impl Pipeline {
             live: LiveIndex::new(slots),
             watermark: AtomicI64::new(i64::MIN),
             counters: Mutex::new(Counters::default()),
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
             log: log.clone(),
             committed: (0..settings.partitions).map(|_| AtomicU64::new(0)).collect(),
             ready: AtomicBool::new(false),

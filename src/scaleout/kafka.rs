@@ -1,0 +1,242 @@
+//! Kafka, the scale-out click source: topic checks at start, the collector's producer, and the
+//! consumer-group context whose rebalance callback claims partitions in PostgreSQL.
+//!
+//! Records are the collector's validated clicks (`event::wire`), keyed by `ad_id` and sent to
+//! an explicit partition (`partition_of(route_hash(ad_id))`), so every click of an ad lands in
+//! one partition and deduplication stays inside it. Kafka's committed offsets are not used:
+//! positions come from PostgreSQL, written with the results.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset as KOffset, TopicPartitionList};
+
+use crate::engine::PartitionId;
+use crate::scaleout::pg;
+
+/// How long start-up waits for the brokers before giving up with an error.
+pub const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn base_config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("socket.timeout.ms", "10000")
+        .set("client.id", "adclick");
+    c
+}
+
+/// Checks that the brokers answer and the topic has `partitions` partitions, creating it when
+/// missing. A topic with another partition count is refused: ads would change partitions.
+pub fn ensure_topic(brokers: &str, topic: &str, partitions: u32) -> anyhow::Result<()> {
+    let probe: BaseConsumer = base_config(brokers)
+        .create()
+        .map_err(|e| anyhow::anyhow!("kafka: bad client settings for {brokers:?}: {e}"))?;
+    let found = |probe: &BaseConsumer| -> anyhow::Result<Option<usize>> {
+        let md = probe.fetch_metadata(Some(topic), METADATA_TIMEOUT).map_err(|e| {
+            anyhow::anyhow!(
+                "kafka: cannot reach the brokers at {brokers} within {}s: {e}",
+                METADATA_TIMEOUT.as_secs()
+            )
+        })?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len())
+            .filter(|&n| n > 0))
+    };
+    let mut count = found(&probe)?;
+    if count.is_none() {
+        let admin: AdminClient<DefaultClientContext> = base_config(brokers)
+            .create()
+            .map_err(|e| anyhow::anyhow!("kafka: admin client: {e}"))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow::anyhow!("tokio: {e}"))?;
+        let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+        let opts = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+        let results = rt
+            .block_on(admin.create_topics([&new], &opts))
+            .map_err(|e| anyhow::anyhow!("kafka: creating topic {topic:?}: {e}"))?;
+        for r in results {
+            if let Err((name, code)) = r {
+                if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                    anyhow::bail!("kafka: creating topic {name:?}: {code}");
+                }
+            }
+        }
+        tracing::info!(topic, partitions, "created the Kafka topic");
+        for _ in 0..100 {
+            count = found(&probe)?;
+            if count.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    match count {
+        Some(n) if n == partitions as usize => Ok(()),
+        Some(n) => anyhow::bail!(
+            "kafka: topic {topic:?} has {n} partitions but partitions = {partitions}; the ad_id → \
+             partition mapping would change and split ads' clicks. Set partitions = {n}, or use \
+             a new topic"
+        ),
+        None => anyhow::bail!("kafka: topic {topic:?} did not appear after creating it"),
+    }
+}
+
+/// The collector's side: acknowledged means acknowledged by every in-sync replica.
+pub struct Sink {
+    producer: FutureProducer,
+    topic: String,
+    partitions: u32,
+}
+
+impl Sink {
+    pub fn new(brokers: &str, topic: &str, partitions: u32) -> anyhow::Result<Sink> {
+        let producer = base_config(brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .map_err(|e| anyhow::anyhow!("kafka: producer: {e}"))?;
+        Ok(Sink { producer, topic: topic.to_string(), partitions })
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// Sends every record and returns once the brokers acknowledged all of them.
+    pub async fn append(&self, parts: Vec<(PartitionId, Vec<Vec<u8>>)>) -> Result<(), String> {
+        let mut pending = Vec::new();
+        let mut value = Vec::new();
+        for (p, records) in &parts {
+            for r in records {
+                let key = crate::event::wire::decode(r).map(|c| c.ad_id.to_string());
+                value.clear();
+                value.push(crate::scaleout::WIRE_MAGIC);
+                value.extend_from_slice(r);
+                let mut rec = FutureRecord::<String, Vec<u8>>::to(&self.topic)
+                    .partition(p.0 as i32)
+                    .payload(&value);
+                if let Some(k) = &key {
+                    rec = rec.key(k);
+                }
+                match self.producer.send_result(rec) {
+                    Ok(f) => pending.push(f),
+                    Err((e, _)) => return Err(format!("kafka: queueing a record: {e}")),
+                }
+            }
+        }
+        for f in pending {
+            match f.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    return Err(format!("kafka: a record was not acknowledged: {e}"))
+                }
+                Err(_) => return Err("kafka: the producer was dropped".into()),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn flush(&self) {
+        let _ = self.producer.flush(Duration::from_secs(10));
+    }
+}
+
+/// A partition assignment change, seen by the aggregator loop after `poll` returns.
+pub enum Change {
+    Assigned(PartitionId, pg::Claim),
+    Revoked(PartitionId),
+}
+
+/// The consumer's context: on assignment it claims each partition in PostgreSQL (bumping its
+/// epoch) and starts fetching at the offset stored there; on revocation it reports the loss.
+pub struct GroupContext {
+    pub claims: Mutex<postgres::Client>,
+    pub owner: String,
+    pub changes: Mutex<Vec<Change>>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let mut changes = self.changes.lock().expect("not poisoned");
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut client = self.claims.lock().expect("not poisoned");
+                let elems: Vec<(String, i32)> =
+                    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+                for (topic, p) in elems {
+                    let id = PartitionId(p as u32);
+                    let claim = match pg::claim(&mut client, id, &self.owner) {
+                        Ok(c) => c,
+                        Err(e) => crate::scaleout::fatal("claiming a partition", e),
+                    };
+                    tracing::info!(
+                        partition = p,
+                        epoch = claim.epoch,
+                        offset = claim.next_offset,
+                        files = claim.files.len(),
+                        "assigned"
+                    );
+                    if let Err(e) =
+                        tpl.set_partition_offset(&topic, p, KOffset::Offset(claim.next_offset))
+                    {
+                        crate::scaleout::fatal("positioning a partition", e);
+                    }
+                    changes.push(Change::Assigned(id, claim));
+                }
+                if let Err(e) = consumer.assign(tpl) {
+                    crate::scaleout::fatal("taking the assignment", e);
+                }
+            }
+            _ => {
+                for e in tpl.elements() {
+                    tracing::info!(partition = e.partition(), "revoked");
+                    changes.push(Change::Revoked(PartitionId(e.partition() as u32)));
+                }
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// Joins the consumer group on `topic` with auto-commit off.
+pub fn consumer(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    ctx: GroupContext,
+    session_timeout: Duration,
+) -> anyhow::Result<Arc<BaseConsumer<GroupContext>>> {
+    let consumer: BaseConsumer<GroupContext> = base_config(brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", session_timeout.as_millis().to_string())
+        .set("heartbeat.interval.ms", (session_timeout.as_millis() / 4).max(100).to_string())
+        .set("max.poll.interval.ms", "300000")
+        .set("partition.assignment.strategy", "roundrobin")
+        .create_with_context(ctx)
+        .map_err(|e| anyhow::anyhow!("kafka: consumer: {e}"))?;
+    consumer.subscribe(&[topic]).map_err(|e| anyhow::anyhow!("kafka: subscribing: {e}"))?;
+    Ok(Arc::new(consumer))
+}
