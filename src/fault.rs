@@ -7,7 +7,9 @@
 //! `aggregator.after_checkpoint`, `checkpoint.before_sync` (a checkpoint file written, not yet
 //! durable, while commits go on), `archive.after_begin` (an archive flush recorded, no file
 //! written), `archive.mid_flush` (some of a flush's files written), `store.mid_replace` (a
-//! recalculation's transaction half written). And one that stalls instead of aborting: `aggregator.stall`
+//! recalculation's transaction half written), `pg.before_commit` (a scale-out partition commit
+//! written, not committed). `aggregator.before_commit` pauses (SIGSTOP) a scale-out aggregator
+//! holding a processed batch. And one that stalls instead of aborting: `aggregator.stall`
 //! (the aggregator stops consuming, to test backpressure).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,13 +18,18 @@ use std::sync::OnceLock;
 static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
 static HITS: AtomicU64 = AtomicU64::new(0);
 
-fn armed(name: &str) -> bool {
-    let armed = ARMED.get_or_init(|| {
+/// The point armed by `ADCLICK_FAULT` and the hit count it fires at.
+fn armed_point() -> &'static Option<(String, u64)> {
+    ARMED.get_or_init(|| {
         let v = std::env::var("ADCLICK_FAULT").ok()?;
         let (p, n) = v.rsplit_once(':')?;
         Some((p.to_owned(), n.parse().ok()?))
-    });
-    matches!(armed, Some((p, n)) if p == name && HITS.fetch_add(1, Ordering::Relaxed) + 1 >= *n)
+    })
+}
+
+/// This point is armed and reached for the n-th time or later.
+fn armed(name: &str) -> bool {
+    matches!(armed_point(), Some((p, n)) if p == name && HITS.fetch_add(1, Ordering::Relaxed) + 1 >= *n)
 }
 
 /// Blocks this thread for good if this point is armed and its count is reached.
@@ -31,6 +38,19 @@ pub fn stall(name: &str) {
         eprintln!("adclick: fault point {name} reached: stalling");
         loop {
             std::thread::park();
+        }
+    }
+}
+
+/// Stops the whole process (SIGSTOP) the n-th time this point is reached, once: a test resumes
+/// it with SIGCONT, e.g. to turn an aggregator into a zombie at a chosen instant.
+pub fn pause(name: &str) {
+    if matches!(armed_point(), Some((p, n)) if p == name && HITS.fetch_add(1, Ordering::Relaxed) + 1 == *n)
+    {
+        eprintln!("adclick: fault point {name} reached: stopping (SIGSTOP)");
+        // SAFETY: raise has no preconditions.
+        unsafe {
+            libc::raise(libc::SIGSTOP);
         }
     }
 }

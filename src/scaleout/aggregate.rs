@@ -46,6 +46,7 @@ struct Owned {
     manifest: Vec<(u64, Extent)>,
     buf: Vec<(i64, Vec<u8>)>,
     last_commit: Instant,
+    assigned_at: Instant,
 }
 
 pub struct Aggregator {
@@ -114,12 +115,28 @@ impl Aggregator {
                         }
                     }
                     Some(Err(e)) => {
+                        use rdkafka::types::RDKafkaErrorCode as Code;
+                        // Settings the group refuses do not heal by waiting.
+                        if matches!(
+                            e.rdkafka_error_code(),
+                            Some(
+                                Code::InvalidSessionTimeout
+                                    | Code::GroupAuthorizationFailed
+                                    | Code::TopicAuthorizationFailed
+                            )
+                        ) {
+                            fatal(
+                                "kafka refused this consumer (check session_timeout and ACLs)",
+                                e,
+                            );
+                        }
                         tracing::warn!("kafka: {e}");
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }
             }
             self.commit_round(stopping);
+            self.empty_partitions(&consumer, &scale.topic);
             if stopping {
                 return Ok(());
             }
@@ -180,8 +197,8 @@ impl Aggregator {
             seq,
             manifest: claim.files.iter().map(|(s, e, _)| (*s, *e)).collect(),
             buf: Vec::new(),
-            // Commits at once, recording the assignment.
-            last_commit: Instant::now() - Duration::from_secs(3600),
+            last_commit: Instant::now(),
+            assigned_at: Instant::now(),
         })
     }
 
@@ -229,6 +246,9 @@ impl Aggregator {
                 checkpoint: (o.seq, extent, &bytes),
                 dropped: &dropped,
             };
+            if !buf.is_empty() {
+                crate::fault::pause("aggregator.before_commit");
+            }
             match pg::commit(&mut self.client, &mut self.days, &commit) {
                 Ok(()) => {
                     o.manifest.push((o.seq, extent));
@@ -248,6 +268,53 @@ impl Aggregator {
             }
         }
         for p in fenced {
+            self.owned.remove(&p);
+        }
+    }
+}
+
+impl Aggregator {
+    /// A partition that never delivered a valid click keeps its engine's watermark at none (a
+    /// first click may be history of any age). Once it has been quiet for `idle_timeout` since
+    /// its assignment and nothing is left to read from Kafka, its stored watermark follows the
+    /// wall clock (minus `watermark_delay`), so that it does not hold every minute of the other
+    /// partitions back from final. A click arriving later for such a partition is still counted
+    /// (its engine judges nothing too late), correcting minutes already reported final.
+    fn empty_partitions(
+        &mut self,
+        consumer: &rdkafka::consumer::BaseConsumer<GroupContext>,
+        topic: &str,
+    ) {
+        let idle = Duration::from_millis(self.config.idle_timeout_ms as u64);
+        let delay = self.config.watermark_delay_ms;
+        let mut fenced = Vec::new();
+        for (&p, o) in self.owned.iter_mut() {
+            if o.engine.watermark() != crate::engine::Watermark::NONE
+                || !o.buf.is_empty()
+                || o.assigned_at.elapsed() < idle
+                || o.last_commit.elapsed() < Duration::from_secs(1)
+            {
+                continue;
+            }
+            let high = match consumer.fetch_watermarks(topic, p.0 as i32, Duration::from_secs(5)) {
+                Ok((_, high)) => high,
+                Err(e) => {
+                    tracing::warn!(partition = p.0, "kafka: reading the end offset: {e}");
+                    continue;
+                }
+            };
+            if high > o.next {
+                continue;
+            }
+            let w = crate::engine::Watermark::at(now_ms() - delay);
+            match pg::empty_watermark(&mut self.client, p, o.epoch, w) {
+                Ok(()) => o.last_commit = Instant::now(),
+                Err(pg::PgError::Fenced(..)) => fenced.push(p),
+                Err(e) => fatal("committing a watermark", e),
+            }
+        }
+        for p in fenced {
+            tracing::warn!(partition = p.0, "fenced off: another aggregator owns it now");
             self.owned.remove(&p);
         }
     }

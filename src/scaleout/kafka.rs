@@ -233,7 +233,12 @@ pub fn consumer(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", session_timeout.as_millis().to_string())
         .set("heartbeat.interval.ms", (session_timeout.as_millis() / 4).max(100).to_string())
-        .set("max.poll.interval.ms", "300000")
+        // Also the rebalance timeout: how long a rebalance waits for a member that stopped
+        // (some brokers wait for it even after its session expired).
+        .set(
+            "max.poll.interval.ms",
+            (session_timeout * 3).max(Duration::from_secs(20)).as_millis().to_string(),
+        )
         .set("partition.assignment.strategy", "roundrobin")
         .create_with_context(ctx)
         .map_err(|e| anyhow::anyhow!("kafka: consumer: {e}"))?;

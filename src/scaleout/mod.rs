@@ -194,6 +194,8 @@ pub async fn serve(settings: crate::config::Settings, scale: ScaleOut) -> anyhow
     } else {
         None
     };
+    // Signal handlers first: a SIGTERM right after the listening line must stop gracefully.
+    let stop_signal = crate::cli::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("listen: cannot bind {}", settings.listen))?;
@@ -209,7 +211,7 @@ pub async fn serve(settings: crate::config::Settings, scale: ScaleOut) -> anyhow
     let _ = std::io::stdout().flush();
     let collector = state.collector.clone();
     let served = axum::serve(listener, crate::api::router(state))
-        .with_graceful_shutdown(crate::cli::shutdown_signal())
+        .with_graceful_shutdown(stop_signal)
         .await
         .context("serving");
     tracing::info!("shutting down: committing what the aggregator holds");

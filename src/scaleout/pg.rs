@@ -71,7 +71,7 @@ const MINUTES_PER_DAY: i64 = 1440;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", crate::scaleout::pg::describe(.0))]
     Db(#[from] postgres::Error),
     #[error("partition {0}: fenced off (another process claimed it; epoch {1} is stale)")]
     Fenced(u32, i64),
@@ -82,13 +82,24 @@ pub enum PgError {
 /// Connects with a bounded wait and an error that names the server.
 pub fn connect(url: &str) -> Result<Client, PgError> {
     let mut config: postgres::Config = url.parse().map_err(|e| {
-        PgError::Refused(format!("postgres: {url:?} is not a connection URL ({e})"))
+        PgError::Refused(format!("postgres: {:?} is not a connection URL ({e})", redact(url)))
     })?;
     config.connect_timeout(CONNECT_TIMEOUT);
     config.application_name("adclick");
-    config
-        .connect(NoTls)
-        .map_err(|e| PgError::Refused(format!("postgres: cannot connect to {}: {e}", redact(url))))
+    config.connect(NoTls).map_err(|e| {
+        PgError::Refused(format!("postgres: cannot connect to {}: {}", redact(url), describe(&e)))
+    })
+}
+
+/// A PostgreSQL error with the server's message and code, or the client's cause.
+pub fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 /// The URL without its password, for messages.
@@ -323,7 +334,7 @@ pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<()
     }
     let k = &out.counters;
     tx.execute(
-        "UPDATE adclick_partitions SET next_offset = $2, watermark = $3, counted = $4, \
+        "UPDATE adclick_partitions SET next_offset = $2, watermark = GREATEST(watermark, $3), counted = $4, \
          duplicates = $5, too_late = $6, invalid = $7, seq = $8, updated_at = now() WHERE partition = $1",
         &[
             &part,
@@ -338,6 +349,26 @@ pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<()
     )?;
     crate::fault::point("pg.before_commit");
     tx.commit()?;
+    Ok(())
+}
+
+/// Advances the stored watermark of a partition that has never delivered a valid click and has
+/// nothing left to read, so that it does not hold every minute back from final (the idle rule
+/// of SPEC §2 across partitions; see `aggregate`). Refused like a commit when `epoch` is stale.
+pub fn empty_watermark(
+    client: &mut Client,
+    p: PartitionId,
+    epoch: i64,
+    watermark: Watermark,
+) -> Result<(), PgError> {
+    let n = client.execute(
+        "UPDATE adclick_partitions SET watermark = GREATEST(watermark, $3), updated_at = now() \
+         WHERE partition = $1 AND epoch = $2",
+        &[&(p.0 as i32), &epoch, &watermark.to_raw()],
+    )?;
+    if n == 0 {
+        return Err(PgError::Fenced(p.0, epoch));
+    }
     Ok(())
 }
 

@@ -2,4 +2,5 @@
 mod archive;
 mod engine;
 mod model;
+mod scaleout;
 mod service;

@@ -1,0 +1,385 @@
+//! Scale-out end to end: real `adclick serve` processes in separate roles against a real
+//! Kafka-protocol broker and PostgreSQL (started by `scripts/services`, addresses in
+//! `ADCLICK_TEST_KAFKA` and `ADCLICK_TEST_POSTGRES`). Each test uses its own topic and database.
+//!
+//! Without those variables the tests skip, unless `ADCLICK_REQUIRE_SERVICES` is set (CI sets
+//! it): then a missing service fails them.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use adclick::event::EventTime;
+
+use crate::service::{assert_matches_oracle, generator, now_ms, oracle, post, Server};
+
+/// The addresses of the broker and the database, or `None` (skip) when they are not configured
+/// and not required.
+fn services() -> Option<(String, String)> {
+    let kafka = std::env::var("ADCLICK_TEST_KAFKA").ok().filter(|v| !v.is_empty());
+    let pg = std::env::var("ADCLICK_TEST_POSTGRES").ok().filter(|v| !v.is_empty());
+    match (kafka, pg) {
+        (Some(k), Some(p)) => Some((k, p)),
+        _ if std::env::var_os("ADCLICK_REQUIRE_SERVICES").is_some() => panic!(
+            "ADCLICK_REQUIRE_SERVICES is set but ADCLICK_TEST_KAFKA / ADCLICK_TEST_POSTGRES are \
+             not: start them with scripts/services (scripts/test does)"
+        ),
+        _ => {
+            eprintln!(
+                "skipped: no ADCLICK_TEST_KAFKA / ADCLICK_TEST_POSTGRES (see scripts/services)"
+            );
+            None
+        }
+    }
+}
+
+/// A fresh database on the test server, and a topic name no other test uses.
+fn fresh(pg: &str, name: &str) -> (String, String) {
+    let unique = format!("{name}_{}_{}", std::process::id(), now_ms() % 1_000_000_000);
+    let mut client = postgres::Client::connect(pg, postgres::NoTls).expect("connect to postgres");
+    client.batch_execute(&format!("CREATE DATABASE {unique}")).unwrap();
+    let base = pg.rsplit_once('/').unwrap().0;
+    (format!("{base}/{unique}"), format!("clicks-{unique}"))
+}
+
+fn config(partitions: u32, group: &str) -> String {
+    format!(
+        r#"
+consumer_group = "{group}"
+watermark_delay = "1s"
+idle_timeout = "2s"
+allowed_lateness = "30m"
+dedup_horizon = "40m"
+partitions = {partitions}
+commit_interval = "200ms"
+session_timeout = "6s"
+
+[[filters]]
+id = "us"
+country = ["US"]
+
+[[filters]]
+id = "office"
+ip = ["10.0.0.0/8", "2001:db8::/32"]
+"#
+    )
+}
+
+/// What every role process of one deployment shares.
+struct Deployment {
+    kafka: String,
+    pg: String,
+    topic: String,
+    config: String,
+    root: tempfile::TempDir,
+    started: usize,
+}
+
+impl Deployment {
+    fn new(kafka: &str, pg: &str, name: &str, partitions: u32) -> Deployment {
+        let (pg, topic) = fresh(pg, name);
+        let pg_db = pg.rsplit_once('/').unwrap().1.to_string();
+        // A group of its own: members killed by other tests must not hold up its assignments.
+        Deployment {
+            kafka: kafka.into(),
+            pg,
+            topic,
+            config: config(partitions, &format!("aggregators-{pg_db}")),
+            root: tempfile::tempdir().unwrap(),
+            started: 0,
+        }
+    }
+
+    fn command(&mut self, roles: &str, env: &[(&str, &str)]) -> (Command, std::path::PathBuf) {
+        let (kafka, pg) = (self.kafka.clone(), self.pg.clone());
+        self.command_with(roles, env, &kafka, &pg)
+    }
+
+    fn command_with(
+        &mut self,
+        roles: &str,
+        env: &[(&str, &str)],
+        kafka: &str,
+        pg: &str,
+    ) -> (Command, std::path::PathBuf) {
+        self.started += 1;
+        let dir = self.root.path().join(format!("{}-{roles}", self.started));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("adclick.toml"), &self.config).unwrap();
+        let log = std::fs::File::create(dir.join("server.log")).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_adclick"));
+        cmd.arg("--config").arg(dir.join("adclick.toml")).arg("serve");
+        cmd.args(["--kafka", kafka, "--postgres", pg, "--topic", &self.topic]);
+        cmd.args(["--roles", roles, "--listen", "127.0.0.1:0"]);
+        cmd.stdout(Stdio::piped()).stderr(log).env_remove("ADCLICK_FAULT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        (cmd, dir)
+    }
+
+    /// Starts a process running `roles` and waits until it listens.
+    fn start(&mut self, roles: &str, env: &[(&str, &str)]) -> Server {
+        let (mut cmd, dir) = self.command(roles, env);
+        let mut child = cmd.spawn().expect("spawn adclick");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("{roles} did not start: {line:?}\n{log}"))
+            .to_string();
+        Server { child, url, dir }
+    }
+
+    fn client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.pg, postgres::NoTls).unwrap()
+    }
+}
+
+impl Drop for Deployment {
+    /// A failed test shows the last lines of every process's log.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        if let Ok(mut c) = postgres::Client::connect(&self.pg, postgres::NoTls) {
+            if let Ok(rows) = c.query(
+                "SELECT partition, epoch, owner, next_offset, watermark, seq, updated_at::text, now()::text FROM adclick_partitions ORDER BY partition",
+                &[],
+            ) {
+                for r in rows {
+                    eprintln!(
+                        "partition {} epoch {} owner {:?} next {} watermark {} seq {} at {} (now {})",
+                        r.get::<_, i32>(0),
+                        r.get::<_, i64>(1),
+                        r.get::<_, Option<String>>(2),
+                        r.get::<_, i64>(3),
+                        r.get::<_, i64>(4),
+                        r.get::<_, i64>(5),
+                        r.get::<_, String>(6),
+                        r.get::<_, String>(7)
+                    );
+                }
+            }
+        }
+        let mut dirs: Vec<_> =
+            std::fs::read_dir(self.root.path()).unwrap().flatten().map(|e| e.path()).collect();
+        dirs.sort();
+        for dir in dirs {
+            let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            eprintln!("=== {} ===\n{tail}", dir.file_name().unwrap().to_string_lossy());
+        }
+    }
+}
+
+/// Posts one batch, retrying (the same lines: duplicates are deduplicated) until acknowledged.
+/// Returns how many lines the collector accepted.
+fn post_acked(url: &str, body: &[u8]) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match post(url, body) {
+            Ok((200, v)) => return v["accepted"].as_i64().unwrap(),
+            other => assert!(Instant::now() < deadline, "never acknowledged: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `secs`.
+fn await_cond(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The committed offsets summed over partitions: the records reflected in the results.
+fn committed_offsets(client: &mut postgres::Client) -> i64 {
+    client
+        .query_one("SELECT coalesce(sum(next_offset), 0)::bigint FROM adclick_partitions", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// 8 partitions, 3 aggregators, a collector and a query process. During ingest one aggregator
+/// is killed with SIGKILL, another joins later (rebalances) and the collector is killed and
+/// restarted; every answer of the query role then equals the oracle's.
+#[test]
+fn roles_in_separate_processes_survive_kill_9_and_rebalances_exactly() {
+    let Some((kafka, pg)) = services() else { return };
+    let mut d = Deployment::new(&kafka, &pg, "multi", 8);
+    let query = d.start("query", &[]);
+    let mut collector = d.start("collect", &[]);
+    let _a1 = d.start("aggregate", &[]);
+    let mut a2 = d.start("aggregate", &[]);
+    let _a3 = d.start("aggregate", &[]);
+    let mut client = d.client();
+    // Every aggregator owns partitions before the one killed is killed.
+    await_cond(60, "three aggregators to share the partitions", || {
+        let row = client
+            .query_one("SELECT count(*), count(DISTINCT owner) FROM adclick_partitions", &[])
+            .unwrap();
+        row.get::<_, i64>(0) == 8 && row.get::<_, i64>(1) == 3
+    });
+    let killed = format!(":{}", a2.child.id());
+    let mut late_joiner = None;
+    let mut g = generator(91);
+    let mut sent = Vec::new();
+    for batch in 0..30 {
+        match batch {
+            8 => a2.kill(),
+            14 => late_joiner = Some(d.start("aggregate", &[])),
+            20 => {
+                collector.kill();
+                collector = d.start("collect", &[]);
+            }
+            _ => {}
+        }
+        let at = now_ms();
+        let lines: Vec<String> = (0..300).map(|_| g.line(EventTime(at))).collect();
+        post_acked(&collector.url, lines.join("\n").as_bytes());
+        sent.extend(lines.into_iter().map(|l| (l, at)));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (expected, invalid) = oracle(&sent);
+    assert!(
+        invalid > 50 && expected.len() > 50,
+        "a workload worth checking: {invalid} invalid, {} rows",
+        expected.len()
+    );
+    assert_matches_oracle(&query, &expected);
+    let late_joiner = late_joiner.unwrap();
+    assert!(
+        late_joiner.log().contains("assigned"),
+        "the aggregator started later took partitions:\n{}",
+        late_joiner.log()
+    );
+    let stale: i64 = client
+        .query_one("SELECT count(*) FROM adclick_partitions WHERE owner LIKE '%' || $1", &[&killed])
+        .unwrap()
+        .get(0);
+    assert_eq!(stale, 0, "the killed aggregator's partitions were claimed by others");
+}
+
+/// An aggregator stops itself (SIGSTOP) holding a processed batch, past its session timeout;
+/// its partitions move to the other one, which commits newer results; resumed (SIGCONT), the
+/// zombie's commit is refused by the epoch check and the results stay exact.
+#[test]
+fn a_zombie_aggregator_is_fenced_off() {
+    let Some((kafka, pg)) = services() else { return };
+    let mut d = Deployment::new(&kafka, &pg, "zombie", 4);
+    let query = d.start("query", &[]);
+    let collector = d.start("collect", &[]);
+    // Its third commit that carries records stops it.
+    let mut zombie = d.start("aggregate", &[("ADCLICK_FAULT", "aggregator.before_commit:3")]);
+    let mut g = generator(17);
+    let mut sent = Vec::new();
+    let mut accepted = 0;
+    let mut send = |n: usize, sent: &mut Vec<(String, i64)>| -> i64 {
+        let mut accepted = 0;
+        for _ in 0..n {
+            let at = now_ms();
+            let lines: Vec<String> = (0..200).map(|_| g.line(EventTime(at))).collect();
+            accepted += post_acked(&collector.url, lines.join("\n").as_bytes());
+            sent.extend(lines.into_iter().map(|l| (l, at)));
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        accepted
+    };
+    accepted += send(6, &mut sent);
+    await_cond(30, "the aggregator to stop itself", || {
+        zombie.log().contains("aggregator.before_commit reached")
+    });
+    let survivor = d.start("aggregate", &[]);
+    let mut client = d.client();
+    // The survivor claims every partition once the group drops the silent member.
+    await_cond(60, "the survivor to own every partition", || {
+        let pid = format!(":{}", survivor.child.id());
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM adclick_partitions WHERE owner LIKE '%' || $1",
+                &[&pid],
+            )
+            .unwrap()
+            .get(0);
+        n == 4
+    });
+    accepted += send(6, &mut sent);
+    // Everything sent is committed by the survivor before the zombie wakes up.
+    // Only one collector, no failed request: the topic holds exactly the accepted clicks.
+    let total: i64 = accepted;
+    await_cond(60, "the survivor to commit everything", || committed_offsets(&mut client) == total);
+    let pid = zombie.child.id().to_string();
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    await_cond(30, "the zombie's commit to be refused", || zombie.log().contains("fenced off"));
+    send(2, &mut sent);
+    let (expected, _) = oracle(&sent);
+    assert_matches_oracle(&query, &expected);
+    zombie.kill();
+}
+
+/// Runs `serve` with the given broker and database (and `args`) and returns its exit code and
+/// stderr; fails if it takes more than `secs`.
+fn refused(d: &mut Deployment, kafka: &str, pg: &str, args: &[&str], secs: u64) -> (i32, String) {
+    let (mut cmd, dir) = d.command_with("collect,aggregate,query", &[], kafka, pg);
+    cmd.args(args);
+    let started = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            panic!("serve {args:?} did not exit within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status.code().unwrap_or(-1), std::fs::read_to_string(dir.join("server.log")).unwrap())
+}
+
+fn assert_refused(d: &mut Deployment, kafka: &str, pg: &str, args: &[&str], wants: &str) {
+    let (code, log) = refused(d, kafka, pg, args, 40);
+    assert_ne!(code, 0, "{args:?} must fail");
+    assert!(log.contains(wants), "{args:?}: the error should say {wants:?}:\n{log}");
+}
+
+/// Unreachable broker or database, wrong credentials, a topic whose partition count changed:
+/// each a clear error and a non-zero exit within a bounded time.
+#[test]
+fn bad_scale_out_configuration_is_a_clear_error_not_a_hang() {
+    let Some((kafka, pg)) = services() else { return };
+    let mut d = Deployment::new(&kafka, &pg, "badcfg", 4);
+    let db = d.pg.clone();
+    assert_refused(&mut d, "127.0.0.1:1", &db, &[], "cannot reach the brokers at 127.0.0.1:1");
+    let nowhere = "postgres://postgres@127.0.0.1:1/x";
+    assert_refused(
+        &mut d,
+        &kafka,
+        nowhere,
+        &[],
+        "cannot connect to postgres://postgres@127.0.0.1:1/x",
+    );
+    let wrong_user = db.replace("postgres@", "nobody:secret@");
+    let (code, log) = refused(&mut d, &kafka, &wrong_user, &[], 40);
+    assert_ne!(code, 0);
+    assert!(
+        log.contains("nobody") && !log.contains("secret"),
+        "names the user, hides the password:\n{log}"
+    );
+    // The topic is created with 4 partitions; a start with 8 is refused.
+    let mut ok = d.start("collect", &[]);
+    ok.stop();
+    assert_refused(
+        &mut d,
+        &kafka,
+        &db,
+        &["--partitions", "8"],
+        "has 4 partitions but partitions = 8",
+    );
+}
