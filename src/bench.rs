@@ -35,6 +35,8 @@ use crate::event::{EventTime, MINUTE_MS};
 use crate::generate::{GenConfig, Generator};
 use crate::pipeline::now_ms;
 
+mod scaleout;
+
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Clicks to ingest.
@@ -67,6 +69,21 @@ pub struct BenchArgs {
     /// Distinct ads of the soak.
     #[arg(long, default_value_t = 200_000)]
     pub ads: u64,
+    /// Scale-out benchmark: Kafka bootstrap brokers (with --postgres).
+    #[arg(long)]
+    pub kafka: Option<String>,
+    /// Scale-out benchmark: a PostgreSQL URL whose user may create databases (one per run).
+    #[arg(long)]
+    pub postgres: Option<String>,
+    /// Scale-out benchmark: aggregator process counts to run, one deployment each.
+    #[arg(long, default_value = "1,2")]
+    pub aggregators: String,
+    /// Scale-out benchmark: seconds of the live stream (freshness, rebalance).
+    #[arg(long, default_value_t = 150)]
+    pub live_seconds: u64,
+    /// Scale-out benchmark: clicks per second of the live stream.
+    #[arg(long, default_value_t = 5_000)]
+    pub live_rate: u64,
 }
 
 struct Server {
@@ -239,6 +256,11 @@ fn history_queries(server: &Server, args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match (&args.kafka, &args.postgres) {
+        (Some(k), Some(p)) => return scaleout::run(&args, k, p),
+        (None, None) => {}
+        _ => bail!("--kafka and --postgres go together (the scale-out benchmark)"),
+    }
     if let Some(duration) = args.soak {
         return soak(&args, duration);
     }
