@@ -112,7 +112,7 @@ impl PgResults {
 
     /// The watermark over every partition (see [`pg::watermark`]).
     pub fn watermark(&self) -> Result<Watermark, pg::PgError> {
-        self.with(|c| pg::watermark(c, self.partitions))
+        self.with(|c| pg::watermark(c, self.partitions).map(|(w, _)| w))
     }
 
     /// As the embedded store's `series`: the watermark is read first, so `final` never claims
@@ -125,7 +125,7 @@ impl PgResults {
         to: Minute,
     ) -> Result<(Vec<(Minute, u64)>, Watermark), pg::PgError> {
         self.with(|c| {
-            let w = pg::watermark(c, self.partitions)?;
+            let (w, _) = pg::watermark(c, self.partitions)?;
             Ok((pg::series(c, ad, slot, from, to)?, w))
         })
     }
@@ -138,8 +138,8 @@ impl PgResults {
         n: usize,
     ) -> Result<(Vec<(AdId, u64)>, Watermark), pg::PgError> {
         self.with(|c| {
-            let w = pg::watermark(c, self.partitions)?;
-            Ok((pg::popular(c, slot, from, to, n, self.top_n, w)?, w))
+            let (w, engines) = pg::watermark(c, self.partitions)?;
+            Ok((pg::popular(c, slot, from, to, n, self.top_n, engines)?, w))
         })
     }
 }

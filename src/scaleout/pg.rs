@@ -33,6 +33,7 @@ CREATE TABLE adclick_partitions (
     owner text,
     next_offset bigint NOT NULL DEFAULT 0,
     watermark bigint NOT NULL DEFAULT -9223372036854775808,
+    engine_watermark bigint NOT NULL DEFAULT -9223372036854775808,
     counted bigint NOT NULL DEFAULT 0,
     duplicates bigint NOT NULL DEFAULT 0,
     too_late bigint NOT NULL DEFAULT 0,
@@ -334,7 +335,7 @@ pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<()
     }
     let k = &out.counters;
     tx.execute(
-        "UPDATE adclick_partitions SET next_offset = $2, watermark = GREATEST(watermark, $3), counted = $4, \
+        "UPDATE adclick_partitions SET next_offset = $2, watermark = GREATEST(watermark, $3), engine_watermark = $3, counted = $4, \
          duplicates = $5, too_late = $6, invalid = $7, seq = $8, updated_at = now() WHERE partition = $1",
         &[
             &part,
@@ -372,19 +373,23 @@ pub fn empty_watermark(
     Ok(())
 }
 
-/// The watermark of the whole topic: the lowest over its `partitions` (none until each has
-/// committed once), so that `final` means final in every partition.
-pub fn watermark(client: &mut Client, partitions: u32) -> Result<Watermark, PgError> {
+/// The watermarks of the whole topic: the lowest over its `partitions` (none until each has
+/// committed once), so that `final` means final in every partition; and the lowest of the
+/// engines' own, which only finalized minutes' top-N lists can be trusted up to (a partition
+/// that never delivered a click has a stored watermark that follows the clock, and none in its
+/// engine).
+pub fn watermark(client: &mut Client, partitions: u32) -> Result<(Watermark, Watermark), PgError> {
     let row = client.query_one(
-        "SELECT count(*), min(watermark) FROM adclick_partitions WHERE partition < $1",
+        "SELECT count(*), min(watermark), min(engine_watermark) FROM adclick_partitions \
+         WHERE partition < $1",
         &[&(partitions as i32)],
     )?;
     let n: i64 = row.get(0);
-    Ok(if n < i64::from(partitions) {
-        Watermark::NONE
-    } else {
-        Watermark::from_raw(row.get::<_, Option<i64>>(1).unwrap_or(i64::MIN))
-    })
+    if n < i64::from(partitions) {
+        return Ok((Watermark::NONE, Watermark::NONE));
+    }
+    let w = |i| Watermark::from_raw(row.get::<_, Option<i64>>(i).unwrap_or(i64::MIN));
+    Ok((w(1), w(2)))
 }
 
 /// An ad's per-minute counts in `[from, to)`, summed over partitions, minutes with counts only.
@@ -406,8 +411,8 @@ pub fn series(
 
 /// The `n` ads with the most clicks over `[from, to)`, ties by ad id in byte order.
 ///
-/// One minute, every partition final, `n` within the stored lists: the per-partition top-N
-/// lists merged (each ad lives in one partition, so the global top `n` is among them). Otherwise
+/// One minute final in every partition's engine (`engines`), `n` within the stored lists: the
+/// per-partition top-N lists merged (each ad lives in one partition, so the global top `n` is among them). Otherwise
 /// the counts summed per ad over the range.
 pub fn popular(
     client: &mut Client,
@@ -416,10 +421,10 @@ pub fn popular(
     to: Minute,
     n: usize,
     top_n: usize,
-    watermark: Watermark,
+    engines: Watermark,
 ) -> Result<Vec<(AdId, u64)>, PgError> {
     let s = slot.index() as i16;
-    if to.0 - from.0 == 1 && n <= top_n && watermark.is_final(from) {
+    if to.0 - from.0 == 1 && n <= top_n && engines.is_final(from) {
         let rows = client.query(
             "SELECT ad_ids, counts FROM adclick_tops WHERE minute = $1 AND slot = $2",
             &[&from.0, &s],
