@@ -169,8 +169,9 @@ pub struct GenerateArgs {
     /// Lines per second (default: as fast as possible).
     #[arg(long)]
     pub rate: Option<u64>,
-    /// Where to: a file path, `-` for stdout, or a collector URL (http://host:port or the full
-    /// http://host:port/v1/clicks).
+    /// Where to: a file path, `-` for stdout, a collector URL (http://host:port or the full
+    /// http://host:port/v1/clicks), or Kafka (kafka://host:port[,host:port]/topic; raw NDJSON
+    /// lines keyed by ad_id, topic default ad-clicks).
     #[arg(long, default_value = "-")]
     pub to: String,
     /// Lines per POST to a collector.
@@ -391,7 +392,17 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         ..GenConfig::default()
     });
     let count = args.count.or(if args.rate.is_some() { None } else { Some(10_000) });
-    let mut sink: Sink = if args.to.starts_with("http://") {
+    let mut sink: Sink = if let Some(rest) = args.to.strip_prefix("kafka://") {
+        let (brokers, topic) = match rest.split_once('/') {
+            Some((b, t)) if !t.is_empty() => (b.to_string(), t.to_string()),
+            _ => (rest.trim_end_matches('/').to_string(), "ad-clicks".to_string()),
+        };
+        let partitions = crate::scaleout::kafka::partition_count(&brokers, &topic)?;
+        let producer = crate::scaleout::kafka::line_producer(&brokers)?;
+        Box::new(move |lines: &[String]| {
+            crate::scaleout::kafka::send_lines(&producer, &topic, partitions, lines)
+        })
+    } else if args.to.starts_with("http://") {
         let url = crate::ship::clicks_url(&args.to)?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)

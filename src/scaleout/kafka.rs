@@ -154,6 +154,89 @@ impl Sink {
     }
 }
 
+/// The partition count of an existing topic.
+pub fn partition_count(brokers: &str, topic: &str) -> anyhow::Result<u32> {
+    let probe: BaseConsumer = base_config(brokers)
+        .create()
+        .map_err(|e| anyhow::anyhow!("kafka: bad client settings for {brokers:?}: {e}"))?;
+    let md = probe.fetch_metadata(Some(topic), METADATA_TIMEOUT).map_err(|e| {
+        anyhow::anyhow!(
+            "kafka: cannot reach the brokers at {brokers} within {}s: {e}",
+            METADATA_TIMEOUT.as_secs()
+        )
+    })?;
+    md.topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len() as u32)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "kafka: topic {topic:?} does not exist; `adclick serve --kafka` creates it"
+            )
+        })
+}
+
+/// Sends raw NDJSON lines, as any other producer may: keyed by their `ad_id` and sent to the
+/// partition the collector would choose (lines without one to partition 0). The aggregator
+/// validates them; invalid ones are counted as such. Returns once all are acknowledged.
+pub fn send_lines(
+    producer: &rdkafka::producer::BaseProducer,
+    topic: &str,
+    partitions: u32,
+    lines: &[String],
+) -> anyhow::Result<()> {
+    // Routing needs the ad id as the collector normalizes it (a numeric ad_id is the same ad
+    // as its decimal string): parsed as a click, whatever its time.
+    let any_time =
+        crate::event::Validation { now: crate::event::EventTime(i64::MAX / 4), max_skew_ms: 0 };
+    for line in lines {
+        let ad = match crate::event::parse_line(line.as_bytes(), any_time) {
+            Ok(Some(c)) => Some(c.ad_id.to_string()),
+            _ => serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| {
+                match v.get("ad_id")? {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                }
+            }),
+        };
+        let partition = ad
+            .as_deref()
+            .map_or(0, |a| crate::event::partition_of(crate::event::route_hash(a), partitions));
+        let mut rec = rdkafka::producer::BaseRecord::<str, str>::to(topic)
+            .partition(partition as i32)
+            .payload(line.as_str());
+        if let Some(a) = &ad {
+            rec = rec.key(a.as_str());
+        }
+        let mut rec = Some(rec);
+        while let Some(r) = rec.take() {
+            match producer.send(r) {
+                Ok(()) => {}
+                Err((rdkafka::error::KafkaError::MessageProduction(code), r))
+                    if code == rdkafka::types::RDKafkaErrorCode::QueueFull =>
+                {
+                    producer.poll(Duration::from_millis(10));
+                    rec = Some(r);
+                }
+                Err((e, _)) => anyhow::bail!("kafka: queueing a line: {e}"),
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(30)).map_err(|e| anyhow::anyhow!("kafka: {e}"))?;
+    Ok(())
+}
+
+/// A producer for `send_lines`: idempotent, acks=all.
+pub fn line_producer(brokers: &str) -> anyhow::Result<rdkafka::producer::BaseProducer> {
+    base_config(brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .map_err(|e| anyhow::anyhow!("kafka: producer: {e}"))
+}
+
 /// A partition assignment change, seen by the aggregator loop after `poll` returns.
 pub enum Change {
     Assigned(PartitionId, pg::Claim),

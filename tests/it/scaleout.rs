@@ -462,3 +462,87 @@ fn an_empty_partition_then_a_backfill_into_it_stay_exact() {
     assert_eq!(recent, live);
     assert_matches_oracle(&query, &live);
 }
+
+/// `generate --to kafka://…` produces raw NDJSON lines as any other producer would; the
+/// aggregator validates them itself: counts equal the oracle's, invalid lines are counted as
+/// invalid, none is lost.
+#[test]
+fn raw_lines_from_another_producer_are_validated_and_counted_exactly() {
+    let Some((kafka, pg)) = services() else { return };
+    let mut d = Deployment::new(&kafka, &pg, "rawlines", 4);
+    let query = d.start("query", &[]); // creates the topic
+    let _agg = d.start("aggregate", &[]);
+    let start = (now_ms() - 120_000).to_string();
+    let args = [
+        "generate",
+        "--seed",
+        "3",
+        "--count",
+        "3000",
+        "--start",
+        &start,
+        "--ads",
+        "30",
+        "--invalid",
+        "0.03",
+        "--duplicates",
+        "0.05",
+        "--late",
+        "0",
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .args(args)
+        .args(["--to", "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let at = now_ms();
+    let sent: Vec<(String, i64)> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| (l.to_string(), at)).collect();
+    let to = format!("kafka://{}/{}", d.kafka, d.topic);
+    let status = Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .args(args)
+        .args(["--to", &to])
+        .status()
+        .unwrap();
+    assert!(status.success(), "generate to Kafka");
+    // `generate` also writes a share of clicks far too late (more than 30 minutes behind):
+    // the live path rightly does not count those (the archive would); the oracle leaves them out.
+    let too_late_before = now_ms() - 20 * 60_000;
+    let on_time: Vec<(String, i64)> = sent
+        .iter()
+        .filter(|(l, at)| {
+            let v = adclick::event::Validation { now: EventTime(*at), max_skew_ms: 300_000 };
+            !matches!(adclick::event::parse_line(l.as_bytes(), v), Ok(Some(c)) if c.time.0 < too_late_before)
+        })
+        .cloned()
+        .collect();
+    assert!(on_time.len() < sent.len(), "the workload has too-late clicks");
+    let (expected, invalid) = oracle(&on_time);
+    assert!(invalid > 30 && expected.len() > 50);
+    let mut client = d.client();
+    await_cond(60, "every line to be committed", || {
+        committed_offsets(&mut client) == sent.len() as i64
+    });
+    assert_matches_oracle(&query, &expected);
+    let counted: i64 = client
+        .query_one("SELECT sum(invalid)::bigint FROM adclick_partitions", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(counted, invalid as i64, "every invalid line counted as invalid");
+    // One click sent twice, its ad_id once a number and once a string: one ad, one partition,
+    // counted once.
+    let t = now_ms() - 30_000;
+    let twice = [
+        format!(r#"{{"ad_id":987654,"click_timestamp":{t},"click_id":"twice"}}"#),
+        format!(r#"{{"ad_id":"987654","click_timestamp":{t},"click_id":"twice"}}"#),
+    ];
+    let producer = adclick::scaleout::kafka::line_producer(&d.kafka).unwrap();
+    adclick::scaleout::kafka::send_lines(&producer, &d.topic, 4, &twice).unwrap();
+    let total = sent.len() as i64 + 2;
+    await_cond(60, "the two lines to be committed", || committed_offsets(&mut client) == total);
+    let minute = t / 60_000 * 60_000;
+    let (_, v) =
+        query.get(&format!("/v1/ads/987654/aggregated_count?from={minute}&to={}", minute + 60_000));
+    assert_eq!(v["count"], 1, "{v}");
+}
