@@ -213,9 +213,12 @@ pub fn send_lines(
         while let Some(r) = rec.take() {
             match producer.send(r) {
                 Ok(()) => {}
-                Err((rdkafka::error::KafkaError::MessageProduction(code), r))
-                    if code == rdkafka::types::RDKafkaErrorCode::QueueFull =>
-                {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
                     producer.poll(Duration::from_millis(10));
                     rec = Some(r);
                 }
