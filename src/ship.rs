@@ -7,6 +7,8 @@
 //!       truncation: back to the start)
 //!   ─▶ batch ─▶ pending/<seq>.ndjson (fsync) ─▶ state.json: positions + next seq (atomic)
 //!   ─▶ POST /v1/clicks until acknowledged ─▶ rejected lines to dead-letter.ndjson (fsync)
+//!      (or, to Kafka: validated here, invalid lines dead-lettered, the rest produced until
+//!      every broker acknowledged)
 //!   ─▶ pending file removed
 //! ```
 //!
@@ -35,7 +37,9 @@ pub struct ShipArgs {
     /// Files to follow: paths or globs (quote them), e.g. '/var/log/ads/clicks*.ndjson'.
     #[arg(long, required = true, num_args = 1..)]
     pub follow: Vec<String>,
-    /// The collector: its base URL (http://host:port) or the full /v1/clicks URL.
+    /// The collector: its base URL (http://host:port) or the full /v1/clicks URL; or Kafka,
+    /// kafka://host:port[,host:port]/topic (lines are validated here, the invalid ones
+    /// dead-lettered, the rest sent as written, keyed by ad_id).
     #[arg(long)]
     pub to: String,
     /// Where positions, unacknowledged batches and dead letters are kept.
@@ -98,6 +102,8 @@ struct Shipper {
     args: ShipArgs,
     url: String,
     agent: ureq::Agent,
+    /// Set when shipping to Kafka instead of a collector.
+    kafka: Option<KafkaTarget>,
     files: HashMap<(u64, u64), Followed>,
     next_batch: u64,
     pending_dir: PathBuf,
@@ -106,11 +112,30 @@ struct Shipper {
     dead: u64,
 }
 
+/// Where `ship --to kafka://…` sends.
+struct KafkaTarget {
+    producer: rdkafka::producer::BaseProducer,
+    topic: String,
+    partitions: u32,
+}
+
 pub fn run(args: ShipArgs) -> anyhow::Result<()> {
     anyhow::ensure!((1..=1000).contains(&args.batch), "--batch: must be between 1 and 1000");
     let poll = humantime::parse_duration(&args.poll)
         .map_err(|e| anyhow::anyhow!("--poll: {:?} is not a duration ({e})", args.poll))?;
-    let url = clicks_url(&args.to)?;
+    let kafka = match args.to.strip_prefix("kafka://") {
+        Some(rest) => {
+            let (brokers, topic) = match rest.split_once('/') {
+                Some((b, t)) if !t.is_empty() => (b.to_string(), t.to_string()),
+                _ => (rest.trim_end_matches('/').to_string(), "ad-clicks".to_string()),
+            };
+            let partitions = crate::scaleout::kafka::partition_count(&brokers, &topic)?;
+            let producer = crate::scaleout::kafka::line_producer(&brokers)?;
+            Some(KafkaTarget { producer, topic, partitions })
+        }
+        None => None,
+    };
+    let url = if kafka.is_some() { String::new() } else { clicks_url(&args.to)? };
     std::fs::create_dir_all(args.state_dir.join("pending"))
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let dead_letters = OpenOptions::new()
@@ -129,6 +154,7 @@ pub fn run(args: ShipArgs) -> anyhow::Result<()> {
         .build()
         .into();
     let mut s = Shipper {
+        kafka,
         pending_dir: args.state_dir.join("pending"),
         url,
         agent,
@@ -345,9 +371,43 @@ impl Shipper {
         Ok(())
     }
 
+    /// Kafka: validates here as the collector would (default clock skew), dead-letters the
+    /// invalid lines, sends the rest until acknowledged, then removes the batch.
+    fn send_kafka(&mut self, path: &Path, lines: &[String]) -> anyhow::Result<()> {
+        let k = self.kafka.as_ref().expect("a Kafka target");
+        let v = crate::event::Validation {
+            now: crate::event::EventTime(crate::pipeline::now_ms()),
+            max_skew_ms: 5 * 60_000,
+        };
+        let mut valid = Vec::with_capacity(lines.len());
+        let mut dead = Vec::new();
+        for line in lines {
+            match crate::event::parse_line(line.as_bytes(), v) {
+                Ok(Some(_)) => valid.push(line.clone()),
+                Ok(None) => {} // blank
+                Err(e) => dead.push((line.clone(), e.to_string())),
+            }
+        }
+        let mut delay = Duration::from_millis(100);
+        while let Err(e) =
+            crate::scaleout::kafka::send_lines(&k.producer, &k.topic, k.partitions, &valid)
+        {
+            tracing::warn!("{e:#}; re-sending");
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        self.write_dead(&dead)?;
+        self.sent_lines += lines.len() as u64;
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+        Ok(())
+    }
+
     /// Sends a pending batch until the collector answers it, dead-letters what it rejected,
     /// then removes the batch.
     fn send(&mut self, path: &Path, lines: &[String]) -> anyhow::Result<()> {
+        if self.kafka.is_some() {
+            return self.send_kafka(path, lines);
+        }
         let body = lines.join("\n");
         let mut delay = Duration::from_millis(100);
         let answer: serde_json::Value = loop {

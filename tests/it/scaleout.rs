@@ -546,3 +546,40 @@ fn raw_lines_from_another_producer_are_validated_and_counted_exactly() {
         query.get(&format!("/v1/ads/987654/aggregated_count?from={minute}&to={}", minute + 60_000));
     assert_eq!(v["count"], 1, "{v}");
 }
+
+/// `ship --to kafka://…` validates as the collector would: invalid lines go to its dead-letter
+/// file with their reason, the rest reach the topic and are counted exactly.
+#[test]
+fn ship_to_kafka_dead_letters_invalid_lines_and_counts_the_rest_exactly() {
+    let Some((kafka, pg)) = services() else { return };
+    let mut d = Deployment::new(&kafka, &pg, "ship", 4);
+    let query = d.start("query", &[]); // creates the topic
+    let _agg = d.start("aggregate", &[]);
+    let mut g = generator(23);
+    let at = now_ms();
+    let sent: Vec<(String, i64)> = (0..2500).map(|_| (g.line(EventTime(at)), at)).collect();
+    let file = d.root.path().join("clicks.ndjson");
+    let text: String = sent.iter().map(|(l, _)| format!("{l}\n")).collect();
+    std::fs::write(&file, text).unwrap();
+    let state = d.root.path().join("ship-state");
+    let to = format!("kafka://{}/{}", d.kafka, d.topic);
+    let status = Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .args(["ship", "--once", "--follow"])
+        .arg(&file)
+        .args(["--to", &to, "--state-dir"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (expected, invalid) = oracle(&sent);
+    assert!(invalid > 20);
+    let dead = std::fs::read_to_string(state.join("dead-letter.ndjson")).unwrap();
+    assert_eq!(dead.lines().count(), invalid, "exactly the invalid lines are dead letters");
+    assert!(dead.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["error"]
+        .as_str()
+        .is_some_and(|e| !e.is_empty())));
+    let mut client = d.client();
+    let valid = (sent.len() - invalid) as i64;
+    await_cond(60, "the shipped lines to be committed", || committed_offsets(&mut client) == valid);
+    assert_matches_oracle(&query, &expected);
+}
