@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  poll (≤ commit_interval) ──▶ per owned partition: records buffered in offset order
-//!     │  rebalance callback: claim (epoch + 1, stored offset, checkpoint files) / revoke
+//!     │  rebalance callback: claim (epoch + 1, stored offset, checkpoint files) / revoke (what is buffered is committed, then dropped)
 //!     ▼
 //!  per partition with records (or a due watermark tick):
 //!     Engine::process(wall, records) → Engine::checkpoint() (what changed since the last one)
@@ -148,9 +148,14 @@ impl Aggregator {
         for change in changes {
             match change {
                 Change::Revoked(p) => {
-                    // Committed state is in PostgreSQL; what is buffered is read again by the
-                    // next owner from the committed offset.
-                    self.owned.remove(&p);
+                    // What is buffered is committed now, so that the next owner need not read
+                    // it again (if it has claimed the partition already, this is fenced off and
+                    // it reads from the committed offset: correct either way).
+                    if let Some(mut o) = self.owned.remove(&p) {
+                        if !o.buf.is_empty() {
+                            commit_one(&mut self.client, &mut self.days, p, &mut o, now_ms());
+                        }
+                    }
                 }
                 Change::Assigned(p, claim) => match self.restore(p, claim) {
                     Ok(o) => {
@@ -218,53 +223,8 @@ impl Aggregator {
                     continue;
                 }
             }
-            let buf = std::mem::take(&mut o.buf);
-            let records: Vec<Record<'_>> = buf
-                .iter()
-                .map(|(offset, bytes)| Record {
-                    partition: p,
-                    offset: Offset(*offset as u64),
-                    payload: payload(bytes),
-                })
-                .collect();
-            let output = o.engine.process(EventTime(wall), &records);
-            let next = buf.last().map_or(o.next, |(off, _)| off + 1);
-            let (bytes, extent) = o.engine.checkpoint();
-            let mut dropped = Vec::new();
-            o.manifest.retain(|(seq, e)| {
-                let keep = o.engine.retains(*e);
-                if !keep {
-                    dropped.push(*seq);
-                }
-                keep
-            });
-            let commit = pg::Commit {
-                partition: p,
-                epoch: o.epoch,
-                next_offset: next,
-                output: &output,
-                checkpoint: (o.seq, extent, &bytes),
-                dropped: &dropped,
-            };
-            if !buf.is_empty() {
-                crate::fault::pause("aggregator.before_commit");
-            }
-            match pg::commit(&mut self.client, &mut self.days, &commit) {
-                Ok(()) => {
-                    o.manifest.push((o.seq, extent));
-                    o.seq += 1;
-                    o.next = next;
-                    o.last_commit = Instant::now();
-                }
-                Err(pg::PgError::Fenced(..)) => {
-                    tracing::warn!(
-                        partition = p.0,
-                        epoch = o.epoch,
-                        "fenced off: another aggregator owns this partition now; dropping it"
-                    );
-                    fenced.push(p);
-                }
-                Err(e) => fatal("committing results", e),
+            if !commit_one(&mut self.client, &mut self.days, p, o, wall) {
+                fenced.push(p);
             }
         }
         for p in fenced {
@@ -317,6 +277,66 @@ impl Aggregator {
             tracing::warn!(partition = p.0, "fenced off: another aggregator owns it now");
             self.owned.remove(&p);
         }
+    }
+}
+
+/// Processes a partition's buffered records and commits them with its checkpoint; false when
+/// the partition is fenced off (another aggregator claimed it), and the caller drops it.
+fn commit_one(
+    client: &mut postgres::Client,
+    days: &mut pg::Days,
+    p: PartitionId,
+    o: &mut Owned,
+    wall: i64,
+) -> bool {
+    let buf = std::mem::take(&mut o.buf);
+    let records: Vec<Record<'_>> = buf
+        .iter()
+        .map(|(offset, bytes)| Record {
+            partition: p,
+            offset: Offset(*offset as u64),
+            payload: payload(bytes),
+        })
+        .collect();
+    let output = o.engine.process(EventTime(wall), &records);
+    let next = buf.last().map_or(o.next, |(off, _)| off + 1);
+    let (bytes, extent) = o.engine.checkpoint();
+    let mut dropped = Vec::new();
+    o.manifest.retain(|(seq, e)| {
+        let keep = o.engine.retains(*e);
+        if !keep {
+            dropped.push(*seq);
+        }
+        keep
+    });
+    let commit = pg::Commit {
+        partition: p,
+        epoch: o.epoch,
+        next_offset: next,
+        output: &output,
+        checkpoint: (o.seq, extent, &bytes),
+        dropped: &dropped,
+    };
+    if !buf.is_empty() {
+        crate::fault::pause("aggregator.before_commit");
+    }
+    match pg::commit(client, days, &commit) {
+        Ok(()) => {
+            o.manifest.push((o.seq, extent));
+            o.seq += 1;
+            o.next = next;
+            o.last_commit = Instant::now();
+            true
+        }
+        Err(pg::PgError::Fenced(..)) => {
+            tracing::warn!(
+                partition = p.0,
+                epoch = o.epoch,
+                "fenced off: another aggregator owns this partition now; dropping it"
+            );
+            false
+        }
+        Err(e) => fatal("committing results", e),
     }
 }
 
