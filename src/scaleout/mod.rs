@@ -77,6 +77,9 @@ pub fn fatal(what: &str, err: impl std::fmt::Display) -> ! {
     std::process::exit(70)
 }
 
+/// Longest a query role's statement may run.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The query role's reads, on a small pool of connections.
 pub struct PgResults {
     url: String,
@@ -87,7 +90,7 @@ pub struct PgResults {
 
 impl PgResults {
     pub fn new(url: &str, partitions: u32, top_n: usize) -> Result<PgResults, pg::PgError> {
-        let first = pg::connect(url)?;
+        let first = Self::connect(url)?;
         Ok(PgResults { url: url.into(), pool: Mutex::new(vec![first]), partitions, top_n })
     }
 
@@ -98,7 +101,7 @@ impl PgResults {
         let taken = self.pool.lock().expect("not poisoned").pop();
         let mut client = match taken {
             Some(c) if !c.is_closed() => c,
-            _ => pg::connect(&self.url)?,
+            _ => Self::connect(&self.url)?,
         };
         let out = f(&mut client);
         if out.is_ok() {
@@ -108,6 +111,15 @@ impl PgResults {
             }
         }
         out
+    }
+
+    /// A query connection: no statement may run longer than [`QUERY_TIMEOUT`], so that one
+    /// request (popular ads over a day of a million ads, say) cannot hold the database for long;
+    /// it is answered 503 instead.
+    fn connect(url: &str) -> Result<postgres::Client, pg::PgError> {
+        let mut c = pg::connect(url)?;
+        c.batch_execute(&format!("SET statement_timeout = {}", QUERY_TIMEOUT.as_millis()))?;
+        Ok(c)
     }
 
     /// The watermark over every partition (see [`pg::watermark`]).
