@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  poll (≤ commit_interval) ──▶ per owned partition: records buffered in offset order
-//!     │  rebalance callback: claim (epoch + 1, stored offset, checkpoint files) / revoke (what is buffered is committed, then dropped)
+//!     │  rebalance callback: claim (epoch + 1, stored offset, checkpoint files), or revoke
+//!     │  (what is buffered is committed, then the partition dropped)
 //!     ▼
 //!  per partition with records (or a due watermark tick):
 //!     Engine::process(wall, records) → Engine::checkpoint() (what changed since the last one)
