@@ -94,10 +94,14 @@ struct Server {
 impl Server {
     fn start(dir: &Path, extra: &[&str]) -> anyhow::Result<(Server, Duration)> {
         let started = Instant::now();
-        let mut child = Command::new(std::env::current_exe().context("locating adclick")?)
-            .args(["-q", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .args(extra)
+        let mut cmd = Command::new(std::env::current_exe().context("locating adclick")?);
+        cmd.args(["-q", "serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir).args(extra);
+        Ok((Server::spawn(cmd, "the server")?, started.elapsed()))
+    }
+
+    /// Starts `cmd` (an `adclick serve`) and waits for the address it prints once listening.
+    fn spawn(mut cmd: Command, what: &str) -> anyhow::Result<Server> {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -105,9 +109,9 @@ impl Server {
         let mut line = String::new();
         BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
         let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
-            bail!("the server did not start: {line:?}");
+            bail!("{what} did not start: {line:?}");
         };
-        Ok((Server { url: url.to_string(), child }, started.elapsed()))
+        Ok(Server { url: url.to_string(), child })
     }
 
     fn peak_rss_kib(&self) -> Option<u64> {

@@ -10,14 +10,13 @@
 //! 3. **Rebalance** (with 2 or more aggregators): one is killed with SIGKILL during the live
 //!    stream; the time until every partition it owned is committed again by another.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::{agent, send_all, workload, BenchArgs};
+use super::{agent, send_all, workload, BenchArgs, Server};
 use crate::event::{EventTime, MINUTE_MS};
 use crate::generate::{GenConfig, Generator};
 use crate::pipeline::now_ms;
@@ -25,37 +24,14 @@ use crate::pipeline::now_ms;
 const PARTITIONS: i64 = 8;
 const DELAY_MS: i64 = 15_000;
 
-struct Role {
-    child: Child,
-    url: String,
-}
-
-impl Role {
-    fn start(env: &[(&str, String)], args: &[&str], roles: &str) -> anyhow::Result<Role> {
-        let mut cmd = Command::new(std::env::current_exe().context("locating adclick")?);
-        cmd.args(["-q", "serve", "--listen", "127.0.0.1:0", "--roles", roles]).args(args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting serve")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-        let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
-            bail!("{roles} did not start: {line:?}");
-        };
-        Ok(Role { url: url.to_string(), child })
+/// An `adclick serve` running `roles`.
+fn start_role(env: &[(&str, String)], args: &[&str], roles: &str) -> anyhow::Result<Server> {
+    let mut cmd = Command::new(std::env::current_exe().context("locating adclick")?);
+    cmd.args(["-q", "serve", "--listen", "127.0.0.1:0", "--roles", roles]).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
     }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    Server::spawn(cmd, roles)
 }
 
 fn pg(url: &str) -> anyhow::Result<postgres::Client> {
@@ -108,10 +84,10 @@ fn one(args: &BenchArgs, brokers: &str, pg_url: &str, n: usize) -> anyhow::Resul
     let env = [("ADCLICK_CONSUMER_GROUP", format!("bench-{tag}"))];
     let common = ["--kafka", brokers, "--postgres", &url, "--topic", &topic, "--partitions", "8"];
     println!("scale-out, {n} aggregator process(es), topic {topic}, database {db}:");
-    let query = Role::start(&env, &common, "query")?;
-    let collector = Role::start(&env, &common, "collect")?;
+    let query = start_role(&env, &common, "query")?;
+    let collector = start_role(&env, &common, "collect")?;
     let mut aggs =
-        (0..n).map(|_| Role::start(&env, &common, "aggregate")).collect::<Result<Vec<_>, _>>()?;
+        (0..n).map(|_| start_role(&env, &common, "aggregate")).collect::<Result<Vec<_>, _>>()?;
     let mut c = pg(&url)?;
     await_until(120, "the aggregators to share the partitions", || {
         let (_, parts, owners) = progress(&mut c)?;

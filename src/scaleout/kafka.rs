@@ -34,23 +34,8 @@ fn base_config(brokers: &str) -> ClientConfig {
 /// Checks that the brokers answer and the topic has `partitions` partitions, creating it when
 /// missing. A topic with another partition count is refused: ads would change partitions.
 pub fn ensure_topic(brokers: &str, topic: &str, partitions: u32) -> anyhow::Result<()> {
-    let probe: BaseConsumer = base_config(brokers)
-        .create()
-        .map_err(|e| anyhow::anyhow!("kafka: bad client settings for {brokers:?}: {e}"))?;
-    let found = |probe: &BaseConsumer| -> anyhow::Result<Option<usize>> {
-        let md = probe.fetch_metadata(Some(topic), METADATA_TIMEOUT).map_err(|e| {
-            anyhow::anyhow!(
-                "kafka: cannot reach the brokers at {brokers} within {}s: {e}",
-                METADATA_TIMEOUT.as_secs()
-            )
-        })?;
-        Ok(md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none())
-            .map(|t| t.partitions().len())
-            .filter(|&n| n > 0))
-    };
+    let probe = probe(brokers)?;
+    let found = |probe: &BaseConsumer| topic_partitions(probe, brokers, topic);
     let mut count = found(&probe)?;
     if count.is_none() {
         let admin: AdminClient<DefaultClientContext> = base_config(brokers)
@@ -156,24 +141,37 @@ impl Sink {
 
 /// The partition count of an existing topic.
 pub fn partition_count(brokers: &str, topic: &str) -> anyhow::Result<u32> {
-    let probe: BaseConsumer = base_config(brokers)
+    topic_partitions(&probe(brokers)?, brokers, topic)?.map(|n| n as u32).ok_or_else(|| {
+        anyhow::anyhow!("kafka: topic {topic:?} does not exist; `adclick serve --kafka` creates it")
+    })
+}
+
+/// A client for metadata requests.
+fn probe(brokers: &str) -> anyhow::Result<BaseConsumer> {
+    base_config(brokers)
         .create()
-        .map_err(|e| anyhow::anyhow!("kafka: bad client settings for {brokers:?}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("kafka: bad client settings for {brokers:?}: {e}"))
+}
+
+/// The topic's partition count, `None` when it does not exist; an error naming the brokers
+/// when they do not answer within [`METADATA_TIMEOUT`].
+fn topic_partitions(
+    probe: &BaseConsumer,
+    brokers: &str,
+    topic: &str,
+) -> anyhow::Result<Option<usize>> {
     let md = probe.fetch_metadata(Some(topic), METADATA_TIMEOUT).map_err(|e| {
         anyhow::anyhow!(
             "kafka: cannot reach the brokers at {brokers} within {}s: {e}",
             METADATA_TIMEOUT.as_secs()
         )
     })?;
-    md.topics()
+    Ok(md
+        .topics()
         .iter()
-        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-        .map(|t| t.partitions().len() as u32)
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "kafka: topic {topic:?} does not exist; `adclick serve --kafka` creates it"
-            )
-        })
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .filter(|&n| n > 0))
 }
 
 /// Sends raw NDJSON lines, as any other producer may: keyed by their `ad_id` and sent to the

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use adclick::event::EventTime;
 
-use crate::service::{assert_matches_oracle, generator, now_ms, oracle, post, Server};
+use crate::service::{
+    assert_matches_oracle, generator, generator_config, now_ms, oracle, post, Server,
+};
 
 /// The addresses of the broker and the database, or `None` (skip) when they are not configured
 /// and not required.
@@ -422,16 +424,8 @@ fn an_empty_partition_then_a_backfill_into_it_stay_exact() {
     // (a live click would make partition 3 judge the backfill too late, rightly); and no
     // invalid lines: its "too far in the future" ones are only an hour past this old clock.
     let mut g = adclick::generate::Generator::new(adclick::generate::GenConfig {
-        seed: 6,
-        ads: 25,
-        disorder_ms: 3_000,
-        duplicate: 0.08,
-        late: 0.0,
-        too_late: 0.0,
         invalid: 0.0,
-        click_id: 0.6,
-        users: 20,
-        ..adclick::generate::GenConfig::default()
+        ..generator_config(6)
     });
     for i in 0..6 {
         let t = month_ago + i * 30_000;

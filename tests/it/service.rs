@@ -217,7 +217,12 @@ pub(crate) fn oracle(lines: &[(String, i64)]) -> (BTreeMap<(i64, String, usize),
 }
 
 pub(crate) fn generator(seed: u64) -> Generator {
-    Generator::new(GenConfig {
+    Generator::new(generator_config(seed))
+}
+
+/// The end-to-end tests' workload: 25 Zipf ads, disorder, duplicates, 2% invalid lines.
+pub(crate) fn generator_config(seed: u64) -> GenConfig {
+    GenConfig {
         seed,
         ads: 25,
         zipf: 1.1,
@@ -229,7 +234,7 @@ pub(crate) fn generator(seed: u64) -> Generator {
         click_id: 0.6,
         users: 20,
         ..GenConfig::default()
-    })
+    }
 }
 
 pub(crate) const SLOT_NAMES: [&str; 3] = ["", "us", "office"];
