@@ -465,6 +465,17 @@ impl Engine {
         (bytes, extent)
     }
 
+    /// A checkpoint file of the whole state that restores alone, after which
+    /// [`Engine::checkpoint`] goes on from here: it replaces the chain of files before it.
+    pub fn full_checkpoint(&mut self) -> (Vec<u8>, Extent) {
+        let bytes = self.encode(false);
+        let extent = self.extent(false);
+        for s in &mut self.shards {
+            s.mark_written();
+        }
+        (bytes, extent)
+    }
+
     fn encode(&self, changes_only: bool) -> Vec<u8> {
         let mut e = snapshot::Encoder::default();
         self.mapper.encode(&mut e);

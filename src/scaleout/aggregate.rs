@@ -36,15 +36,25 @@ use crate::scaleout::{fatal, pg, ScaleOut, WIRE_MAGIC};
 /// Most records buffered across partitions before a round of commits.
 const MAX_BUFFERED: usize = 200_000;
 
-/// One owned partition.
-struct Owned {
+/// A full checkpoint replaces a partition's chain of incremental ones once the chain has at
+/// least this many files and twice the bytes of the last full one: a claim then reads at most
+/// about twice the state, and the full checkpoints cost at most as much as the increments did.
+const COMPACT_FILES: usize = 16;
+
+/// One owned partition: its engine, as restored from its claim, and the records read since its
+/// last commit. Independent of Kafka, so that the tests drive it from any source.
+pub struct Owned {
+    id: PartitionId,
     engine: Engine,
     epoch: i64,
     /// The offset of the next record to process.
     next: i64,
     seq: u64,
-    /// The checkpoint files the state restores from: (seq, extent).
-    manifest: Vec<(u64, Extent)>,
+    /// The checkpoint files the state restores from: (seq, extent, bytes).
+    manifest: Vec<(u64, Extent, usize)>,
+    /// Bytes of the last full checkpoint (unknown after a claim: 0).
+    full_bytes: usize,
+    compactions: u64,
     buf: Vec<(i64, Vec<u8>)>,
     last_commit: Instant,
     assigned_at: Instant,
@@ -109,10 +119,8 @@ impl Aggregator {
                     Some(Ok(m)) => {
                         let p = PartitionId(m.partition() as u32);
                         if let Some(o) = self.owned.get_mut(&p) {
-                            if m.offset() >= o.next {
-                                o.buf.push((m.offset(), m.payload().unwrap_or(&[]).to_vec()));
-                                buffered += 1;
-                            }
+                            o.push(m.offset(), m.payload().unwrap_or(&[]).to_vec());
+                            buffered += 1;
                         }
                     }
                     Some(Err(e)) => {
@@ -154,58 +162,21 @@ impl Aggregator {
                     // it reads from the committed offset: correct either way).
                     if let Some(mut o) = self.owned.remove(&p) {
                         if !o.buf.is_empty() {
-                            commit_one(&mut self.client, &mut self.days, p, &mut o, now_ms());
+                            let committed = o.commit(&mut self.client, &mut self.days, now_ms());
+                            committed_or_fenced(p, committed);
                         }
                     }
                 }
-                Change::Assigned(p, claim) => match self.restore(p, claim) {
-                    Ok(o) => {
-                        self.owned.insert(p, o);
+                Change::Assigned(p, claim) => {
+                    match Owned::restore(&self.config, &self.filters, p, claim, now_ms()) {
+                        Ok(o) => {
+                            self.owned.insert(p, o);
+                        }
+                        Err(e) => fatal("restoring a partition's state", e),
                     }
-                    Err(e) => fatal("restoring a partition's state", e),
-                },
+                }
             }
         }
-    }
-
-    fn restore(&self, p: PartitionId, claim: pg::Claim) -> anyhow::Result<Owned> {
-        let started = Instant::now();
-        let mut engine = if claim.files.is_empty() {
-            Engine::new(self.config.clone(), self.filters.clone())
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-        } else {
-            let files: Vec<&[u8]> = claim.files.iter().map(|(_, _, b)| b.as_slice()).collect();
-            Engine::restore_chain(self.config.clone(), self.filters.clone(), &files)
-                .map_err(|e| anyhow::anyhow!("partition {}: checkpoint: {e}", p.0))?
-        };
-        if let Some(next) = engine.offsets().iter().find(|(q, _)| *q == p).map(|(_, o)| o.0) {
-            anyhow::ensure!(
-                next as i64 <= claim.next_offset,
-                "partition {}: the checkpoint is at offset {next}, past the committed {}",
-                p.0,
-                claim.next_offset
-            );
-        }
-        // Holds the watermark back from now until it delivers or idles (SPEC §2); committed
-        // with the next checkpoint like every other decision.
-        engine.assign(&[p], EventTime(now_ms()));
-        let seq = claim.files.last().map_or(1, |(s, _, _)| s + 1);
-        tracing::info!(
-            partition = p.0,
-            files = claim.files.len(),
-            restore_ms = started.elapsed().as_millis() as u64,
-            "partition state restored"
-        );
-        Ok(Owned {
-            engine,
-            epoch: claim.epoch,
-            next: claim.next_offset,
-            seq,
-            manifest: claim.files.iter().map(|(s, e, _)| (*s, *e)).collect(),
-            buf: Vec::new(),
-            last_commit: Instant::now(),
-            assigned_at: Instant::now(),
-        })
     }
 
     /// Processes and commits every partition that has records or a watermark step due.
@@ -224,7 +195,7 @@ impl Aggregator {
                     continue;
                 }
             }
-            if !commit_one(&mut self.client, &mut self.days, p, o, wall) {
+            if !committed_or_fenced(p, o.commit(&mut self.client, &mut self.days, wall)) {
                 fenced.push(p);
             }
         }
@@ -281,58 +252,144 @@ impl Aggregator {
     }
 }
 
-/// Processes a partition's buffered records and commits them with its checkpoint; false when
-/// the partition is fenced off (another aggregator claimed it), and the caller drops it.
-fn commit_one(
-    client: &mut postgres::Client,
-    days: &mut pg::Days,
-    p: PartitionId,
-    o: &mut Owned,
-    wall: i64,
-) -> bool {
-    let buf = std::mem::take(&mut o.buf);
-    let records: Vec<Record<'_>> = buf
-        .iter()
-        .map(|(offset, bytes)| Record {
-            partition: p,
-            offset: Offset(*offset as u64),
-            payload: payload(bytes),
+impl Owned {
+    /// The state a claim hands over: the checkpoint chain restored (or a new engine), the
+    /// partition assigned at `wall` (it holds the watermark back until it delivers or idles).
+    pub fn restore(
+        config: &EngineConfig,
+        filters: &Arc<Filters>,
+        p: PartitionId,
+        claim: pg::Claim,
+        wall: i64,
+    ) -> anyhow::Result<Owned> {
+        let started = Instant::now();
+        let mut engine = if claim.files.is_empty() {
+            Engine::new(config.clone(), filters.clone()).map_err(|e| anyhow::anyhow!("{e}"))?
+        } else {
+            let files: Vec<&[u8]> = claim.files.iter().map(|(_, _, b)| b.as_slice()).collect();
+            Engine::restore_chain(config.clone(), filters.clone(), &files)
+                .map_err(|e| anyhow::anyhow!("partition {}: checkpoint: {e}", p.0))?
+        };
+        if let Some(next) = engine.offsets().iter().find(|(q, _)| *q == p).map(|(_, o)| o.0) {
+            anyhow::ensure!(
+                next as i64 <= claim.next_offset,
+                "partition {}: the checkpoint is at offset {next}, past the committed {}",
+                p.0,
+                claim.next_offset
+            );
+        }
+        // Holds the watermark back from now until it delivers or idles (SPEC §2); committed
+        // with the next checkpoint like every other decision.
+        engine.assign(&[p], EventTime(wall));
+        let seq = claim.files.last().map_or(1, |(s, _, _)| s + 1);
+        tracing::info!(
+            partition = p.0,
+            files = claim.files.len(),
+            restore_ms = started.elapsed().as_millis() as u64,
+            "partition state restored"
+        );
+        Ok(Owned {
+            id: p,
+            engine,
+            epoch: claim.epoch,
+            next: claim.next_offset,
+            seq,
+            manifest: claim.files.iter().map(|(s, e, b)| (*s, *e, b.len())).collect(),
+            full_bytes: 0,
+            compactions: 0,
+            buf: Vec::new(),
+            last_commit: Instant::now(),
+            assigned_at: Instant::now(),
         })
-        .collect();
-    let output = o.engine.process(EventTime(wall), &records);
-    let next = buf.last().map_or(o.next, |(off, _)| off + 1);
-    let (bytes, extent) = o.engine.checkpoint();
-    let mut dropped = Vec::new();
-    o.manifest.retain(|(seq, e)| {
-        let keep = o.engine.retains(*e);
-        if !keep {
-            dropped.push(*seq);
-        }
-        keep
-    });
-    let commit = pg::Commit {
-        partition: p,
-        epoch: o.epoch,
-        next_offset: next,
-        output: &output,
-        checkpoint: (o.seq, extent, &bytes),
-        dropped: &dropped,
-    };
-    if !buf.is_empty() {
-        crate::fault::pause("aggregator.before_commit");
     }
-    match pg::commit(client, days, &commit) {
-        Ok(()) => {
-            o.manifest.push((o.seq, extent));
-            o.seq += 1;
-            o.next = next;
-            o.last_commit = Instant::now();
-            true
+
+    /// Buffers a record read from the source; those below the next offset are ignored.
+    pub fn push(&mut self, offset: i64, bytes: Vec<u8>) {
+        if offset >= self.buf.last().map_or(self.next, |(o, _)| o + 1) {
+            self.buf.push((offset, bytes));
         }
-        Err(pg::PgError::Fenced(..)) => {
+    }
+
+    /// How many times this owner replaced the partition's checkpoint chain by a full one.
+    pub fn compactions(&self) -> u64 {
+        self.compactions
+    }
+
+    /// The offset of the first record not yet committed or buffered.
+    pub fn next_offset(&self) -> i64 {
+        self.buf.last().map_or(self.next, |(o, _)| o + 1)
+    }
+
+    /// Processes the buffered records at `wall` and commits them with a checkpoint, in one
+    /// transaction. On any error the partition must be dropped (its engine has moved on);
+    /// `Fenced` means another process claimed it.
+    pub fn commit(
+        &mut self,
+        client: &mut postgres::Client,
+        days: &mut pg::Days,
+        wall: i64,
+    ) -> Result<(), pg::PgError> {
+        let (p, o) = (self.id, self);
+        let buf = std::mem::take(&mut o.buf);
+        let records: Vec<Record<'_>> = buf
+            .iter()
+            .map(|(offset, bytes)| Record {
+                partition: p,
+                offset: Offset(*offset as u64),
+                payload: payload(bytes),
+            })
+            .collect();
+        let output = o.engine.process(EventTime(wall), &records);
+        let next = buf.last().map_or(o.next, |(off, _)| off + 1);
+        let chain: usize = o.manifest.iter().map(|(_, _, b)| b).sum();
+        let compact = o.manifest.len() >= COMPACT_FILES && chain >= 2 * o.full_bytes;
+        let mut dropped = Vec::new();
+        let (bytes, extent) = if compact {
+            dropped.extend(o.manifest.drain(..).map(|(seq, _, _)| seq));
+            o.engine.full_checkpoint()
+        } else {
+            o.manifest.retain(|(seq, e, _)| {
+                let keep = o.engine.retains(*e);
+                if !keep {
+                    dropped.push(*seq);
+                }
+                keep
+            });
+            o.engine.checkpoint()
+        };
+        let commit = pg::Commit {
+            partition: p,
+            epoch: o.epoch,
+            next_offset: next,
+            output: &output,
+            checkpoint: (o.seq, extent, &bytes),
+            dropped: &dropped,
+        };
+        if !buf.is_empty() {
+            crate::fault::pause("aggregator.before_commit");
+        }
+        pg::commit(client, days, &commit)?;
+        if compact {
+            o.full_bytes = bytes.len();
+            o.compactions += 1;
+        }
+        o.manifest.push((o.seq, extent, bytes.len()));
+        o.seq += 1;
+        o.next = next;
+        o.last_commit = Instant::now();
+        Ok(())
+    }
+}
+
+/// True when committed; false when fenced off (the caller drops the partition); other errors
+/// stop the process, whose restart resumes from what is committed.
+fn committed_or_fenced(p: PartitionId, committed: Result<(), pg::PgError>) -> bool {
+    match committed {
+        Ok(()) => true,
+        Err(pg::PgError::Fenced(_, epoch)) => {
             tracing::warn!(
                 partition = p.0,
-                epoch = o.epoch,
+                epoch,
                 "fenced off: another aggregator owns this partition now; dropping it"
             );
             false

@@ -24,8 +24,11 @@ use crate::event::{AdId, Minute};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Schema versions, applied in order at start (under an advisory lock, so concurrent starts
-/// apply each once). Results are partitioned by day of minute, created on first write.
-const MIGRATIONS: &[&str] = &[r#"
+/// apply each once). Results are partitioned by day, created on first write. Version 2 adds
+/// per-hour sums of the counts (filled from the counts already stored), so that popular ads
+/// over many minutes read at most 118 minute rows and 24 hour rows per ad and day.
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE adclick_settings (key text PRIMARY KEY, value text NOT NULL);
 CREATE TABLE adclick_partitions (
     partition int PRIMARY KEY,
@@ -66,9 +69,33 @@ CREATE TABLE adclick_tops (
     counts bigint[] NOT NULL,
     PRIMARY KEY (minute, slot, partition)
 ) PARTITION BY RANGE (minute);
-"#];
+"#,
+    r#"
+CREATE TABLE adclick_hours (
+    hour bigint NOT NULL,
+    slot smallint NOT NULL,
+    ad_id text COLLATE "C" NOT NULL,
+    partition int NOT NULL,
+    count bigint NOT NULL,
+    PRIMARY KEY (hour, slot, ad_id, partition)
+) PARTITION BY RANGE (hour);
+DO $$
+DECLARE d bigint;
+BEGIN
+    FOR d IN SELECT DISTINCT floor(minute / 1440.0)::bigint FROM adclick_counts LOOP
+        EXECUTE format('CREATE TABLE IF NOT EXISTS %I PARTITION OF adclick_hours FOR VALUES FROM (%s) TO (%s)',
+            CASE WHEN d < 0 THEN 'adclick_hours_dm' || (-d) ELSE 'adclick_hours_d' || d END,
+            d * 24, (d + 1) * 24);
+    END LOOP;
+    INSERT INTO adclick_hours
+        SELECT floor(minute / 60.0)::bigint, slot, ad_id, partition, sum(count)
+        FROM adclick_counts GROUP BY 1, 2, 3, 4;
+END $$;
+"#,
+];
 
 const MINUTES_PER_DAY: i64 = 1440;
+const HOURS_PER_DAY: i64 = 24;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -242,16 +269,17 @@ impl Days {
         &mut self,
         client: &mut Client,
         table: &'static str,
-        minutes: impl Iterator<Item = i64>,
+        per_day: i64,
+        keys: impl Iterator<Item = i64>,
     ) -> Result<(), PgError> {
-        let days: HashSet<i64> = minutes.map(|m| m.div_euclid(MINUTES_PER_DAY)).collect();
+        let days: HashSet<i64> = keys.map(|k| k.div_euclid(per_day)).collect();
         for day in days {
             if self.created.contains(&(table, day)) {
                 continue;
             }
             let name =
                 if day < 0 { format!("{table}_dm{}", -day) } else { format!("{table}_d{day}") };
-            let (lo, hi) = (day * MINUTES_PER_DAY, (day + 1) * MINUTES_PER_DAY);
+            let (lo, hi) = (day * per_day, (day + 1) * per_day);
             let sql = format!(
                 "CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES FROM ({lo}) TO ({hi})"
             );
@@ -280,8 +308,10 @@ impl Default for Days {
 /// Commits one partition's batch atomically, or refuses it when the epoch is stale.
 pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<(), PgError> {
     let out = c.output;
-    days.ensure(client, "adclick_counts", out.counts.iter().map(|(m, _, _)| m.0))?;
-    days.ensure(client, "adclick_tops", out.top.iter().map(|t| t.minute.0))?;
+    let minutes = || out.counts.iter().map(|(m, _, _)| m.0);
+    days.ensure(client, "adclick_counts", MINUTES_PER_DAY, minutes())?;
+    days.ensure(client, "adclick_hours", HOURS_PER_DAY, minutes().map(|m| m.div_euclid(60)))?;
+    days.ensure(client, "adclick_tops", MINUTES_PER_DAY, out.top.iter().map(|t| t.minute.0))?;
     let part = c.partition.0 as i32;
     let mut tx = client.transaction()?;
     let epoch: i64 = tx
@@ -305,6 +335,17 @@ pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<()
         }
     }
     if !minutes.is_empty() {
+        // The hours first: the change of each count is its new value less the stored one.
+        let hours: Vec<i64> = minutes.iter().map(|m| m.div_euclid(60)).collect();
+        tx.execute(
+            "INSERT INTO adclick_hours AS h (hour, slot, ad_id, partition, count) \
+             SELECT t.h, t.s, t.a, $6, sum(t.c - coalesce(c.count, 0)) \
+             FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::bigint[], $5::bigint[]) AS t(m, s, a, c, h) \
+             LEFT JOIN adclick_counts c ON c.minute = t.m AND c.slot = t.s AND c.ad_id = t.a COLLATE \"C\" AND c.partition = $6 \
+             GROUP BY t.h, t.s, t.a \
+             ON CONFLICT (hour, slot, ad_id, partition) DO UPDATE SET count = h.count + EXCLUDED.count",
+            &[&minutes, &slots, &ads, &counts, &hours, &part],
+        )?;
         tx.execute(
             "INSERT INTO adclick_counts (minute, slot, ad_id, partition, count) \
              SELECT m, s, a, $5, c FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::bigint[]) AS t(m, s, a, c) \
@@ -412,8 +453,8 @@ pub fn series(
 /// The `n` ads with the most clicks over `[from, to)`, ties by ad id in byte order.
 ///
 /// One minute final in every partition's engine (`engines`), `n` within the stored lists: the
-/// per-partition top-N lists merged (each ad lives in one partition, so the global top `n` is among them). Otherwise
-/// the counts summed per ad over the range.
+/// per-partition top-N lists merged (each ad lives in one partition, so the global top `n` is
+/// among them). Otherwise the counts summed per ad over the range: whole hours from their sums.
 pub fn popular(
     client: &mut Client,
     slot: Slot,
@@ -437,11 +478,21 @@ pub fn popular(
         }
         return Ok(crate::rank::top(all, n));
     }
+    // Whole hours from the hour sums, the minutes either side from the counts.
+    let (h_lo, h_hi) = ((from.0 + 59).div_euclid(60), to.0.div_euclid(60));
+    let (head, tail, hours) = if h_lo < h_hi {
+        ((from.0, h_lo * 60), (h_hi * 60, to.0), (h_lo, h_hi))
+    } else {
+        ((from.0, to.0), (to.0, to.0), (0, 0))
+    };
     let rows = client.query(
-        "SELECT ad_id, sum(count)::bigint AS c FROM adclick_counts \
-         WHERE slot = $1 AND minute >= $2 AND minute < $3 \
-         GROUP BY ad_id ORDER BY c DESC, ad_id ASC LIMIT $4",
-        &[&s, &from.0, &to.0, &(n as i64)],
+        "SELECT ad_id, sum(c)::bigint AS n FROM ( \
+           SELECT ad_id, count AS c FROM adclick_counts WHERE slot = $1 \
+             AND ((minute >= $2 AND minute < $3) OR (minute >= $4 AND minute < $5)) \
+           UNION ALL \
+           SELECT ad_id, count FROM adclick_hours WHERE slot = $1 AND hour >= $6 AND hour < $7 \
+         ) u GROUP BY ad_id ORDER BY n DESC, ad_id ASC LIMIT $8",
+        &[&s, &head.0, &head.1, &tail.0, &tail.1, &hours.0, &hours.1, &(n as i64)],
     )?;
     Ok(rows.iter().map(|r| (AdId::new(r.get::<_, &str>(0)), r.get::<_, i64>(1) as u64)).collect())
 }

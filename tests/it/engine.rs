@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::model::{assert_same, run_engine, run_engine_with, run_model, Batch, Folded};
 
-fn filters() -> Arc<Filters> {
+pub(crate) fn filters() -> Arc<Filters> {
     let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
     Arc::new(
         Filters::compile(&[
@@ -34,7 +34,7 @@ fn filters() -> Arc<Filters> {
     )
 }
 
-fn small_config(shards: usize) -> EngineConfig {
+pub(crate) fn small_config(shards: usize) -> EngineConfig {
     EngineConfig {
         watermark_delay_ms: 5_000,
         idle_timeout_ms: 20_000,
@@ -50,7 +50,7 @@ fn small_config(shards: usize) -> EngineConfig {
 
 /// A generated stream cut into batches over `parts` partitions with random interleaving, random
 /// batch sizes, occasional idle gaps and re-sent (already consumed) records.
-fn workload(seed: u64, events: usize, parts: u32) -> Vec<Batch> {
+pub(crate) fn workload(seed: u64, events: usize, parts: u32) -> Vec<Batch> {
     let mut rng = SmallRng::seed_from_u64(seed ^ 0xabcdef);
     let assigned = seed % 2 == 1;
     let mut generator = Generator::new(GenConfig {

@@ -2,5 +2,6 @@
 mod archive;
 mod engine;
 mod model;
+mod pgstore;
 mod scaleout;
 mod service;

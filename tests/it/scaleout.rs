@@ -17,7 +17,7 @@ use crate::service::{
 
 /// The addresses of the broker and the database, or `None` (skip) when they are not configured
 /// and not required.
-fn services() -> Option<(String, String)> {
+pub(crate) fn services() -> Option<(String, String)> {
     let kafka = std::env::var("ADCLICK_TEST_KAFKA").ok().filter(|v| !v.is_empty());
     let pg = std::env::var("ADCLICK_TEST_POSTGRES").ok().filter(|v| !v.is_empty());
     match (kafka, pg) {
@@ -36,7 +36,7 @@ fn services() -> Option<(String, String)> {
 }
 
 /// A fresh database on the test server, and a topic name no other test uses.
-fn fresh(pg: &str, name: &str) -> (String, String) {
+pub(crate) fn fresh(pg: &str, name: &str) -> (String, String) {
     let unique = format!("{name}_{}_{}", std::process::id(), now_ms() % 1_000_000_000);
     let mut client = postgres::Client::connect(pg, postgres::NoTls).expect("connect to postgres");
     client.batch_execute(&format!("CREATE DATABASE {unique}")).unwrap();
