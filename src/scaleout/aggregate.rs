@@ -52,6 +52,9 @@ pub struct Owned {
     seq: u64,
     /// The checkpoint files the state restores from: (seq, extent, bytes).
     manifest: Vec<(u64, Extent, usize)>,
+    /// Minutes below this one are summed into the hour sums (see `pg::Commit::roll`).
+    rolled_through: i64,
+    lateness_ms: i64,
     /// Bytes of the last full checkpoint (unknown after a claim: 0).
     full_bytes: usize,
     compactions: u64,
@@ -295,6 +298,8 @@ impl Owned {
             next: claim.next_offset,
             seq,
             manifest: claim.files.iter().map(|(s, e, b)| (*s, *e, b.len())).collect(),
+            rolled_through: claim.rolled_through,
+            lateness_ms: config.allowed_lateness_ms,
             full_bytes: 0,
             compactions: 0,
             buf: Vec::new(),
@@ -357,6 +362,11 @@ impl Owned {
             });
             o.engine.checkpoint()
         };
+        let sealed = output
+            .watermark
+            .oldest_countable(o.lateness_ms)
+            .map(|ms| ms.div_euclid(crate::event::MINUTE_MS));
+        let roll = sealed.filter(|&to| to > o.rolled_through).map(|to| (o.rolled_through, to));
         let commit = pg::Commit {
             partition: p,
             epoch: o.epoch,
@@ -364,11 +374,15 @@ impl Owned {
             output: &output,
             checkpoint: (o.seq, extent, &bytes),
             dropped: &dropped,
+            roll,
         };
         if !buf.is_empty() {
             crate::fault::pause("aggregator.before_commit");
         }
         pg::commit(client, days, &commit)?;
+        if let Some((_, to)) = roll {
+            o.rolled_through = to;
+        }
         if compact {
             o.full_bytes = bytes.len();
             o.compactions += 1;

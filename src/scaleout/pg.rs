@@ -25,8 +25,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Schema versions, applied in order at start (under an advisory lock, so concurrent starts
 /// apply each once). Results are partitioned by day, created on first write. Version 2 adds
-/// per-hour sums of the counts (filled from the counts already stored), so that popular ads
-/// over many minutes read at most 118 minute rows and 24 hour rows per ad and day.
+/// per-hour sums of sealed minutes (see [`Commit::roll`]), so that popular ads over many
+/// minutes read hour rows, and minute rows only at either end and for the newest minutes.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE adclick_settings (key text PRIMARY KEY, value text NOT NULL);
@@ -79,18 +79,7 @@ CREATE TABLE adclick_hours (
     count bigint NOT NULL,
     PRIMARY KEY (hour, slot, ad_id, partition)
 ) PARTITION BY RANGE (hour);
-DO $$
-DECLARE d bigint;
-BEGIN
-    FOR d IN SELECT DISTINCT floor(minute / 1440.0)::bigint FROM adclick_counts LOOP
-        EXECUTE format('CREATE TABLE IF NOT EXISTS %I PARTITION OF adclick_hours FOR VALUES FROM (%s) TO (%s)',
-            CASE WHEN d < 0 THEN 'adclick_hours_dm' || (-d) ELSE 'adclick_hours_d' || d END,
-            d * 24, (d + 1) * 24);
-    END LOOP;
-    INSERT INTO adclick_hours
-        SELECT floor(minute / 60.0)::bigint, slot, ad_id, partition, sum(count)
-        FROM adclick_counts GROUP BY 1, 2, 3, 4;
-END $$;
+ALTER TABLE adclick_partitions ADD COLUMN rolled_through bigint NOT NULL DEFAULT -9223372036854775808;
 "#,
 ];
 
@@ -209,6 +198,8 @@ pub struct Claim {
     pub next_offset: i64,
     /// The checkpoint files its state restores from, oldest first.
     pub files: Vec<(u64, Extent, Vec<u8>)>,
+    /// Minutes below this one are summed into the hour sums.
+    pub rolled_through: i64,
 }
 
 /// Takes ownership of `p`: bumps its epoch (fencing off any previous owner; waits for a commit
@@ -222,7 +213,7 @@ pub fn claim(client: &mut Client, p: PartitionId, owner: &str) -> Result<Claim, 
     )?;
     let row = tx.query_one(
         "UPDATE adclick_partitions SET epoch = epoch + 1, owner = $2, updated_at = now() \
-         WHERE partition = $1 RETURNING epoch, next_offset",
+         WHERE partition = $1 RETURNING epoch, next_offset, rolled_through",
         &[&part, &owner],
     )?;
     let files = tx
@@ -241,7 +232,7 @@ pub fn claim(client: &mut Client, p: PartitionId, owner: &str) -> Result<Claim, 
         })
         .collect();
     tx.commit()?;
-    Ok(Claim { epoch: row.get(0), next_offset: row.get(1), files })
+    Ok(Claim { epoch: row.get(0), next_offset: row.get(1), files, rolled_through: row.get(2) })
 }
 
 /// A partition's batch to commit.
@@ -253,6 +244,9 @@ pub struct Commit<'a> {
     pub checkpoint: (u64, Extent, &'a [u8]),
     /// Checkpoint files no longer needed.
     pub dropped: &'a [u64],
+    /// Minutes `[from, to)` that the engine's watermark has sealed since the last commit (no
+    /// click can change them any more): their counts are added to the hour sums, once.
+    pub roll: Option<(i64, i64)>,
 }
 
 /// Writes rows through one partitioned table's daily partitions, creating those missing.
@@ -308,9 +302,16 @@ impl Default for Days {
 /// Commits one partition's batch atomically, or refuses it when the epoch is stale.
 pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<(), PgError> {
     let out = c.output;
-    let minutes = || out.counts.iter().map(|(m, _, _)| m.0);
-    days.ensure(client, "adclick_counts", MINUTES_PER_DAY, minutes())?;
-    days.ensure(client, "adclick_hours", HOURS_PER_DAY, minutes().map(|m| m.div_euclid(60)))?;
+    days.ensure(client, "adclick_counts", MINUTES_PER_DAY, out.counts.iter().map(|(m, _, _)| m.0))?;
+    if let Some((from, to)) = c.roll {
+        let rolled_days = rolled_days(client, c.partition, from, to)?;
+        days.ensure(
+            client,
+            "adclick_hours",
+            HOURS_PER_DAY,
+            rolled_days.map(|d| d * HOURS_PER_DAY),
+        )?;
+    }
     days.ensure(client, "adclick_tops", MINUTES_PER_DAY, out.top.iter().map(|t| t.minute.0))?;
     let part = c.partition.0 as i32;
     let mut tx = client.transaction()?;
@@ -335,17 +336,6 @@ pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<()
         }
     }
     if !minutes.is_empty() {
-        // The hours first: the change of each count is its new value less the stored one.
-        let hours: Vec<i64> = minutes.iter().map(|m| m.div_euclid(60)).collect();
-        tx.execute(
-            "INSERT INTO adclick_hours AS h (hour, slot, ad_id, partition, count) \
-             SELECT t.h, t.s, t.a, $6, sum(t.c - coalesce(c.count, 0)) \
-             FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::bigint[], $5::bigint[]) AS t(m, s, a, c, h) \
-             LEFT JOIN adclick_counts c ON c.minute = t.m AND c.slot = t.s AND c.ad_id = t.a COLLATE \"C\" AND c.partition = $6 \
-             GROUP BY t.h, t.s, t.a \
-             ON CONFLICT (hour, slot, ad_id, partition) DO UPDATE SET count = h.count + EXCLUDED.count",
-            &[&minutes, &slots, &ads, &counts, &hours, &part],
-        )?;
         tx.execute(
             "INSERT INTO adclick_counts (minute, slot, ad_id, partition, count) \
              SELECT m, s, a, $5, c FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::bigint[]) AS t(m, s, a, c) \
@@ -360,6 +350,20 @@ pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<()
             "INSERT INTO adclick_tops (minute, slot, partition, ad_ids, counts) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (minute, slot, partition) DO UPDATE SET ad_ids = EXCLUDED.ad_ids, counts = EXCLUDED.counts",
             &[&t.minute.0, &(t.slot.index() as i16), &part, &ids, &counts],
+        )?;
+    }
+    if let Some((from, to)) = c.roll {
+        tx.execute(
+            "INSERT INTO adclick_hours AS h (hour, slot, ad_id, partition, count) \
+             SELECT floor(minute::numeric / 60)::bigint, slot, ad_id, partition, sum(count) \
+             FROM adclick_counts WHERE partition = $1 AND minute >= $2 AND minute < $3 \
+             GROUP BY 1, 2, 3, 4 \
+             ON CONFLICT (hour, slot, ad_id, partition) DO UPDATE SET count = h.count + EXCLUDED.count",
+            &[&part, &from, &to],
+        )?;
+        tx.execute(
+            "UPDATE adclick_partitions SET rolled_through = $2 WHERE partition = $1",
+            &[&part, &to],
         )?;
     }
     let (seq, extent, bytes) = c.checkpoint;
@@ -392,6 +396,26 @@ pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<()
     crate::fault::point("pg.before_commit");
     tx.commit()?;
     Ok(())
+}
+
+/// The days of minutes `[from, to)` that `p` has counts in: from the range when it is short, else
+/// (a first roll, after an upgrade) from the counts.
+fn rolled_days(
+    client: &mut Client,
+    p: PartitionId,
+    from: i64,
+    to: i64,
+) -> Result<Box<dyn Iterator<Item = i64>>, PgError> {
+    if to.saturating_sub(from) <= 2 * MINUTES_PER_DAY {
+        let (lo, hi) = (from.div_euclid(MINUTES_PER_DAY), (to - 1).div_euclid(MINUTES_PER_DAY));
+        return Ok(Box::new(lo..=hi));
+    }
+    let rows = client.query(
+        "SELECT DISTINCT floor(minute::numeric / 1440)::bigint FROM adclick_counts \
+         WHERE partition = $1 AND minute >= $2 AND minute < $3",
+        &[&(p.0 as i32), &from, &to],
+    )?;
+    Ok(Box::new(rows.into_iter().map(|r| r.get::<_, i64>(0))))
 }
 
 /// Advances the stored watermark of a partition that has never delivered a valid click and has
@@ -478,21 +502,30 @@ pub fn popular(
         }
         return Ok(crate::rank::top(all, n));
     }
-    // Whole hours from the hour sums, the minutes either side from the counts.
+    // Whole hours: their sums of sealed minutes, and the minutes not rolled into them yet; the
+    // minutes either side from the counts. Only minutes at or past the lowest roll point of any
+    // partition are read in the whole hours (the newest ones), so the cost follows the window's
+    // hours, not its minutes.
     let (h_lo, h_hi) = ((from.0 + 59).div_euclid(60), to.0.div_euclid(60));
-    let (head, tail, hours) = if h_lo < h_hi {
-        ((from.0, h_lo * 60), (h_hi * 60, to.0), (h_lo, h_hi))
-    } else {
-        ((from.0, to.0), (to.0, to.0), (0, 0))
-    };
+    let (whole, hours) =
+        if h_lo < h_hi { ((h_lo * 60, h_hi * 60), (h_lo, h_hi)) } else { ((to.0, to.0), (0, 0)) };
+    let rolled: i64 = client
+        .query_one(
+            "SELECT coalesce(min(rolled_through), -9223372036854775808) FROM adclick_partitions",
+            &[],
+        )?
+        .get(0);
     let rows = client.query(
         "SELECT ad_id, sum(c)::bigint AS n FROM ( \
-           SELECT ad_id, count AS c FROM adclick_counts WHERE slot = $1 \
-             AND ((minute >= $2 AND minute < $3) OR (minute >= $4 AND minute < $5)) \
+           SELECT c.ad_id, c.count AS c FROM adclick_counts c \
+             LEFT JOIN adclick_partitions p ON p.partition = c.partition \
+             WHERE c.slot = $1 AND ((c.minute >= $2 AND c.minute < $4) OR (c.minute >= $5 AND c.minute < $3) \
+               OR (c.minute >= $4 AND c.minute < $5 AND c.minute >= $9 \
+                   AND c.minute >= coalesce(p.rolled_through, -9223372036854775808))) \
            UNION ALL \
            SELECT ad_id, count FROM adclick_hours WHERE slot = $1 AND hour >= $6 AND hour < $7 \
          ) u GROUP BY ad_id ORDER BY n DESC, ad_id ASC LIMIT $8",
-        &[&s, &head.0, &head.1, &tail.0, &tail.1, &hours.0, &hours.1, &(n as i64)],
+        &[&s, &from.0, &to.0, &whole.0, &whole.1, &hours.0, &hours.1, &(n as i64), &rolled],
     )?;
     Ok(rows.iter().map(|r| (AdId::new(r.get::<_, &str>(0)), r.get::<_, i64>(1) as u64)).collect())
 }

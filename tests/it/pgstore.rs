@@ -45,6 +45,8 @@ struct Run {
     held_over: usize,
     /// Checkpoint chains replaced by a full checkpoint (the zombies' not included).
     compactions: u64,
+    /// Whether the midway check met minutes both rolled into hour sums and not.
+    mixed: bool,
 }
 
 fn drive(url: &str, cfg: &EngineConfig, batches: &[Batch], parts: u32, seed: u64) -> Run {
@@ -67,6 +69,7 @@ fn drive(url: &str, cfg: &EngineConfig, batches: &[Batch], parts: u32, seed: u64
     // next batch on.
     let mut zombies: Vec<(usize, Owned)> = Vec::new();
     let (mut crashes, mut zombies_refused, mut held_over, mut compactions) = (0, 0, 0, 0);
+    let mut mixed = false;
     let last = batches.len() - 1;
     // Where owners die and pause: (batch, partition), a few of each, anywhere but the end.
     let mut faults = |n: usize| -> Vec<(usize, u32)> {
@@ -140,6 +143,15 @@ fn drive(url: &str, cfg: &EngineConfig, batches: &[Batch], parts: u32, seed: u64
             }
             lane.restored = false;
         }
+        if i == last / 2 {
+            // Midway, with some minutes rolled into hour sums and newer ones not yet.
+            let model: Vec<Folded> =
+                lanes.iter().map(|l| run_model(cfg, &filters, &l.committed)).collect();
+            let what = format!("seed {seed}, midway");
+            let (rolled, unrolled) = check_hours(url, &what);
+            mixed = rolled > 0 && unrolled > 0;
+            check_popular(url, cfg, parts, &model, &what);
+        }
         // A zombie wakes up after its partition was claimed again: it must be refused.
         let woken = zombies.iter().position(|(at, _)| *at < i && rng.random_bool(0.3));
         if let Some(k) = woken {
@@ -159,7 +171,7 @@ fn drive(url: &str, cfg: &EngineConfig, batches: &[Batch], parts: u32, seed: u64
     }
     compactions += lanes.iter().flat_map(|l| &l.owner).map(|o| o.compactions()).sum::<u64>();
     let model = lanes.iter().map(|l| run_model(cfg, &filters, &l.committed)).collect();
-    Run { model, crashes, zombies_refused, held_over, compactions }
+    Run { model, crashes, zombies_refused, held_over, compactions, mixed }
 }
 
 /// Every stored row, per partition, in the model's shape.
@@ -244,23 +256,42 @@ fn check(url: &str, cfg: &EngineConfig, parts: u32, run: &Run, what: &str) {
             "{what}: counted, duplicate, too late, invalid"
         );
     }
-    // The hour sums equal the counts they sum.
+    check_hours(url, what);
+    check_popular(url, cfg, parts, &run.model, what);
+}
+
+/// The hour sums hold exactly the minutes below each partition's roll point. Returns how many
+/// count rows are rolled and how many are not yet.
+fn check_hours(url: &str, what: &str) -> (i64, i64) {
     let mut client = pg::connect(url).expect("connect");
     let mismatched: i64 = client
         .query_one(
-            "SELECT count(*) FROM (SELECT floor(minute / 60.0)::bigint AS hour, slot, ad_id, \
-             partition, sum(count) AS c FROM adclick_counts GROUP BY 1, 2, 3, 4) m \
+            "SELECT count(*) FROM (SELECT floor(c.minute / 60.0)::bigint AS hour, c.slot, c.ad_id, \
+             c.partition, sum(c.count) AS n FROM adclick_counts c JOIN adclick_partitions p \
+             ON p.partition = c.partition WHERE c.minute < p.rolled_through GROUP BY 1, 2, 3, 4) m \
              FULL JOIN adclick_hours h USING (hour, slot, ad_id, partition) \
-             WHERE m.c IS DISTINCT FROM h.count",
+             WHERE m.n IS DISTINCT FROM h.count",
             &[],
         )
         .unwrap()
         .get(0);
-    assert_eq!(mismatched, 0, "{what}: hour sums that differ from their minutes");
-    // Popular ads through the query role's reads: single final minutes (the merged top-N
-    // lists) and windows of whole and partial hours.
+    assert_eq!(mismatched, 0, "{what}: hour sums that differ from their rolled minutes");
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE c.minute < p.rolled_through), \
+             count(*) FILTER (WHERE c.minute >= p.rolled_through) \
+             FROM adclick_counts c JOIN adclick_partitions p ON p.partition = c.partition",
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Popular ads through the query role's reads, against the model's counts.
+fn check_popular(url: &str, cfg: &EngineConfig, parts: u32, model: &[Folded], what: &str) {
+    // Single final minutes (the merged top-N lists), windows of whole and partial hours.
     let results = PgResults::new(url, parts, cfg.top_n).expect("query connection");
-    let minutes: Vec<i64> = run.model.iter().flat_map(|f| f.counts.keys().map(|k| k.0)).collect();
+    let minutes: Vec<i64> = model.iter().flat_map(|f| f.counts.keys().map(|k| k.0)).collect();
     let (lo, hi) = (*minutes.iter().min().unwrap(), *minutes.iter().max().unwrap() + 1);
     let mut rng = SmallRng::seed_from_u64(lo as u64);
     let mut windows = vec![(lo, hi), (lo - 90, hi + 90)];
@@ -279,7 +310,7 @@ fn check(url: &str, cfg: &EngineConfig, parts: u32, run: &Run, what: &str) {
                     got.into_iter().map(|(a, c)| (a.to_string(), c)).collect();
                 assert_eq!(
                     got,
-                    model_popular(&run.model, slot, from, to, n),
+                    model_popular(model, slot, from, to, n),
                     "{what}: popular over [{from}, {to}) slot {slot} n {n}"
                 );
             }
@@ -323,6 +354,9 @@ fn the_commit_path_matches_the_model_across_crashes_and_zombies() {
             run.crashes > 0 && run.zombies_refused > 0 && run.held_over > 0 && run.compactions > 0,
             "{what}: the faults must happen"
         );
+        if !month_behind {
+            assert!(run.mixed, "{what}: midway, minutes must be both rolled and not");
+        }
         let sum = |f: fn(&Folded) -> u64| run.model.iter().map(f).sum::<u64>();
         let (counted, dup, late, too_late) = (
             sum(|m| m.counters.counted),
@@ -335,13 +369,30 @@ fn the_commit_path_matches_the_model_across_crashes_and_zombies() {
         assert!(late > 0 && too_late > 0, "{what}: the workload must be late and too late");
         check(&url, &cfg, parts, &run, &what);
         if seed == 1 {
-            // A database from before the hour sums (schema version 1) gets them on migration.
+            // A database from before the hour sums (schema version 1): migrated, it answers
+            // from the counts; the next commit of each partition rolls its sealed minutes.
             let mut client = pg::connect(&url).expect("connect");
             client
-                .batch_execute("DROP TABLE adclick_hours; UPDATE adclick_schema SET version = 1")
+                .batch_execute(
+                    "DROP TABLE adclick_hours; \
+                     ALTER TABLE adclick_partitions DROP COLUMN rolled_through; \
+                     UPDATE adclick_schema SET version = 1",
+                )
                 .unwrap();
             pg::migrate(&mut client).expect("migrate from version 1");
-            check(&url, &cfg, parts, &run, &format!("{what}, migrated from version 1"));
+            let what = format!("{what}, migrated from version 1");
+            check(&url, &cfg, parts, &run, &what);
+            let wall = batches.last().unwrap().wall;
+            let mut days = pg::Days::new();
+            for p in 0..parts {
+                let claim = pg::claim(&mut client, PartitionId(p), "upgraded").expect("claim");
+                let mut owned =
+                    Owned::restore(&cfg, &filters(), PartitionId(p), claim, wall).expect("restore");
+                owned.commit(&mut client, &mut days, wall).expect("commit");
+            }
+            let (rolled, _) = check_hours(&url, &what);
+            assert!(rolled > 0, "{what}: nothing rolled into hour sums");
+            check_popular(&url, &cfg, parts, &run.model, &what);
         }
     }
 }
