@@ -428,13 +428,109 @@ pub fn clicks(b: &RecordBatch) -> anyhow::Result<Vec<(PartitionId, Offset, Click
 /// Per partition `[from, to)`.
 pub type Ranges = Vec<(PartitionId, Offset, Offset)>;
 
-/// The log consumer that fills the archive (see the module doc).
-pub struct Archiver {
-    archive: Arc<Archive>,
-    store: Arc<Store>,
+/// Where the archiver reads accepted clicks: the embedded click log ([`LogSource`]) or Kafka
+/// (`scaleout::archive`). Offsets are dense per partition; a range is read the same every time.
+pub trait Source: Send {
+    fn partitions(&self) -> usize;
+    /// Per partition, the offset below which records can be read now.
+    fn ends(&mut self) -> anyhow::Result<Vec<u64>>;
+    /// Calls `f` with every accepted click of `[from, to)` of `p`, in offset order (a source of
+    /// raw lines skips those that are not valid clicks).
+    fn read(
+        &mut self,
+        p: PartitionId,
+        from: Offset,
+        to: Offset,
+        f: &mut dyn FnMut(Offset, &Click<'_>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()>;
+}
+
+/// Where the archiver keeps its offsets and the flush it is writing: the embedded store, or
+/// PostgreSQL (`scaleout::archive`).
+pub trait Ledger: Send {
+    fn state(&self) -> anyhow::Result<crate::store::ArchiveState>;
+    /// Records, durably, that flush `seq` writes `ranges`.
+    fn begin(&self, seq: u64, ranges: &Ranges) -> anyhow::Result<()>;
+    /// Advances the offsets past `ranges` and clears flush `seq`, in one transaction.
+    fn commit(&self, seq: u64, ranges: &Ranges) -> anyhow::Result<()>;
+}
+
+/// The embedded click log as the archiver's source.
+pub struct LogSource {
     log: LogHandle,
     readers: Vec<crate::log::Reader>,
     buf: Vec<Records>,
+}
+
+impl LogSource {
+    pub fn new(log: LogHandle) -> LogSource {
+        let partitions = log.partitions();
+        LogSource {
+            readers: (0..partitions).map(|p| log.reader(PartitionId(p as u32))).collect(),
+            buf: (0..partitions).map(|_| Records::default()).collect(),
+            log,
+        }
+    }
+}
+
+impl Source for LogSource {
+    fn partitions(&self) -> usize {
+        self.log.partitions()
+    }
+
+    fn ends(&mut self) -> anyhow::Result<Vec<u64>> {
+        Ok(self.log.durable_ends())
+    }
+
+    fn read(
+        &mut self,
+        p: PartitionId,
+        from: Offset,
+        to: Offset,
+        f: &mut dyn FnMut(Offset, &Click<'_>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut at = from.0;
+        while at < to.0 {
+            let end = (at + BATCH_ROWS as u64).min(to.0);
+            let slice = [(p, Offset(at), Offset(end))];
+            crate::pipeline::read_ranges(&mut self.readers, &mut self.buf, &slice)
+                .context("reading the log to archive it")?;
+            for (offset, bytes) in self.buf[p.0 as usize].iter() {
+                let click = wire::decode(bytes).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "partition {} offset {}: the log record does not decode as a click",
+                        p.0,
+                        offset.0
+                    )
+                })?;
+                f(offset, &click)?;
+            }
+            at = end;
+        }
+        Ok(())
+    }
+}
+
+/// The embedded store as the archiver's ledger.
+impl Ledger for Arc<Store> {
+    fn state(&self) -> anyhow::Result<crate::store::ArchiveState> {
+        Ok(self.archive_state()?)
+    }
+
+    fn begin(&self, seq: u64, ranges: &Ranges) -> anyhow::Result<()> {
+        Ok(self.archive_begin(seq, ranges)?)
+    }
+
+    fn commit(&self, seq: u64, ranges: &Ranges) -> anyhow::Result<()> {
+        Ok(self.archive_commit(seq, ranges)?)
+    }
+}
+
+/// The consumer that fills the archive (see the module doc).
+pub struct Archiver {
+    archive: Arc<Archive>,
+    source: Box<dyn Source>,
+    ledger: Box<dyn Ledger>,
     /// Per partition: the next offset to archive; published for log retention and status.
     archived: Arc<Vec<AtomicU64>>,
     seq: u64,
@@ -457,27 +553,37 @@ impl Archiver {
         log: LogHandle,
         settings: &ArchiveSettings,
     ) -> anyhow::Result<Archiver> {
-        let state = store.archive_state().context("reading the archiver's offsets")?;
-        let partitions = log.partitions();
+        Archiver::recover_from(archive, Box::new(LogSource::new(log)), Box::new(store), settings)
+    }
+
+    /// As [`Archiver::recover`], from any source and ledger.
+    pub fn recover_from(
+        archive: Arc<Archive>,
+        mut source: Box<dyn Source>,
+        ledger: Box<dyn Ledger>,
+        settings: &ArchiveSettings,
+    ) -> anyhow::Result<Archiver> {
+        let state = ledger.state().context("reading the archiver's offsets")?;
+        let partitions = source.partitions();
+        let ends = source.ends()?;
         let archived: Vec<AtomicU64> = (0..partitions).map(|_| AtomicU64::new(0)).collect();
         for &(p, o) in &state.offsets {
             anyhow::ensure!((p.0 as usize) < partitions, "archive offsets name partition {}", p.0);
             anyhow::ensure!(
-                log.durable_end(p) >= o,
-                "partition {}: the log ends at offset {} but the archive holds records up to {}; \
-                 the log lost records (damaged, deleted or restored files)",
+                ends[p.0 as usize] >= o.0,
+                "partition {}: the source ends at offset {} but the archive holds records up to \
+                 {}; the source lost records (damaged, deleted or restored files, or a topic \
+                 recreated)",
                 p.0,
-                log.durable_end(p).0,
+                ends[p.0 as usize],
                 o.0
             );
             archived[p.0 as usize].store(o.0, Ordering::Release);
         }
         let mut a = Archiver {
-            readers: (0..partitions).map(|p| log.reader(PartitionId(p as u32))).collect(),
-            buf: (0..partitions).map(|_| Records::default()).collect(),
             archive,
-            store,
-            log,
+            source,
+            ledger,
             archived: Arc::new(archived),
             seq: state.next_seq,
             pending: None,
@@ -502,7 +608,7 @@ impl Archiver {
 
     /// Archives every record durable now, in flushes of at most `file_rows`.
     pub fn catch_up(&mut self) -> anyhow::Result<u64> {
-        let target = self.log.durable_ends();
+        let target = self.source.ends()?;
         let mut total = 0;
         loop {
             let n = self.flush_once(&target)?;
@@ -538,7 +644,7 @@ impl Archiver {
             return Ok(0);
         }
         let n = ranges.iter().map(|(_, a, b)| b.0 - a.0).sum();
-        self.store.archive_begin(self.seq, &ranges).context("recording an archive flush")?;
+        self.ledger.begin(self.seq, &ranges).context("recording an archive flush")?;
         crate::fault::point("archive.after_begin");
         self.pending = Some(ranges);
         self.redo_pending()?;
@@ -550,31 +656,23 @@ impl Archiver {
     fn write_flush(&mut self, ranges: &Ranges) -> anyhow::Result<()> {
         let mut files: std::collections::BTreeMap<i64, FileWriter> = Default::default();
         for &(p, from, to) in ranges {
-            let mut at = from.0;
-            while at < to.0 {
-                let end = (at + BATCH_ROWS as u64).min(to.0);
-                let slice = [(p, Offset(at), Offset(end))];
-                crate::pipeline::read_ranges(&mut self.readers, &mut self.buf, &slice)
-                    .context("reading the log to archive it")?;
-                for (offset, bytes) in self.buf[p.0 as usize].iter() {
-                    let click = wire::decode(bytes).ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "partition {} offset {}: the log record does not decode as a click",
-                            p.0,
-                            offset.0
-                        )
-                    })?;
-                    let hour = click.time.0.div_euclid(3_600_000);
-                    let file = match files.entry(hour) {
-                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::btree_map::Entry::Vacant(e) => {
-                            e.insert(FileWriter::new()?)
-                        }
-                    };
-                    file.append(p, offset, &click)?;
-                }
-                at = end;
-            }
+            let mut next = from.0;
+            self.source.read(p, from, to, &mut |offset, click| {
+                anyhow::ensure!(
+                    offset.0 >= next && offset.0 < to.0,
+                    "partition {}: the source gave offset {} where {} or later was due",
+                    p.0,
+                    offset.0,
+                    next
+                );
+                next = offset.0 + 1;
+                let hour = click.time.0.div_euclid(3_600_000);
+                let file = match files.entry(hour) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => e.insert(FileWriter::new()?),
+                };
+                file.append(p, offset, click)
+            })?;
         }
         for (hour, file) in files {
             let rel = format!("{}/{}", hour_dir(hour), part_name(self.seq));
@@ -585,7 +683,7 @@ impl Archiver {
             crate::fault::point("archive.mid_flush");
         }
         self.redoing = false;
-        self.store.archive_commit(self.seq, ranges).context("committing an archive flush")?;
+        self.ledger.commit(self.seq, ranges).context("committing an archive flush")?;
         for &(p, _, to) in ranges {
             self.archived[p.0 as usize].store(to.0, Ordering::Release);
         }
@@ -606,7 +704,21 @@ impl Archiver {
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             let stopping = shutdown.load(Ordering::Acquire);
-            let waiting = self.log.behind(&self.archived);
+            let ends = match self.source.ends() {
+                Ok(ends) => ends,
+                Err(e) => {
+                    tracing::warn!("archive: reading the source's end: {e:#}");
+                    if shutdown.load(Ordering::Acquire) {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let waiting: u64 = ends
+                .iter()
+                .zip(self.archived.iter())
+                .map(|(e, a)| e.saturating_sub(a.load(Ordering::Acquire)))
+                .sum();
             let due = request.is_some()
                 || stopping
                 || (last.elapsed() >= backoff
@@ -616,7 +728,7 @@ impl Archiver {
                 let result = if request.is_some() || stopping {
                     self.catch_up().map(|_| ())
                 } else {
-                    self.flush_once(&self.log.durable_ends()).map(|_| ())
+                    self.flush_once(&ends).map(|_| ())
                 };
                 last = Instant::now();
                 if let Some(reply) = request {
