@@ -431,6 +431,8 @@ pub type Ranges = Vec<(PartitionId, Offset, Offset)>;
 /// Where the archiver reads accepted clicks: the embedded click log ([`LogSource`]) or Kafka
 /// (`scaleout::archive`). Offsets are dense per partition; a range is read the same every time.
 pub trait Source: Send {
+    /// What it is, for messages: "log", "topic".
+    fn name(&self) -> &'static str;
     fn partitions(&self) -> usize;
     /// Per partition, the offset below which records can be read now.
     fn ends(&mut self) -> anyhow::Result<Vec<u64>>;
@@ -474,6 +476,10 @@ impl LogSource {
 }
 
 impl Source for LogSource {
+    fn name(&self) -> &'static str {
+        "log"
+    }
+
     fn partitions(&self) -> usize {
         self.log.partitions()
     }
@@ -571,12 +577,13 @@ impl Archiver {
             anyhow::ensure!((p.0 as usize) < partitions, "archive offsets name partition {}", p.0);
             anyhow::ensure!(
                 ends[p.0 as usize] >= o.0,
-                "partition {}: the source ends at offset {} but the archive holds records up to \
-                 {}; the source lost records (damaged, deleted or restored files, or a topic \
+                "partition {}: the {name} ends at offset {} but the archive holds records up to \
+                 {}; the {name} lost records (damaged, deleted or restored files, or a topic \
                  recreated)",
                 p.0,
                 ends[p.0 as usize],
-                o.0
+                o.0,
+                name = source.name()
             );
             archived[p.0 as usize].store(o.0, Ordering::Release);
         }

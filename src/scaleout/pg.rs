@@ -304,7 +304,7 @@ pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<()
     let out = c.output;
     days.ensure(client, "adclick_counts", MINUTES_PER_DAY, out.counts.iter().map(|(m, _, _)| m.0))?;
     if let Some((from, to)) = c.roll {
-        let rolled_days = rolled_days(client, c.partition, from, to)?;
+        let rolled_days = rolled_days(client, from, to)?;
         days.ensure(
             client,
             "adclick_hours",
@@ -398,24 +398,36 @@ pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<()
     Ok(())
 }
 
-/// The days of minutes `[from, to)` that `p` has counts in: from the range when it is short, else
-/// (a first roll, after an upgrade) from the counts.
+/// The days of minutes `[from, to)` that may hold counts: every day of the range when it is
+/// short, else (a first roll, or a watermark that jumped) the days the counts table has a
+/// partition for, this commit's included (created before the transaction).
 fn rolled_days(
     client: &mut Client,
-    p: PartitionId,
     from: i64,
     to: i64,
 ) -> Result<Box<dyn Iterator<Item = i64>>, PgError> {
+    let (lo, hi) = (from.div_euclid(MINUTES_PER_DAY), (to - 1).div_euclid(MINUTES_PER_DAY));
     if to.saturating_sub(from) <= 2 * MINUTES_PER_DAY {
-        let (lo, hi) = (from.div_euclid(MINUTES_PER_DAY), (to - 1).div_euclid(MINUTES_PER_DAY));
         return Ok(Box::new(lo..=hi));
     }
     let rows = client.query(
-        "SELECT DISTINCT floor(minute::numeric / 1440)::bigint FROM adclick_counts \
-         WHERE partition = $1 AND minute >= $2 AND minute < $3",
-        &[&(p.0 as i32), &from, &to],
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'adclick_counts'::regclass",
+        &[],
     )?;
-    Ok(Box::new(rows.into_iter().map(|r| r.get::<_, i64>(0))))
+    let days: Vec<i64> = rows
+        .iter()
+        .filter_map(|r| {
+            let name: String = r.get(0);
+            let day = name.strip_prefix("adclick_counts_")?;
+            match day.strip_prefix("dm") {
+                Some(neg) => neg.parse::<i64>().ok().map(|d| -d),
+                None => day.strip_prefix('d')?.parse().ok(),
+            }
+        })
+        .filter(|d| (lo..=hi).contains(d))
+        .collect();
+    Ok(Box::new(days.into_iter()))
 }
 
 /// Advances the stored watermark of a partition that has never delivered a valid click and has

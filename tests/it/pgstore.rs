@@ -396,3 +396,40 @@ fn the_commit_path_matches_the_model_across_crashes_and_zombies() {
         }
     }
 }
+
+#[test]
+fn a_commit_that_seals_its_own_minutes_rolls_them_even_after_a_jump() {
+    let Some((_, pg_url)) = services() else { return };
+    let (url, _) = fresh(&pg_url, "pgroll");
+    let mut client = pg::connect(&url).expect("connect");
+    pg::migrate(&mut client).expect("migrate");
+    let mut days = pg::Days::new();
+    let cfg = small_config(1);
+    let base = 1_796_000_000_000i64 / 60_000 * 60_000;
+    let line =
+        |i: usize, t: i64| format!(r#"{{"ad_id":"a","click_timestamp":{t},"click_id":"c{i}"}}"#);
+    let wall = base + 3 * 86_400_000 + 600_000;
+    let claim = pg::claim(&mut client, PartitionId(0), "test").expect("claim");
+    let mut owned = Owned::restore(&cfg, &filters(), PartitionId(0), claim, wall).expect("restore");
+    // One commit of eleven minutes in order: the first ones are sealed by its own watermark,
+    // on the first roll of the partition.
+    for i in 0..11 {
+        owned.push(i as i64, line(i, base + i as i64 * 60_000).into_bytes());
+    }
+    owned.commit(&mut client, &mut days, wall).expect("a first commit that seals its minutes");
+    let (rolled, _) = check_hours(&url, "first commit");
+    assert!(rolled > 0, "the sealed minutes of the first commit are rolled");
+    // Three days later: the watermark jumps past more than two days of minutes at once.
+    owned.push(11, line(11, base + 3 * 86_400_000).into_bytes());
+    owned.commit(&mut client, &mut days, wall).expect("a commit after a jump of three days");
+    let (rolled, unrolled) = check_hours(&url, "after the jump");
+    assert_eq!((rolled, unrolled), (11, 1), "every minute but the newest is rolled");
+    let results = PgResults::new(&url, 1, cfg.top_n).expect("query connection");
+    let m = base / 60_000;
+    for (from, to, n) in [(m - 60, m + 5 * 1440, 12), (m, m + 11, 11), (m + 3, m + 200, 8)] {
+        let (got, _) =
+            results.popular(Slot::from_index(0), Minute(from), Minute(to), 5).expect("popular");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1, n, "popular over [{from}, {to})");
+    }
+}
