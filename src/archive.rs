@@ -434,6 +434,21 @@ pub trait Source: Send {
     /// What it is, for messages: "log", "topic".
     fn name(&self) -> &'static str;
     fn partitions(&self) -> usize;
+    /// Called once before reading, with the archiver's position per partition. Refuses a
+    /// source that ends below them: it lost records.
+    fn start(&mut self, positions: &[u64]) -> anyhow::Result<()> {
+        let ends = self.ends()?;
+        for (p, (&end, &at)) in ends.iter().zip(positions).enumerate() {
+            anyhow::ensure!(
+                end >= at,
+                "partition {p}: the {name} ends at offset {end} but the archive holds records up \
+                 to {at}; the {name} lost records (damaged, deleted or restored files, or a topic \
+                 recreated)",
+                name = self.name()
+            );
+        }
+        Ok(())
+    }
     /// Per partition, the offset below which records can be read now.
     fn ends(&mut self) -> anyhow::Result<Vec<u64>>;
     /// Calls `f` with every accepted click of `[from, to)` of `p`, in offset order (a source of
@@ -571,22 +586,13 @@ impl Archiver {
     ) -> anyhow::Result<Archiver> {
         let state = ledger.state().context("reading the archiver's offsets")?;
         let partitions = source.partitions();
-        let ends = source.ends()?;
-        let archived: Vec<AtomicU64> = (0..partitions).map(|_| AtomicU64::new(0)).collect();
+        let mut positions = vec![0u64; partitions];
         for &(p, o) in &state.offsets {
             anyhow::ensure!((p.0 as usize) < partitions, "archive offsets name partition {}", p.0);
-            anyhow::ensure!(
-                ends[p.0 as usize] >= o.0,
-                "partition {}: the {name} ends at offset {} but the archive holds records up to \
-                 {}; the {name} lost records (damaged, deleted or restored files, or a topic \
-                 recreated)",
-                p.0,
-                ends[p.0 as usize],
-                o.0,
-                name = source.name()
-            );
-            archived[p.0 as usize].store(o.0, Ordering::Release);
+            positions[p.0 as usize] = o.0;
         }
+        source.start(&positions)?;
+        let archived: Vec<AtomicU64> = positions.iter().map(|&o| AtomicU64::new(o)).collect();
         let mut a = Archiver {
             archive,
             source,

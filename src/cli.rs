@@ -126,7 +126,7 @@ pub struct ServeArgs {
     /// Scale out: the Kafka topic of raw clicks (default ad-clicks).
     #[arg(long)]
     pub topic: Option<String>,
-    /// Scale out: the roles to run, any of collect,aggregate,query (default all).
+    /// Scale out: the roles to run, any of collect,aggregate,query,archive (default all).
     #[arg(long)]
     pub roles: Option<String>,
 }

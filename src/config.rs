@@ -109,7 +109,7 @@ impl Default for Config {
             postgres: None,
             topic: "ad-clicks".into(),
             consumer_group: "adclick-aggregators".into(),
-            roles: "collect,aggregate,query".into(),
+            roles: "collect,aggregate,query,archive".into(),
             session_timeout: "10s".into(),
             filters: Vec::new(),
         }

@@ -23,7 +23,7 @@ use crate::scaleout::pg;
 /// How long start-up waits for the brokers before giving up with an error.
 pub const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn base_config(brokers: &str) -> ClientConfig {
+pub(crate) fn base_config(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
         .set("socket.timeout.ms", "10000")

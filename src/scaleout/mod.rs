@@ -1,17 +1,19 @@
 //! The scale-out deployment (SPEC §4, §5): Kafka for the click stream, PostgreSQL for results,
-//! and three roles that run alone or together (`--roles collect,aggregate,query`).
+//! and four roles that run alone or together (`--roles collect,aggregate,query,archive`).
 //!
 //! ```text
 //!  collect:   HTTP POST /v1/clicks → validate → Kafka (idempotent, acks=all, key ad_id) → answer
 //!  aggregate: consumer group member → one engine per owned partition → one PostgreSQL
 //!             transaction per partition commit (results + offset + checkpoint, epoch-fenced)
 //!  query:     HTTP GET … → PostgreSQL: counts summed over partitions, per-partition top-N merged
+//!  archive:   the topic → Parquet files per event hour, offsets in PostgreSQL (one at a time)
 //! ```
 //!
 //! The engine, its checkpoints and the HTTP API are the embedded service's; only the source
 //! (Kafka instead of the log) and the store (PostgreSQL instead of the embedded one) differ.
 
 pub mod aggregate;
+pub mod archive;
 pub mod kafka;
 pub mod pg;
 
@@ -31,28 +33,31 @@ pub struct Roles {
     pub collect: bool,
     pub aggregate: bool,
     pub query: bool,
+    pub archive: bool,
 }
 
 impl Roles {
-    pub const ALL: Roles = Roles { collect: true, aggregate: true, query: true };
+    pub const ALL: Roles = Roles { collect: true, aggregate: true, query: true, archive: true };
+    const NONE: Roles = Roles { collect: false, aggregate: false, query: false, archive: false };
 
     pub fn parse(s: &str) -> Result<Roles, String> {
-        let mut r = Roles { collect: false, aggregate: false, query: false };
+        let mut r = Roles::NONE;
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part {
                 "collect" => r.collect = true,
                 "aggregate" => r.aggregate = true,
                 "query" => r.query = true,
+                "archive" => r.archive = true,
                 other => {
                     return Err(format!(
                         "{other:?} is not a role; use any of collect, aggregate, query, \
-                         comma-separated"
+                         archive, comma-separated"
                     ))
                 }
             }
         }
-        if r == (Roles { collect: false, aggregate: false, query: false }) {
-            return Err("names no role; use any of collect, aggregate, query".into());
+        if r == Roles::NONE {
+            return Err("names no role; use any of collect, aggregate, query, archive".into());
         }
         Ok(r)
     }
@@ -206,6 +211,21 @@ pub async fn serve(settings: crate::config::Settings, scale: ScaleOut) -> anyhow
     } else {
         None
     };
+    let archiver = if scale.roles.archive {
+        let (stop, sc, st) = (shutdown.clone(), scale.clone(), settings.clone());
+        Some(
+            std::thread::Builder::new()
+                .name("adclick-archiver".into())
+                .spawn(move || {
+                    if let Err(e) = archive::run(&st, &sc, &stop) {
+                        fatal("archive", format!("{e:#}"));
+                    }
+                })
+                .context("starting the archiver")?,
+        )
+    } else {
+        None
+    };
     // Signal handlers first: a SIGTERM right after the listening line must stop gracefully.
     let stop_signal = crate::cli::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -213,10 +233,11 @@ pub async fn serve(settings: crate::config::Settings, scale: ScaleOut) -> anyhow
         .with_context(|| format!("listen: cannot bind {}", settings.listen))?;
     let addr = listener.local_addr().context("listen address")?;
     println!(
-        "adclick: listening on http://{addr} (roles {}{}{}; kafka {} topic {}; postgres)",
+        "adclick: listening on http://{addr} (roles {}{}{}{}; kafka {} topic {}; postgres)",
         if scale.roles.collect { "collect " } else { "" },
         if scale.roles.aggregate { "aggregate " } else { "" },
-        if scale.roles.query { "query" } else { "" },
+        if scale.roles.query { "query " } else { "" },
+        if scale.roles.archive { "archive" } else { "" },
         scale.brokers,
         scale.topic
     );
@@ -231,7 +252,7 @@ pub async fn serve(settings: crate::config::Settings, scale: ScaleOut) -> anyhow
     if let crate::api::Collector::Kafka(sink) = collector {
         sink.flush();
     }
-    if let Some(t) = aggregator {
+    for t in [aggregator, archiver].into_iter().flatten() {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     served

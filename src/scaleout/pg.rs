@@ -27,6 +27,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// apply each once). Results are partitioned by day, created on first write. Version 2 adds
 /// per-hour sums of sealed minutes (see [`Commit::roll`]), so that popular ads over many
 /// minutes read hour rows, and minute rows only at either end and for the newest minutes.
+/// Version 3 adds the raw archiver's offsets and flush in progress (see `scaleout::archive`).
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE adclick_settings (key text PRIMARY KEY, value text NOT NULL);
@@ -80,6 +81,18 @@ CREATE TABLE adclick_hours (
     PRIMARY KEY (hour, slot, ad_id, partition)
 ) PARTITION BY RANGE (hour);
 ALTER TABLE adclick_partitions ADD COLUMN rolled_through bigint NOT NULL DEFAULT -9223372036854775808;
+"#,
+    r#"
+CREATE TABLE adclick_archive_offsets (partition int PRIMARY KEY, next_offset bigint NOT NULL);
+CREATE TABLE adclick_archive (
+    id int PRIMARY KEY CHECK (id = 1),
+    next_seq bigint NOT NULL,
+    pending_seq bigint,
+    pending_parts int[],
+    pending_from bigint[],
+    pending_to bigint[]
+);
+INSERT INTO adclick_archive (id, next_seq) VALUES (1, 0);
 "#,
 ];
 

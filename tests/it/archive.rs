@@ -24,7 +24,7 @@ fn config(extra: &str) -> String {
 }
 
 /// Every archived row: (partition, offset) → the click's fields as text, read by our reader.
-fn read_archive(dir: &Path) -> BTreeMap<(u32, u64), String> {
+pub(crate) fn read_archive(dir: &Path) -> BTreeMap<(u32, u64), String> {
     let mut out = BTreeMap::new();
     for path in parquet_files(dir) {
         let bytes = bytes::Bytes::from(std::fs::read(&path).unwrap());
@@ -55,7 +55,7 @@ fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn click_key(c: &adclick::event::Click<'_>) -> String {
+pub(crate) fn click_key(c: &adclick::event::Click<'_>) -> String {
     format!(
         "{}|{}|{:?}|{:?}|{:?}|{:?}",
         c.ad_id,

@@ -577,3 +577,95 @@ fn ship_to_kafka_dead_letters_invalid_lines_and_counts_the_rest_exactly() {
     await_cond(60, "the shipped lines to be committed", || committed_offsets(&mut client) == valid);
     assert_matches_oracle(&query, &expected);
 }
+
+#[test]
+fn the_archive_role_holds_exactly_the_accepted_clicks_across_kill_9_and_a_takeover() {
+    let Some((kafka, pg)) = services() else { return };
+    let mut d = Deployment::new(&kafka, &pg, "archiver", 4);
+    let dir = d.root.path().join("archive");
+    d.config = format!(
+        "archive = {:?}\narchive_flush_interval = \"300ms\"\narchive_file_rows = 300\n{}",
+        dir.to_str().unwrap(),
+        d.config
+    );
+    let collector = d.start("collect", &[]); // creates the topic
+
+    // The first archiver aborts (as kill -9 would) in its 4th file, mid-flush; the second stands
+    // by until the first's session, and with it the lock, is gone, then redoes that flush.
+    let mut first = d.start("archive", &[("ADCLICK_FAULT", "archive.mid_flush:4")]);
+    let log = first.dir.join("server.log");
+    await_cond(30, "the first archiver to take the lock", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("archiving the topic")
+    });
+    let _second = d.start("archive", &[]);
+    let mut expected: Vec<String> = Vec::new();
+    let mut records = 0i64;
+    let mut g = generator(31);
+    for _ in 0..12 {
+        let at = now_ms();
+        let lines: Vec<String> = (0..250).map(|_| g.line(EventTime(at))).collect();
+        let v = adclick::event::Validation { now: EventTime(at), max_skew_ms: 300_000 };
+        for l in &lines {
+            if let Ok(Some(c)) = adclick::event::parse_line(l.as_bytes(), v) {
+                expected.push(crate::archive::click_key(&c));
+            }
+        }
+        let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        records += post_acked(&collector.url, body.as_bytes());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Raw lines from another producer: the archiver validates them; the invalid ones are not
+    // archived.
+    let start = now_ms().to_string();
+    let args = ["generate", "--seed", "5", "--count", "1000", "--ads", "20", "--invalid", "0.05"];
+    let out = Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .args(args)
+        .args(["--start", &start, "--to", "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let raw = String::from_utf8(out.stdout).unwrap();
+    let v = adclick::event::Validation { now: EventTime(now_ms()), max_skew_ms: 300_000 };
+    let mut raw_invalid = 0;
+    for l in raw.lines() {
+        match adclick::event::parse_line(l.as_bytes(), v) {
+            Ok(Some(c)) => expected.push(crate::archive::click_key(&c)),
+            _ => raw_invalid += 1,
+        }
+    }
+    assert!(raw_invalid > 20, "the raw lines must hold invalid ones");
+    let status = Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .args(args)
+        .args(["--start", &start, "--to", &format!("kafka://{}/{}", d.kafka, d.topic)])
+        .status()
+        .unwrap();
+    assert!(status.success(), "generate to Kafka");
+    records += raw.lines().count() as i64;
+    await_cond(60, "the first archiver to abort at its fault point", || {
+        first.child.try_wait().unwrap().is_some()
+    });
+    let mut client = d.client();
+    let mut archived = 0;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while archived != records {
+        assert!(Instant::now() < deadline, "archived {archived} of {records} records");
+        std::thread::sleep(Duration::from_millis(100));
+        archived = client
+            .query_one(
+                "SELECT coalesce(sum(next_offset), 0)::bigint FROM adclick_archive_offsets",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+    }
+    let pending: Option<i64> =
+        client.query_one("SELECT pending_seq FROM adclick_archive", &[]).unwrap().get(0);
+    assert_eq!(pending, None, "a flush left in progress");
+    // Each (partition, offset) once (read_archive panics on a second), and exactly the
+    // accepted clicks.
+    let mut got: Vec<String> = crate::archive::read_archive(&dir).into_values().collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got.len(), expected.len(), "archived rows");
+    assert_eq!(got, expected, "the archived clicks");
+}

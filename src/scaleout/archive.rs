@@ -1,0 +1,355 @@
+//! The raw archive in the scale-out deployment: the embedded service's `archive::Archiver` (the
+//! same flush protocol and files) reading the topic and keeping its offsets in PostgreSQL.
+//!
+//! ```text
+//!  Kafka topic ──KafkaSource (no consumer group: reads every partition ahead from the archived
+//!     │           offsets into a bounded buffer; a redo seeks to the range its flush names;
+//!     │           collector records decoded, raw lines validated at their Kafka timestamp, so
+//!     │           a redo reads the same clicks)
+//!     ▼
+//!  Archiver: intent (seq, ranges) → PgLedger · Parquet files per event hour · commit offsets
+//!     ▼
+//!  PgLedger: adclick_archive (next seq, the flush in progress), adclick_archive_offsets
+//! ```
+//!
+//! One archiver writes at a time: it holds a PostgreSQL session advisory lock for as long as it
+//! runs; other processes with the role wait for it and take over when its session ends (a
+//! crash, a stop). A paused archiver keeps its session, and with it the lock, so two never
+//! write the same sequence numbers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, TopicPartitionList};
+
+use crate::archive::{Archive, Archiver, Ledger, Ranges, Source};
+use crate::config::Settings;
+use crate::engine::{Offset, PartitionId};
+use crate::event::{parse_line, wire, Click, EventTime, Validation};
+use crate::scaleout::{fatal, pg, ScaleOut, WIRE_MAGIC};
+
+/// The advisory lock key the running archiver holds.
+const LOCK: i64 = 7_367_282;
+/// Longest wait for the next record of a range that the broker says exists.
+const READ_STALL: Duration = Duration::from_secs(30);
+
+/// A record read ahead: offset, value, Kafka timestamp (ms).
+type Read = (u64, Vec<u8>, i64);
+
+/// The topic as the archiver's source. A tail consumer reads every partition ahead from the
+/// archiver's positions into a bounded buffer; the end of what it has read is the source's end
+/// (a broker's end offsets are not trusted: Tansu's counted record batches, not records).
+/// Ranges are served from that buffer, or, when it does not hold them (the redo of a flush
+/// after a crash), read again by seeking a second consumer.
+pub struct KafkaSource {
+    tail: BaseConsumer,
+    seek: BaseConsumer,
+    topic: String,
+    partitions: u32,
+    max_skew_ms: i64,
+    buf: Vec<std::collections::VecDeque<Read>>,
+    buffered: usize,
+    /// Most records read ahead.
+    cap: usize,
+    /// Per partition: one past the newest offset read ahead.
+    seen: Vec<u64>,
+}
+
+impl KafkaSource {
+    pub fn new(
+        brokers: &str,
+        topic: &str,
+        partitions: u32,
+        max_skew_ms: i64,
+        cap: usize,
+    ) -> anyhow::Result<Self> {
+        let consumer = || -> anyhow::Result<BaseConsumer> {
+            super::kafka::base_config(brokers)
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("group.id", "adclick-archiver")
+                // No producer of the topic uses transactions.
+                .set("isolation.level", "read_uncommitted")
+                .create()
+                .context("kafka: creating the archiver's consumer")
+        };
+        Ok(KafkaSource {
+            tail: consumer()?,
+            seek: consumer()?,
+            topic: topic.into(),
+            partitions,
+            max_skew_ms,
+            buf: (0..partitions).map(|_| Default::default()).collect(),
+            buffered: 0,
+            cap: cap.max(1000),
+            seen: vec![0; partitions as usize],
+        })
+    }
+
+    /// Calls `f` with the click in a record, if it holds one: the collector's (decoded), or a
+    /// raw line valid at the record's own timestamp (so that a redo decides the same).
+    fn click(
+        &self,
+        p: PartitionId,
+        (offset, bytes, ts): &Read,
+        f: &mut dyn FnMut(Offset, &Click<'_>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        if let Some(rest) = bytes.strip_prefix(&[WIRE_MAGIC]) {
+            let click = wire::decode(rest).ok_or_else(|| {
+                anyhow::anyhow!("partition {} offset {offset}: a corrupt collector record", p.0)
+            })?;
+            return f(Offset(*offset), &click);
+        }
+        let v = Validation { now: EventTime(*ts), max_skew_ms: self.max_skew_ms };
+        match parse_line(bytes, v) {
+            Ok(Some(click)) => f(Offset(*offset), &click),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads `[from, to)` of `p` with the seeking consumer.
+    fn read_again(
+        &mut self,
+        p: PartitionId,
+        from: Offset,
+        to: Offset,
+        f: &mut dyn FnMut(Offset, &Click<'_>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, p.0 as i32, rdkafka::Offset::Offset(from.0 as i64))?;
+        self.seek.assign(&tpl).context("kafka: assigning a partition to archive")?;
+        let mut next = from.0;
+        let mut progress = Instant::now();
+        while next < to.0 {
+            anyhow::ensure!(
+                progress.elapsed() < READ_STALL,
+                "kafka: partition {} gave nothing past offset {next} for {READ_STALL:?} although \
+                 the range ends at {}",
+                p.0,
+                to.0
+            );
+            let m = match self.seek.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::warn!(partition = p.0, "kafka: reading to archive: {e}");
+                    continue;
+                }
+                None => continue,
+            };
+            let offset = m.offset() as u64;
+            if m.partition() != p.0 as i32 || offset < next {
+                continue;
+            }
+            if offset >= to.0 {
+                break;
+            }
+            next = offset + 1;
+            progress = Instant::now();
+            let read = (
+                offset,
+                m.payload().unwrap_or(&[]).to_vec(),
+                m.timestamp().to_millis().unwrap_or(0),
+            );
+            self.click(p, &read, f)?;
+        }
+        Ok(())
+    }
+}
+
+impl Source for KafkaSource {
+    fn name(&self) -> &'static str {
+        "topic"
+    }
+
+    fn partitions(&self) -> usize {
+        self.partitions as usize
+    }
+
+    /// The tail consumer starts at the archiver's positions. (No end check: the brokers' end
+    /// offsets are not trusted; a lost range shows as a redo that cannot read it.)
+    fn start(&mut self, positions: &[u64]) -> anyhow::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, &at) in positions.iter().enumerate() {
+            tpl.add_partition_offset(&self.topic, p as i32, rdkafka::Offset::Offset(at as i64))?;
+        }
+        self.tail.assign(&tpl).context("kafka: assigning the topic to the archiver")?;
+        self.seen = positions.to_vec();
+        Ok(())
+    }
+
+    /// Reads ahead what has arrived (up to the buffer's bound) and returns how far it got.
+    fn ends(&mut self) -> anyhow::Result<Vec<u64>> {
+        while self.buffered < self.cap {
+            match self.tail.poll(Duration::from_millis(20)) {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!("kafka: reading ahead to archive: {e}");
+                    break;
+                }
+                Some(Ok(m)) => {
+                    let (p, offset) = (m.partition() as usize, m.offset() as u64);
+                    if p >= self.buf.len() || offset < self.seen[p] {
+                        continue;
+                    }
+                    self.seen[p] = offset + 1;
+                    let ts = m.timestamp().to_millis().unwrap_or(0);
+                    self.buf[p].push_back((offset, m.payload().unwrap_or(&[]).to_vec(), ts));
+                    self.buffered += 1;
+                }
+            }
+        }
+        Ok(self.seen.clone())
+    }
+
+    fn read(
+        &mut self,
+        p: PartitionId,
+        from: Offset,
+        to: Offset,
+        f: &mut dyn FnMut(Offset, &Click<'_>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let i = p.0 as usize;
+        // What was archived already (by a redo) is dropped.
+        while self.buf[i].front().is_some_and(|r| r.0 < from.0) {
+            self.buf[i].pop_front();
+            self.buffered -= 1;
+        }
+        let held = self.buf[i].front().is_some_and(|r| r.0 == from.0) && self.seen[i] >= to.0;
+        if !held {
+            return self.read_again(p, from, to, f);
+        }
+        while self.buf[i].front().is_some_and(|r| r.0 < to.0) {
+            let read = self.buf[i].pop_front().expect("checked");
+            self.buffered -= 1;
+            self.click(p, &read, f)?;
+        }
+        Ok(())
+    }
+}
+
+/// The archiver's offsets and flush intent in PostgreSQL, on the connection that holds the lock.
+pub struct PgLedger {
+    client: Mutex<postgres::Client>,
+}
+
+impl PgLedger {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error>,
+    ) -> anyhow::Result<T> {
+        let mut client = self.client.lock().expect("not poisoned");
+        if client.is_closed() {
+            // The session, and with it the lock, is gone: another archiver may hold it now.
+            fatal("archive", "the PostgreSQL session holding the archiver's lock ended");
+        }
+        f(&mut client).map_err(|e| anyhow::anyhow!("PostgreSQL: {}", pg::describe(&e)))
+    }
+}
+
+impl Ledger for PgLedger {
+    fn state(&self) -> anyhow::Result<crate::store::ArchiveState> {
+        self.with(|c| {
+            let mut state = crate::store::ArchiveState::default();
+            for r in c.query("SELECT partition, next_offset FROM adclick_archive_offsets", &[])? {
+                state.offsets.push((
+                    PartitionId(r.get::<_, i32>(0) as u32),
+                    Offset(r.get::<_, i64>(1) as u64),
+                ));
+            }
+            let r = c.query_one(
+                "SELECT next_seq, pending_seq, pending_parts, pending_from, pending_to \
+                 FROM adclick_archive WHERE id = 1",
+                &[],
+            )?;
+            state.next_seq = r.get::<_, i64>(0) as u64;
+            if let Some(seq) = r.get::<_, Option<i64>>(1) {
+                let (parts, from, to): (Vec<i32>, Vec<i64>, Vec<i64>) =
+                    (r.get(2), r.get(3), r.get(4));
+                let ranges = (0..parts.len())
+                    .map(|i| {
+                        (PartitionId(parts[i] as u32), Offset(from[i] as u64), Offset(to[i] as u64))
+                    })
+                    .collect();
+                state.pending = Some((seq as u64, ranges));
+            }
+            Ok(state)
+        })
+    }
+
+    fn begin(&self, seq: u64, ranges: &Ranges) -> anyhow::Result<()> {
+        let parts: Vec<i32> = ranges.iter().map(|r| r.0 .0 as i32).collect();
+        let from: Vec<i64> = ranges.iter().map(|r| r.1 .0 as i64).collect();
+        let to: Vec<i64> = ranges.iter().map(|r| r.2 .0 as i64).collect();
+        self.with(|c| {
+            c.execute(
+                "UPDATE adclick_archive SET pending_seq = $1, pending_parts = $2, \
+                 pending_from = $3, pending_to = $4 WHERE id = 1",
+                &[&(seq as i64), &parts, &from, &to],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn commit(&self, seq: u64, ranges: &Ranges) -> anyhow::Result<()> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            for &(p, _, to) in ranges {
+                tx.execute(
+                    "INSERT INTO adclick_archive_offsets VALUES ($1, $2) \
+                     ON CONFLICT (partition) DO UPDATE SET next_offset = EXCLUDED.next_offset",
+                    &[&(p.0 as i32), &(to.0 as i64)],
+                )?;
+            }
+            tx.execute(
+                "UPDATE adclick_archive SET next_seq = $1, pending_seq = NULL, \
+                 pending_parts = NULL, pending_from = NULL, pending_to = NULL WHERE id = 1",
+                &[&(seq as i64 + 1)],
+            )?;
+            tx.commit()
+        })
+    }
+}
+
+/// The archive role: waits for the lock, then archives the topic until `shutdown`, archiving
+/// everything read so far before it returns.
+pub fn run(settings: &Settings, scale: &ScaleOut, shutdown: &AtomicBool) -> anyhow::Result<()> {
+    let mut client = pg::connect(&scale.postgres)?;
+    let mut waiting_since: Option<Instant> = None;
+    loop {
+        let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK])?.get(0);
+        if locked {
+            break;
+        }
+        if waiting_since.is_none() {
+            tracing::info!("archive: another process archives this topic; standing by");
+            waiting_since = Some(Instant::now());
+        }
+        if shutdown.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let archive = Archive::open(&settings.archive, &settings.data_dir)?;
+    tracing::info!(archive = archive.display(), "archive: archiving the topic");
+    let source = KafkaSource::new(
+        &scale.brokers,
+        &scale.topic,
+        settings.partitions,
+        settings.engine.max_clock_skew_ms,
+        settings.archive.file_rows,
+    )?;
+    let ledger = PgLedger { client: Mutex::new(client) };
+    let archiver = Archiver::recover_from(
+        Arc::new(archive),
+        Box::new(source),
+        Box::new(ledger),
+        &settings.archive,
+    )?;
+    // No one asks this archiver to flush; the sender is kept so that the channel stays open.
+    let (_requests, rx) = std::sync::mpsc::channel();
+    archiver.run(rx, shutdown);
+    Ok(())
+}
