@@ -18,14 +18,20 @@ use crate::filter::{FilterConfig, Filters};
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    #[serde(deserialize_with = "text")]
     pub listen: String,
     pub data_dir: PathBuf,
     /// Log partitions, keyed by hash(ad_id). Fixed once a data directory holds data.
     pub partitions: u32,
+    #[serde(deserialize_with = "text")]
     pub watermark_delay: String,
+    #[serde(deserialize_with = "text")]
     pub idle_timeout: String,
+    #[serde(deserialize_with = "text")]
     pub allowed_lateness: String,
+    #[serde(deserialize_with = "text")]
     pub dedup_horizon: String,
+    #[serde(deserialize_with = "text")]
     pub max_clock_skew: String,
     pub top_n: usize,
     /// Largest accepted `POST /v1/clicks` body, after decompression.
@@ -33,8 +39,10 @@ pub struct Config {
     /// Ingest body bytes held in memory across all requests; past it the collector answers 503.
     pub max_inflight_bytes: usize,
     /// How often the aggregator commits results (freshness of queries).
+    #[serde(deserialize_with = "text")]
     pub commit_interval: String,
     /// How often the engine state is checkpointed (bounds recovery time).
+    #[serde(deserialize_with = "text")]
     pub checkpoint_interval: String,
     /// Aggregate shards, each on its own thread.
     pub shards: usize,
@@ -45,8 +53,10 @@ pub struct Config {
     /// Log segment size.
     pub segment_bytes: u64,
     /// How long aggregated log segments are kept (raw data for recalculation).
+    #[serde(deserialize_with = "text")]
     pub log_retention: String,
     /// The raw archive: a directory (relative: under data_dir) or `s3://bucket/prefix`.
+    #[serde(deserialize_with = "text")]
     pub archive: String,
     /// S3: the endpoint of an S3-compatible service (credentials: the AWS_* variables).
     #[serde(default)]
@@ -56,6 +66,7 @@ pub struct Config {
     /// S3: allow an http:// endpoint (local emulators).
     pub archive_allow_http: bool,
     /// How long accepted clicks may wait before they are archived (files roll by time).
+    #[serde(deserialize_with = "text")]
     pub archive_flush_interval: String,
     /// Most clicks per archive flush (files roll by size).
     pub archive_file_rows: usize,
@@ -67,12 +78,16 @@ pub struct Config {
     #[serde(default)]
     pub postgres: Option<String>,
     /// Scale-out: the Kafka topic of raw clicks.
+    #[serde(deserialize_with = "text")]
     pub topic: String,
     /// Scale-out: the aggregators' Kafka consumer group.
+    #[serde(deserialize_with = "text")]
     pub consumer_group: String,
     /// Scale-out: the roles this process runs: any of collect, aggregate, query.
+    #[serde(deserialize_with = "text")]
     pub roles: String,
     /// Scale-out: how long an aggregator may stay silent before the group moves its partitions.
+    #[serde(deserialize_with = "text")]
     pub session_timeout: String,
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
@@ -153,8 +168,12 @@ const ENV_KEYS: [&str; 30] = [
 /// A setting that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// What the layers could not be read as: one line per problem, naming the key, the value,
+    /// the expected form and where it came from.
     #[error("{0}")]
-    Load(Box<figment::Error>),
+    Load(String),
+    #[error("{0} is not a setting (settings: {list})", list = env_names())]
+    UnknownEnv(String),
     #[error("{key}: {reason}")]
     Invalid { key: &'static str, reason: String },
     #[error(transparent)]
@@ -195,13 +214,22 @@ impl Config {
             }
             fig = fig.merge(Toml::file_exact(path));
         }
+        for (name, _) in std::env::vars_os() {
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("ADCLICK_")) else {
+                continue;
+            };
+            let key = rest.to_ascii_lowercase();
+            if !ENV_KEYS.contains(&key.as_str()) && !OTHER_ENV.contains(&rest) {
+                return Err(ConfigError::UnknownEnv(format!("ADCLICK_{rest}")));
+            }
+        }
         fig = fig.merge(Env::prefixed("ADCLICK_").only(&ENV_KEYS));
         for (key, value) in overrides {
             // Parsed as figment parses variables: "7" is a number, "15s" a string.
             let value: figment::value::Value = value.parse().unwrap_or_else(|never| match never {});
             fig = fig.merge(Serialized::default(key, value));
         }
-        fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))
+        fig.extract().map_err(|e| ConfigError::Load(describe(e, overrides)))
     }
 
     pub fn validate(&self) -> Result<Settings, ConfigError> {
@@ -348,6 +376,107 @@ impl Settings {
         }
         out
     }
+}
+
+/// `ADCLICK_` variables that are not settings.
+const OTHER_ENV: &[&str] = &[
+    "CONFIG",
+    "LOG",
+    "LOG_FORMAT",
+    "FAULT",
+    "RECALC_CHUNK_BYTES",
+    "TEST_KAFKA",
+    "TEST_POSTGRES",
+    "REQUIRE_SERVICES",
+];
+
+fn env_names() -> String {
+    ENV_KEYS
+        .iter()
+        .map(|k| format!("ADCLICK_{}", k.to_ascii_uppercase()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A text setting that also takes a bare number or boolean (as variables and flags are parsed:
+/// `--watermark-delay 15`), kept as written, so that validation says what is wrong with it.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        S(String),
+        U(u64),
+        I(i64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Text::deserialize(d)? {
+        Text::S(s) => s,
+        Text::U(n) => n.to_string(),
+        Text::I(n) => n.to_string(),
+        Text::F(n) => n.to_string(),
+        Text::B(b) => b.to_string(),
+    })
+}
+
+/// figment's errors in the user's terms: the key, what was found, what is expected, and where
+/// it came from (the file, the variable or the flag).
+fn describe(e: figment::Error, overrides: &[(&str, String)]) -> String {
+    use figment::error::{Actual, Kind};
+    let found = |a: &Actual| match a {
+        Actual::Str(s) => format!("{s:?}"),
+        Actual::Unsigned(n) => n.to_string(),
+        Actual::Signed(n) => n.to_string(),
+        Actual::Float(n) => n.to_string(),
+        Actual::Bool(b) => b.to_string(),
+        Actual::Seq => "a list".into(),
+        Actual::Map => "a table".into(),
+        other => other.to_string(),
+    };
+    let expected = |x: &str| match x {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number".to_string(),
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number".to_string(),
+        "f32" | "f64" => "a number".to_string(),
+        "a boolean" | "bool" => "true or false".to_string(),
+        "a string" => "text".to_string(),
+        other => other.to_string(),
+    };
+    e.into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let from = if let Some((flag, _)) = overrides.iter().find(|(k, _)| *k == key) {
+                format!(" (from --{})", flag.replace('_', "-"))
+            } else {
+                match e.metadata.as_ref() {
+                    Some(m) if m.name.contains("environment") => {
+                        format!(" (from ADCLICK_{})", key.to_ascii_uppercase())
+                    }
+                    Some(m) => match &m.source {
+                        Some(figment::Source::File(path)) => format!(" (in {})", path.display()),
+                        _ => String::new(),
+                    },
+                    None => String::new(),
+                }
+            };
+            let what = match &e.kind {
+                Kind::InvalidType(a, x) | Kind::InvalidValue(a, x) => {
+                    format!("{} is not {}", found(a), expected(x))
+                }
+                Kind::UnknownField(name, _) => {
+                    let keys = ENV_KEYS.join(", ");
+                    return format!("{name}: not a setting{from}; settings: {keys}, filters");
+                }
+                Kind::MissingField(name) => format!("{name} is missing"),
+                other => other.to_string(),
+            };
+            if key.is_empty() {
+                format!("{what}{from}")
+            } else {
+                format!("{key}: {what}{from}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn duration(key: &'static str, v: &str) -> Result<Duration, ConfigError> {

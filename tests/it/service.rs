@@ -980,3 +980,42 @@ fn an_undecodable_log_record_stops_the_aggregator() {
     assert_eq!(status.code(), Some(70), "{}", log());
     assert!(log().contains("partition 0 offset 10: the log record"), "{}", log());
 }
+
+/// Settings a new user gets wrong: each refused before start, the message naming the key, the
+/// value, the expected form and where it came from, nothing of the config library's internals.
+#[test]
+fn configuration_mistakes_are_named_in_the_users_terms() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| -> String {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_adclick"));
+        cmd.args(args).arg("--data-dir").arg(dir.path().join("data"));
+        cmd.args(["--listen", "127.0.0.1:0"]).env_remove("ADCLICK_FAULT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "{args:?} {env:?} started");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!err.contains("unsigned int") && !err.contains("Serialized"), "internals: {err}");
+        err
+    };
+    let err = run(&["serve", "--watermark-delay", "15"], &[]);
+    assert!(err.contains(r#"watermark_delay: "15" is not a duration like 15s"#), "{err}");
+    let err = run(&["serve"], &[("ADCLICK_WATERMARK_DELAY", "15")]);
+    assert!(err.contains(r#"watermark_delay: "15" is not a duration"#), "{err}");
+    let err = run(&["serve"], &[("ADCLICK_BOGUS_KEY", "1")]);
+    assert!(err.contains("ADCLICK_BOGUS_KEY is not a setting"), "{err}");
+    assert!(err.contains("ADCLICK_WATERMARK_DELAY"), "the settings are listed: {err}");
+    let err = run(&["serve"], &[("ADCLICK_PARTITIONS", "many")]);
+    assert!(
+        err.contains(r#"partitions: "many" is not a whole number (from ADCLICK_PARTITIONS)"#),
+        "{err}"
+    );
+    let file = dir.path().join("adclick.toml");
+    std::fs::write(&file, "top_n = \"ten\"\n").unwrap();
+    let err = run(&["--config", file.to_str().unwrap(), "serve"], &[]);
+    assert!(err.contains(r#"top_n: "ten" is not a whole number (in "#), "{err}");
+    std::fs::write(&file, "colour = \"red\"\n").unwrap();
+    let err = run(&["--config", file.to_str().unwrap(), "serve"], &[]);
+    assert!(err.contains("colour: not a setting (in "), "{err}");
+}
