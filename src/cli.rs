@@ -193,6 +193,9 @@ pub struct GenerateArgs {
     /// per line. With it the output depends on the seed alone; without, times follow the clock.
     #[arg(long)]
     pub start: Option<String>,
+    /// How long to keep re-sending to a collector that cannot be reached before giving up.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub retry_for: Duration,
 }
 
 pub fn main() -> anyhow::Result<()> {
@@ -317,6 +320,7 @@ fn serve(settings: Settings, demo_rate: Option<u64>) -> anyhow::Result<()> {
                     invalid: 0.002,
                     late: 0.01,
                     start: None,
+                    retry_for: Duration::from_secs(30),
                 };
                 if let Err(e) = generate(args) {
                     tracing::error!("demo generator: {e:#}");
@@ -371,8 +375,9 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// Where generated lines go.
-type Sink = Box<dyn FnMut(&[String]) -> anyhow::Result<()>>;
+/// Where generated lines go; returns how many the receiver accepted and rejected (a file or a
+/// broker takes every line; a collector validates).
+type Sink = Box<dyn FnMut(&[String]) -> anyhow::Result<(u64, u64)>>;
 
 /// `adclick generate`: writes or sends generated lines; to a collector, re-sends any batch not
 /// acknowledged until it is.
@@ -400,7 +405,8 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         let partitions = crate::scaleout::kafka::partition_count(&brokers, &topic)?;
         let producer = crate::scaleout::kafka::line_producer(&brokers)?;
         Box::new(move |lines: &[String]| {
-            crate::scaleout::kafka::send_lines(&producer, &topic, partitions, lines)
+            crate::scaleout::kafka::send_lines(&producer, &topic, partitions, lines)?;
+            Ok((lines.len() as u64, 0))
         })
     } else if args.to.starts_with("http://") {
         let url = crate::ship::clicks_url(&args.to)?;
@@ -409,7 +415,8 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .into();
-        Box::new(move |lines: &[String]| post_until_acknowledged(&agent, &url, lines))
+        let retry_for = args.retry_for;
+        Box::new(move |lines: &[String]| post_until_acknowledged(&agent, &url, lines, retry_for))
     } else if args.to == "-" {
         let mut out = std::io::BufWriter::new(std::io::stdout().lock());
         Box::new(move |lines: &[String]| {
@@ -417,7 +424,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 writeln!(out, "{l}")?;
             }
             out.flush()?;
-            Ok(())
+            Ok((lines.len() as u64, 0))
         })
     } else if args.to.starts_with("https://") {
         bail!("--to: https is not supported; use http:// on a trusted network or a file");
@@ -430,7 +437,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 writeln!(out, "{l}")?;
             }
             out.flush()?;
-            Ok(())
+            Ok((lines.len() as u64, 0))
         })
     };
     let start = match &args.start {
@@ -447,7 +454,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let step_ms = 1000.0 / args.rate.unwrap_or(1000).max(1) as f64;
     let progress = std::io::stderr().is_terminal();
     let started = Instant::now();
-    let mut sent = 0u64;
+    let (mut sent, mut accepted, mut rejected) = (0u64, 0u64, 0u64);
     let mut last_report = Instant::now();
     let batch = args.batch.max(1);
     loop {
@@ -464,8 +471,10 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 generator.line(EventTime(t))
             })
             .collect();
-        sink(&lines)?;
+        let (a, r) = sink(&lines)?;
         sent += n as u64;
+        accepted += a;
+        rejected += r;
         if let Some(rate) = args.rate {
             let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -481,21 +490,37 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             );
         }
     }
-    if progress {
-        eprintln!(
-            "\rgenerated {sent} lines in {:.1}s            ",
-            started.elapsed().as_secs_f64()
-        );
-    }
+    let secs = started.elapsed().as_secs_f64();
+    let to = if args.to == "-" { "stdout" } else { args.to.as_str() };
+    eprintln!(
+        "{}generated {sent} lines to {to} in {secs:.1}s ({:.0}/s): accepted {accepted}, \
+         rejected {rejected}",
+        if progress { "\r" } else { "" },
+        sent as f64 / secs.max(1e-9)
+    );
     Ok(())
 }
 
-fn post_until_acknowledged(agent: &ureq::Agent, url: &str, lines: &[String]) -> anyhow::Result<()> {
+/// Posts one batch until the collector acknowledges it (re-sent batches are deduplicated);
+/// gives up when the collector has been unreachable for `retry_for`.
+fn post_until_acknowledged(
+    agent: &ureq::Agent,
+    url: &str,
+    lines: &[String],
+    retry_for: Duration,
+) -> anyhow::Result<(u64, u64)> {
     let body = lines.join("\n");
     let mut delay = Duration::from_millis(100);
+    let mut unreachable_since: Option<Instant> = None;
     loop {
         match agent.post(url).header("content-type", "application/x-ndjson").send(body.as_bytes()) {
-            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) if r.status().is_success() => {
+                let text = r.into_body().read_to_string().context("the collector's answer")?;
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("the collector's answer {text:?}"))?;
+                let count = |k: &str| v[k].as_u64().unwrap_or(0);
+                return Ok((count("accepted"), count("rejected_total")));
+            }
             Ok(r) if r.status().is_client_error() => {
                 bail!(
                     "the collector refused the batch: {} {}",
@@ -503,8 +528,20 @@ fn post_until_acknowledged(agent: &ureq::Agent, url: &str, lines: &[String]) -> 
                     r.into_body().read_to_string().unwrap_or_default()
                 )
             }
-            Ok(r) => tracing::warn!("collector answered {}; re-sending", r.status()),
-            Err(e) => tracing::warn!("collector unreachable ({e}); re-sending"),
+            Ok(r) => {
+                unreachable_since = None;
+                tracing::warn!("collector answered {}; re-sending", r.status());
+            }
+            Err(e) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= retry_for {
+                    bail!(
+                        "cannot reach the collector at {url} for {} (--retry-for): {e}",
+                        humantime::format_duration(retry_for)
+                    );
+                }
+                tracing::warn!("collector unreachable ({e}); re-sending");
+            }
         }
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_secs(2));

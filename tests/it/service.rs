@@ -1019,3 +1019,45 @@ fn configuration_mistakes_are_named_in_the_users_terms() {
     let err = run(&["--config", file.to_str().unwrap(), "serve"], &[]);
     assert!(err.contains("colour: not a setting (in "), "{err}");
 }
+
+/// `generate --to URL` says what it sent and what the collector accepted and rejected, and
+/// gives up on a port where nothing listens after `--retry-for`, with an error naming it.
+#[test]
+fn generate_reports_what_was_accepted_and_gives_up_on_an_unreachable_collector() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG, &[]);
+    let start = now_ms().to_string();
+    let args = ["generate", "--seed", "9", "--count", "800", "--invalid", "0.1", "--start", &start];
+    let lines = Command::new(env!("CARGO_BIN_EXE_adclick")).args(args).output().unwrap();
+    let v = Validation { now: EventTime(now_ms()), max_skew_ms: 300_000 };
+    let invalid = String::from_utf8(lines.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| parse_line(l.as_bytes(), v).is_err())
+        .count();
+    assert!(invalid > 40, "{invalid} invalid lines");
+    let out = Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .args(args)
+        .args(["--to", &server.url])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let summary = format!("accepted {}, rejected {invalid}", 800 - invalid);
+    assert!(err.contains("generated 800 lines to http://") && err.contains(&summary), "{err}");
+
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .args(["generate", "--count", "10", "--retry-for", "1s"])
+        .args(["--to", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the collector at http://127.0.0.1:"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "gave up after {:?}", started.elapsed());
+}
