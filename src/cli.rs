@@ -25,8 +25,18 @@ pub struct Cli {
     /// Less logging.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Log lines as text for people or as JSON objects for log pipelines (level, timestamp,
+    /// target, message and fields).
+    #[arg(long, global = true, env = "ADCLICK_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -208,11 +218,11 @@ pub fn main() -> anyhow::Result<()> {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ADCLICK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
     match cli.command {
         Command::Serve(args) => {
             let settings = settings(cli.config.as_deref(), &args, None)?;
@@ -305,6 +315,9 @@ fn serve(settings: Settings, demo_rate: Option<u64>) -> anyhow::Result<()> {
         println!("adclick: listening on http://{addr} (data in {})", settings.data_dir.display());
         let _ = std::io::stdout().flush();
         let token = crate::admin::write_server_file(&settings.data_dir, addr)?;
+        if !settings.log_interval.is_zero() {
+            tokio::spawn(log_status(pipeline.query.clone(), settings.log_interval));
+        }
         if let Some(rate) = demo_rate {
             print_demo_help(addr, &settings);
             let url = format!("http://{addr}");
@@ -372,6 +385,30 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             }
         };
         tokio::select! { _ = wait(term) => {}, _ = wait(int) => {} }
+    }
+}
+
+/// Logs a status line every `every`: clicks accepted per second since the last line, records
+/// not yet aggregated, and how far the watermark trails the clock.
+async fn log_status(q: std::sync::Arc<crate::pipeline::QueryState>, every: Duration) {
+    use std::sync::atomic::Ordering;
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let mut last = (Instant::now(), q.metrics.accepted.load(Ordering::Relaxed));
+    loop {
+        tick.tick().await;
+        let accepted = q.metrics.accepted.load(Ordering::Relaxed);
+        let rate = (accepted - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);
+        last = (Instant::now(), accepted);
+        let watermark = q.watermark.load(Ordering::Relaxed);
+        let behind = (watermark != i64::MIN).then(|| (now_ms() - watermark) as f64 / 1000.0);
+        tracing::info!(
+            clicks_per_second = rate.round() as u64,
+            accepted,
+            lag_records = q.lag(),
+            watermark_behind_seconds = behind.map(|b| format!("{b:.1}")).unwrap_or("none".into()),
+            "status"
+        );
     }
 }
 

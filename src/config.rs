@@ -55,6 +55,9 @@ pub struct Config {
     /// How long aggregated log segments are kept (raw data for recalculation).
     #[serde(deserialize_with = "text")]
     pub log_retention: String,
+    /// How often `serve` logs a status line (rate, lag, watermark delay); 0 for never.
+    #[serde(deserialize_with = "text")]
+    pub log_interval: String,
     /// The raw archive: a directory (relative: under data_dir) or `s3://bucket/prefix`.
     #[serde(deserialize_with = "text")]
     pub archive: String,
@@ -114,6 +117,7 @@ impl Default for Config {
             max_lag_records: 5_000_000,
             segment_bytes: 128 << 20,
             log_retention: "24h".into(),
+            log_interval: "10s".into(),
             archive: "archive".into(),
             archive_endpoint: None,
             archive_region: None,
@@ -132,7 +136,7 @@ impl Default for Config {
 }
 
 /// The keys `ADCLICK_*` variables may set (filters come from the file only).
-const ENV_KEYS: [&str; 30] = [
+const ENV_KEYS: [&str; 31] = [
     "kafka",
     "postgres",
     "topic",
@@ -148,6 +152,7 @@ const ENV_KEYS: [&str; 30] = [
     "max_inflight_bytes",
     "dedup_capacity",
     "log_retention",
+    "log_interval",
     "listen",
     "data_dir",
     "partitions",
@@ -196,6 +201,7 @@ pub struct Settings {
     pub max_lag_records: u64,
     pub segment_bytes: u64,
     pub log_retention: Duration,
+    pub log_interval: Duration,
     pub archive: crate::archive::ArchiveSettings,
     /// Kafka and PostgreSQL instead of the embedded log and store.
     pub scaleout: Option<crate::scaleout::ScaleOut>,
@@ -337,6 +343,11 @@ impl Config {
             max_lag_records: self.max_lag_records,
             segment_bytes: self.segment_bytes.max(1 << 16),
             log_retention: duration("log_retention", &self.log_retention)?,
+            log_interval: if self.log_interval.trim() == "0" {
+                Duration::ZERO
+            } else {
+                duration("log_interval", &self.log_interval)?
+            },
             archive: crate::archive::ArchiveSettings {
                 location: self.archive.clone(),
                 endpoint: self.archive_endpoint.clone(),

@@ -1061,3 +1061,40 @@ fn generate_reports_what_was_accepted_and_gives_up_on_an_unreachable_collector()
     assert!(err.contains("cannot reach the collector at http://127.0.0.1:"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(20), "gave up after {:?}", started.elapsed());
 }
+
+/// `ADCLICK_LOG_FORMAT=json`: every log line is a JSON object; `serve` logs a status line every
+/// `log_interval` with the clicks accepted so far.
+#[test]
+fn json_logs_and_a_periodic_status_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("ADCLICK_LOG_FORMAT", "json"), ("ADCLICK_LOG_INTERVAL", "200ms")];
+    let mut server = Server::start(dir.path(), CONFIG, &env);
+    let at = now_ms();
+    let body: String = (0..50)
+        .map(|i| {
+            format!("{{\"ad_id\":\"ad-{i}\",\"click_timestamp\":{at},\"click_id\":\"c{i}\"}}\n")
+        })
+        .collect();
+    assert_eq!(server.post(body.as_bytes()).0, 200);
+    let log = dir.path().join("server.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let status = lines.iter().find(|v| {
+            v["fields"]["message"] == "status" && v["fields"]["accepted"].as_u64() == Some(50)
+        });
+        if let Some(v) = status {
+            assert_eq!(v["level"], "INFO", "{v}");
+            assert!(v["fields"]["lag_records"].is_u64(), "{v}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no status line with 50 accepted:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.kill();
+}
