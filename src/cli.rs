@@ -43,6 +43,14 @@ pub enum LogFormat {
 pub enum Command {
     /// Collector, aggregator and query API on an embedded data directory.
     Serve(ServeArgs),
+    /// The effective configuration (file, ADCLICK_ variables and flags merged), as TOML.
+    Config {
+        /// Print it (the only action so far).
+        #[arg(long)]
+        print: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
     /// `serve` on a demo data directory, fed by the built-in generator at a live rate.
     Demo {
         #[command(flatten)]
@@ -209,7 +217,12 @@ pub struct GenerateArgs {
 }
 
 pub fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command()
+        .mut_subcommand("serve", |c| c.after_help(settings_help()))
+        .mut_subcommand("config", |c| c.after_help(settings_help()))
+        .get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "warn",
         (false, 0) => "info",
@@ -233,6 +246,11 @@ pub fn main() -> anyhow::Result<()> {
             serve(settings, Some(rate))
         }
         Command::Generate(args) => generate(args),
+        Command::Config { print: _, serve: args } => {
+            let config = effective_config(cli.config.as_deref(), &args)?;
+            print!("{}", toml::to_string(&config).context("writing the configuration")?);
+            Ok(())
+        }
         Command::Bench(args) => crate::bench::run(args),
         Command::Recalc { range, dry_run } => {
             job(cli.config.as_deref(), range, crate::recalc::Job::Recalc { dry_run })
@@ -257,6 +275,13 @@ fn job(
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// The merged configuration `serve` would run with, validated.
+fn effective_config(file: Option<&std::path::Path>, args: &ServeArgs) -> anyhow::Result<Config> {
+    let config = Config::load(file, &args.overrides())?;
+    config.validate()?;
+    Ok(config)
 }
 
 fn settings(
@@ -386,6 +411,27 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
         };
         tokio::select! { _ = wait(term) => {}, _ = wait(int) => {} }
     }
+}
+
+/// Every setting with its default and its variable, for `--help`.
+fn settings_help() -> String {
+    let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
+    let mut out = String::from(
+        "Settings (config file key = default, and its environment variable; flags override \
+         both; see the README for what each does):\n",
+    );
+    if let Some(map) = defaults.as_object() {
+        for (key, value) in map {
+            if key == "filters" {
+                continue;
+            }
+            let value = if value.is_null() { "(none)".to_string() } else { value.to_string() };
+            let var = format!("ADCLICK_{}", key.to_ascii_uppercase());
+            out.push_str(&format!("  {:<40} {var}\n", format!("{key} = {value}")));
+        }
+    }
+    out.push_str("  [[filters]] tables (see the README)\n");
+    out
 }
 
 /// Logs a status line every `every`: clicks accepted per second since the last line, records

@@ -1098,3 +1098,42 @@ fn json_logs_and_a_periodic_status_line() {
     }
     server.kill();
 }
+
+/// `adclick config --print` shows the merged configuration (file < variables < flags) as TOML
+/// that reads back; `serve --help` lists every setting with its default and its variable.
+#[test]
+fn the_effective_configuration_and_every_setting_are_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("adclick.toml");
+    std::fs::write(&file, "top_n = 5\nshards = 3\n[[filters]]\nid = \"us\"\ncountry = [\"US\"]\n")
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .arg("--config")
+        .arg(&file)
+        .args(["config", "--print", "--shards", "4"])
+        .env("ADCLICK_TOP_N", "7")
+        .env_remove("ADCLICK_FAULT")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let back = dir.path().join("printed.toml");
+    std::fs::write(&back, &text).unwrap();
+    let c = adclick::config::Config::load(Some(&back), &[]).expect("the printed TOML reads back");
+    assert_eq!((c.top_n, c.shards, c.watermark_delay.as_str()), (7, 4, "15s"), "{text}");
+    assert_eq!(c.filters.len(), 1, "{text}");
+    let help =
+        Command::new(env!("CARGO_BIN_EXE_adclick")).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    for (setting, var) in [
+        ("watermark_delay = \"15s\"", "ADCLICK_WATERMARK_DELAY"),
+        ("partitions = 8", "ADCLICK_PARTITIONS"),
+        ("log_interval = \"10s\"", "ADCLICK_LOG_INTERVAL"),
+    ] {
+        let line = help
+            .lines()
+            .find(|l| l.contains(setting))
+            .unwrap_or_else(|| panic!("{setting}: {help}"));
+        assert!(line.contains(var), "{line}");
+    }
+}
