@@ -1137,3 +1137,43 @@ fn the_effective_configuration_and_every_setting_are_shown() {
         assert!(line.contains(var), "{line}");
     }
 }
+
+/// `adclick status` prints a running server's health in the terminal (and as JSON), found by
+/// its data directory; a server that is not running is exit code 2 with a clear message.
+#[test]
+fn status_summarises_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), CONFIG, &[]);
+    let at = now_ms();
+    let mut body: String = (0..30)
+        .map(|i| {
+            format!("{{\"ad_id\":\"ad-{i}\",\"click_timestamp\":{at},\"click_id\":\"c{i}\"}}\n")
+        })
+        .collect();
+    body.push_str("not json\n{\"ad_id\":\"x\"}\n");
+    assert_eq!(server.post(body.as_bytes()).0, 200);
+    let status = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_adclick"))
+            .args(["status", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = status(&["--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "ok", "{v}");
+    assert_eq!(v["accepted_total"], 30, "{v}");
+    assert_eq!(v["rejected_total"], 2, "{v}");
+    let out = status(&[]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("accepted         30 clicks") && text.contains("rejected         2 lines"),
+        "{text}"
+    );
+    server.kill();
+    let out = status(&["--url", &server.url]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
