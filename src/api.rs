@@ -42,6 +42,8 @@ pub struct AppState {
     pub results: Results,
     pub metrics: Arc<Metrics>,
     pub filters: Arc<Filters>,
+    /// The filters as configured, for `GET /v1/filters`.
+    pub filter_configs: Arc<Vec<crate::filter::FilterConfig>>,
     pub max_body_bytes: usize,
     pub max_skew_ms: i64,
     pub max_lag_records: u64,
@@ -63,6 +65,7 @@ impl AppState {
             results: Results::Off,
             metrics: Arc::default(),
             filters: Arc::new(settings.filters.clone()),
+            filter_configs: Arc::new(settings.filter_configs.clone()),
             max_body_bytes: settings.max_body_bytes,
             max_skew_ms: settings.engine.max_clock_skew_ms,
             max_lag_records: settings.max_lag_records,
@@ -200,6 +203,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ads/{ad_id}/aggregated_count", get(aggregated_count))
         .route("/v1/ads/{ad_id}/timeseries", get(timeseries))
         .route("/v1/admin/{job}", post(admin_job))
+        .route("/v1/filters", get(filters))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/", get(dashboard))
@@ -726,6 +730,11 @@ async fn admin_job(
 async fn dashboard(State(s): State<AppState>) -> Html<String> {
     let ids = serde_json::to_string(s.filters.ids()).unwrap_or_else(|_| "[]".into());
     Html(DASHBOARD.replace("(FILTERS)", &format!("({ids})")))
+}
+
+/// The pre-defined filters (SPEC §2), as configured: what a `filter=` parameter may name.
+async fn filters(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "filters": *s.filter_configs }))
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {

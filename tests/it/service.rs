@@ -1139,7 +1139,8 @@ fn the_effective_configuration_and_every_setting_are_shown() {
 }
 
 /// `adclick status` prints a running server's health in the terminal (and as JSON), found by
-/// its data directory; a server that is not running is exit code 2 with a clear message.
+/// its data directory; a server that is not running is exit code 2 with a clear message. And
+/// `GET /v1/filters` lists the filters as configured.
 #[test]
 fn status_summarises_a_running_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -1160,6 +1161,13 @@ fn status_summarises_a_running_server() {
             .output()
             .unwrap()
     };
+    // The filters a dashboard offers, as configured.
+    let (code, filters) = server.get("/v1/filters");
+    assert_eq!(code, 200);
+    let ids: Vec<&str> =
+        filters["filters"].as_array().unwrap().iter().map(|f| f["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["us", "office"], "{filters}");
+    assert_eq!(filters["filters"][0]["country"], serde_json::json!(["US"]), "{filters}");
     let out = status(&["--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
