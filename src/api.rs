@@ -534,6 +534,8 @@ async fn aggregated_count(
         "ad_id": ad,
         "from": format_rfc3339(from.start()),
         "to": format_rfc3339(to.start()),
+        "from_ms": from.start().0,
+        "to_ms": to.start().0,
         "filter": filter,
         "count": count,
         "final": watermark.all_final_before(to),
@@ -553,6 +555,7 @@ async fn timeseries(
             let minute = Minute(m);
             json!({
                 "minute": format_rfc3339(minute.start()),
+                "minute_ms": minute.start().0,
                 "count": counts.get(&m).copied().unwrap_or(0),
                 "final": w.is_final(minute),
             })
@@ -562,6 +565,8 @@ async fn timeseries(
         "ad_id": ad,
         "from": format_rfc3339(from.start()),
         "to": format_rfc3339(to.start()),
+        "from_ms": from.start().0,
+        "to_ms": to.start().0,
         "filter": filter,
         "final": w.all_final_before(to),
         "points": points,
@@ -627,6 +632,7 @@ async fn popular_ads(
     Ok(Json(json!({
         "window": window,
         "to": format_rfc3339(to.start()),
+        "to_ms": to.start().0,
         "filter": filter,
         "final": watermark.all_final_before(to),
         "ads": ads,

@@ -269,6 +269,8 @@ pub(crate) fn assert_matches_oracle(
                 let minute =
                     adclick::event::parse_rfc3339(p["minute"].as_str().unwrap()).unwrap().0
                         / 60_000;
+                // Epoch ms beside RFC 3339, for chart tools.
+                assert_eq!(p["minute_ms"].as_i64(), Some(minute * 60_000), "{p}");
                 let want = expected.get(&(minute, ad.to_string(), slot)).copied().unwrap_or(0);
                 assert_eq!(
                     p["count"].as_u64().unwrap(),
@@ -284,6 +286,7 @@ pub(crate) fn assert_matches_oracle(
                 .map(|(_, c)| c)
                 .sum();
             assert_eq!(v["count"].as_u64().unwrap(), want, "{ad} total slot {name:?}: {v}");
+            assert_eq!((v["from_ms"].as_i64(), v["to_ms"].as_i64()), (Some(from), Some(to)), "{v}");
         }
     }
     for (slot, name) in SLOT_NAMES.iter().enumerate() {
