@@ -42,6 +42,8 @@ pub struct AppState {
     pub results: Results,
     pub metrics: Arc<Metrics>,
     pub filters: Arc<Filters>,
+    /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
+    pub cors_origins: Arc<Vec<String>>,
     /// The filters as configured, for `GET /v1/filters`.
     pub filter_configs: Arc<Vec<crate::filter::FilterConfig>>,
     pub max_body_bytes: usize,
@@ -66,6 +68,7 @@ impl AppState {
             metrics: Arc::default(),
             filters: Arc::new(settings.filters.clone()),
             filter_configs: Arc::new(settings.filter_configs.clone()),
+            cors_origins: Arc::new(settings.cors_origins.clone()),
             max_body_bytes: settings.max_body_bytes,
             max_skew_ms: settings.engine.max_clock_skew_ms,
             max_lag_records: settings.max_lag_records,
@@ -197,7 +200,8 @@ impl IntoResponse for ApiError {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let cors = cors(&state.cors_origins);
+    let router = Router::new()
         .route("/v1/clicks", post(clicks))
         .route("/v1/ads/popular_ads", get(popular_ads))
         .route("/v1/ads/{ad_id}/aggregated_count", get(aggregated_count))
@@ -209,7 +213,32 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(dashboard))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+/// CORS for browsers on other origins (dashboards, notebooks): GET and POST with the headers
+/// an ingest or a query sends. Origins are validated with the settings.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{header, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::CONTENT_TYPE, header::CONTENT_ENCODING]),
+    )
 }
 
 /// How an ingest body is encoded (`Content-Encoding`).

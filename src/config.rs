@@ -55,6 +55,10 @@ pub struct Config {
     /// How long aggregated log segments are kept (raw data for recalculation).
     #[serde(deserialize_with = "text")]
     pub log_retention: String,
+    /// Origins allowed to call the HTTP API from a browser (CORS), comma-separated, or `*`;
+    /// empty: no CORS headers.
+    #[serde(deserialize_with = "text")]
+    pub cors_origins: String,
     /// How often `serve` logs a status line (rate, lag, watermark delay); 0 for never.
     #[serde(deserialize_with = "text")]
     pub log_interval: String,
@@ -118,6 +122,7 @@ impl Default for Config {
             segment_bytes: 128 << 20,
             log_retention: "24h".into(),
             log_interval: "10s".into(),
+            cors_origins: String::new(),
             archive: "archive".into(),
             archive_endpoint: None,
             archive_region: None,
@@ -136,7 +141,7 @@ impl Default for Config {
 }
 
 /// The keys `ADCLICK_*` variables may set (filters come from the file only).
-const ENV_KEYS: [&str; 31] = [
+const ENV_KEYS: [&str; 32] = [
     "kafka",
     "postgres",
     "topic",
@@ -153,6 +158,7 @@ const ENV_KEYS: [&str; 31] = [
     "dedup_capacity",
     "log_retention",
     "log_interval",
+    "cors_origins",
     "listen",
     "data_dir",
     "partitions",
@@ -202,6 +208,8 @@ pub struct Settings {
     pub segment_bytes: u64,
     pub log_retention: Duration,
     pub log_interval: Duration,
+    /// Origins allowed by CORS (`*` for any); empty for none.
+    pub cors_origins: Vec<String>,
     pub archive: crate::archive::ArchiveSettings,
     /// Kafka and PostgreSQL instead of the embedded log and store.
     pub scaleout: Option<crate::scaleout::ScaleOut>,
@@ -343,6 +351,7 @@ impl Config {
             max_lag_records: self.max_lag_records,
             segment_bytes: self.segment_bytes.max(1 << 16),
             log_retention: duration("log_retention", &self.log_retention)?,
+            cors_origins: cors_origins(&self.cors_origins)?,
             log_interval: if self.log_interval.trim() == "0" {
                 Duration::ZERO
             } else {
@@ -488,6 +497,24 @@ fn describe(e: figment::Error, overrides: &[(&str, String)]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+fn cors_origins(v: &str) -> Result<Vec<String>, ConfigError> {
+    let list: Vec<String> =
+        v.split(',').map(str::trim).filter(|o| !o.is_empty()).map(str::to_string).collect();
+    for o in &list {
+        let valid = o == "*"
+            || ((o.starts_with("http://") || o.starts_with("https://"))
+                && !o.trim_end_matches('/').contains(|c: char| c.is_whitespace())
+                && axum::http::HeaderValue::from_str(o).is_ok());
+        if !valid {
+            return Err(ConfigError::Invalid {
+                key: "cors_origins",
+                reason: format!("{o:?} is not an origin like https://dashboards.example.com or *"),
+            });
+        }
+    }
+    Ok(list)
 }
 
 fn duration(key: &'static str, v: &str) -> Result<Duration, ConfigError> {

@@ -1188,3 +1188,49 @@ fn status_summarises_a_running_server() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
+
+/// CORS is off by default; `cors_origins` lets the named origins call the API from a browser
+/// (simple requests and preflights), and no other.
+#[test]
+fn cors_allows_the_configured_origins_only() {
+    let origin_of = |server: &Server, origin: &str| -> Option<String> {
+        let r = agent().get(format!("{}/healthz", server.url)).header("Origin", origin).call();
+        let r = r.unwrap();
+        r.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut plain = Server::start(dir.path(), CONFIG, &[]);
+    assert_eq!(origin_of(&plain, "https://dash.example.com"), None);
+    plain.kill();
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("ADCLICK_CORS_ORIGINS", "https://dash.example.com, http://localhost:3000")];
+    let mut server = Server::start(dir.path(), CONFIG, &env);
+    assert_eq!(
+        origin_of(&server, "https://dash.example.com").as_deref(),
+        Some("https://dash.example.com")
+    );
+    assert_eq!(
+        origin_of(&server, "http://localhost:3000").as_deref(),
+        Some("http://localhost:3000")
+    );
+    assert_eq!(origin_of(&server, "https://evil.example.com"), None);
+    let preflight = agent()
+        .options(format!("{}/v1/clicks", server.url))
+        .header("Origin", "http://localhost:3000")
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "content-type")
+        .call()
+        .unwrap();
+    assert_eq!(preflight.status().as_u16(), 200);
+    let methods = preflight.headers().get("access-control-allow-methods").unwrap();
+    assert!(methods.to_str().unwrap().contains("POST"), "{methods:?}");
+    server.kill();
+    let err = Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .args(["config", "--print"])
+        .env("ADCLICK_CORS_ORIGINS", "dash.example.com")
+        .output()
+        .unwrap();
+    assert!(!err.status.success());
+    let err = String::from_utf8_lossy(&err.stderr);
+    assert!(err.contains(r#"cors_origins: "dash.example.com" is not an origin"#), "{err}");
+}
