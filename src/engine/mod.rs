@@ -457,19 +457,19 @@ impl Engine {
     /// Restoring needs the files of earlier checkpoints that [`Engine::retains`] still (see
     /// [`Engine::restore_chain`]). Its cost follows what changed, not the state.
     pub fn checkpoint(&mut self) -> (Vec<u8>, Extent) {
-        let bytes = self.encode(true);
-        let extent = self.extent(true);
-        for s in &mut self.shards {
-            s.mark_written();
-        }
-        (bytes, extent)
+        self.take_checkpoint(true)
     }
 
     /// A checkpoint file of the whole state that restores alone, after which
     /// [`Engine::checkpoint`] goes on from here: it replaces the chain of files before it.
     pub fn full_checkpoint(&mut self) -> (Vec<u8>, Extent) {
-        let bytes = self.encode(false);
-        let extent = self.extent(false);
+        self.take_checkpoint(false)
+    }
+
+    /// A checkpoint file, after which the next incremental one holds only what changes.
+    fn take_checkpoint(&mut self, changes_only: bool) -> (Vec<u8>, Extent) {
+        let bytes = self.encode(changes_only);
+        let extent = self.extent(changes_only);
         for s in &mut self.shards {
             s.mark_written();
         }
