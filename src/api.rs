@@ -12,7 +12,6 @@
 //! an ad's series reads only the days in which the ad has counts.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -200,6 +199,7 @@ impl IntoResponse for ApiError {
 }
 
 pub fn router(state: AppState) -> Router {
+    crate::telemetry::install();
     let cors = cors(&state.cors_origins);
     let router = Router::new()
         .route("/v1/clicks", post(clicks))
@@ -213,6 +213,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(dashboard))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn(observe_request))
         .with_state(state);
     match cors {
         Some(layer) => router.layer(layer),
@@ -302,7 +303,6 @@ fn reserve(
         .ok()
         .and_then(|n| s.inflight.clone().try_acquire_many_owned(n).ok())
         .ok_or_else(|| {
-            s.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
             ApiError::Overloaded("too many ingest bytes in flight (max_inflight_bytes)".into())
         })?;
     match held {
@@ -317,11 +317,10 @@ async fn clicks(
     headers: HeaderMap,
     mut body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let started = std::time::Instant::now();
     let encoding = Encoding::of(&headers)?;
     let lag = s.results.embedded().map_or(0, |q| q.lag());
     if lag > s.max_lag_records {
-        s.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
         return Err(ApiError::Overloaded(format!("{lag} records wait for aggregation")));
     }
     // Read chunk by chunk, within the body limit and the in-flight budget.
@@ -391,6 +390,7 @@ async fn clicks(
             totals.insert(kind.label().to_string(), json!(n));
         }
     }
+    crate::telemetry::observe(crate::telemetry::INGEST_ACK, started.elapsed());
     Ok(Json(json!({
         "accepted": accepted,
         "rejected": rejected,
@@ -422,10 +422,12 @@ fn check_body(bytes: &[u8], v: Validation, partitions: u32) -> Checked {
         by_reason: [0; InvalidKind::ALL.len()],
         accepted: 0,
     };
+    let lateness = metrics::histogram!(crate::telemetry::LATENESS);
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         match parse_line(line, v) {
             Ok(None) => {}
             Ok(Some(click)) => {
+                lateness.record(v.now.0.saturating_sub(click.time.0).max(0) as f64 / 1000.0);
                 let mut rec = Vec::with_capacity(64);
                 wire::encode(&click, &mut rec);
                 c.parts[partition_of(route_hash(&click.ad_id), partitions) as usize].push(rec);
@@ -803,80 +805,42 @@ async fn healthz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    let m = &s.metrics;
-    let mut out = String::new();
-    let mut counter = |name: &str, help: &str, v: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    let Some(telemetry) = crate::telemetry::install() else {
+        return ApiError::Internal("no metrics recorder in this process".into()).into_response();
     };
-    counter(
-        "adclick_collector_requests_total",
-        "POST /v1/clicks requests.",
-        m.requests.load(Ordering::Relaxed),
+    s.metrics.export();
+    crate::telemetry::set_gauge(
+        crate::telemetry::INGEST_INFLIGHT,
+        s.max_inflight_bytes.saturating_sub(s.inflight.available_permits()) as f64,
     );
-    counter(
-        "adclick_collector_accepted_total",
-        "Clicks accepted and durable.",
-        m.accepted.load(Ordering::Relaxed),
-    );
-    counter(
-        "adclick_collector_overloaded_total",
-        "Requests answered 503.",
-        m.overloaded.load(Ordering::Relaxed),
-    );
-    let _ = writeln!(out, "# HELP adclick_invalid_total Invalid lines by reason.\n# TYPE adclick_invalid_total counter");
-    for kind in InvalidKind::ALL {
-        let _ = writeln!(
-            out,
-            "adclick_invalid_total{{reason=\"{}\"}} {}",
-            kind.label(),
-            m.rejected[kind.index()].load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(out, "# HELP adclick_ingest_inflight_bytes Ingest body bytes held in memory.\n# TYPE adclick_ingest_inflight_bytes gauge\nadclick_ingest_inflight_bytes {}", s.max_inflight_bytes.saturating_sub(s.inflight.available_permits()));
     if let Some(q) = s.results.embedded() {
-        let c = q.counters.lock().expect("not poisoned").clone();
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        counter("adclick_counted_total", "Distinct clicks counted.", c.counted);
-        counter("adclick_duplicates_total", "Duplicate clicks not counted.", c.duplicate);
-        counter(
-            "adclick_late_corrections_total",
-            "Clicks that corrected a final minute.",
-            c.late_corrected,
-        );
-        counter("adclick_too_late_total", "Clicks too late for the live path.", c.too_late);
-        counter("adclick_commits_total", "Store commits.", m.commits.load(Ordering::Relaxed));
-        counter(
-            "adclick_commit_seconds_total",
-            "Time spent in store commits.",
-            m.commit_micros.load(Ordering::Relaxed) / 1_000_000,
-        );
-        counter(
-            "adclick_checkpoints_total",
-            "Engine checkpoints.",
-            m.checkpoints.load(Ordering::Relaxed),
-        );
-        counter(
-            "adclick_log_written_bytes_total",
-            "Bytes appended to the click log since start.",
-            q.log_appended_bytes(),
-        );
-        counter(
-            "adclick_checkpoint_written_bytes_total",
-            "Bytes of checkpoint files written.",
-            m.checkpoint_written_bytes.load(Ordering::Relaxed),
-        );
-        let _ = writeln!(out, "# HELP adclick_lag_records Durable records not yet aggregated.\n# TYPE adclick_lag_records gauge\nadclick_lag_records {}", q.lag());
-        let _ = writeln!(out, "# HELP adclick_archive_lag_records Durable records not yet archived.\n# TYPE adclick_archive_lag_records gauge\nadclick_archive_lag_records {}", q.archive_lag());
-        if let Some(w) = Watermark::from_raw(q.watermark.load(Ordering::Acquire)).ms() {
-            let _ = writeln!(out, "# HELP adclick_watermark_seconds The event-time watermark.\n# TYPE adclick_watermark_seconds gauge\nadclick_watermark_seconds {}", w as f64 / 1000.0);
-        }
-        let _ = writeln!(out, "# HELP adclick_checkpoint_bytes Size of the last checkpoint file.\n# TYPE adclick_checkpoint_bytes gauge\nadclick_checkpoint_bytes {}", m.checkpoint_bytes.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP adclick_dedup_entries Identities held for deduplication, at the last checkpoint.\n# TYPE adclick_dedup_entries gauge\nadclick_dedup_entries {}", m.dedup_entries.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP adclick_dedup_bytes Memory the deduplication state holds, at the last checkpoint.\n# TYPE adclick_dedup_bytes gauge\nadclick_dedup_bytes {}", m.dedup_bytes.load(Ordering::Relaxed));
+        q.export_metrics();
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let text = telemetry.render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// Counts every answer by endpoint and code, and times queries (`GET /v1/…`) by endpoint.
+async fn observe_request(
+    matched: Option<axum::extract::MatchedPath>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let endpoint = matched.map_or("other".to_string(), |m| m.as_str().to_string());
+    let query = req.method() == axum::http::Method::GET && endpoint.starts_with("/v1/");
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    if query {
+        metrics::histogram!(crate::telemetry::QUERY, "endpoint" => endpoint.clone())
+            .record(started.elapsed().as_secs_f64());
+    }
+    metrics::counter!(
+        crate::telemetry::REQUESTS,
+        "endpoint" => endpoint,
+        "code" => response.status().as_str().to_string()
+    )
+    .increment(1);
+    response
 }
 
 const DASHBOARD: &str = r#"<!doctype html>

@@ -449,13 +449,13 @@ fn sample(agent: &ureq::Agent, url: &str, pid: u32) -> anyhow::Result<Sample> {
             .unwrap_or(0.0)
     };
     Ok(Sample {
-        accepted: metric("adclick_collector_accepted_total"),
-        commits: metric("adclick_commits_total"),
-        checkpoint_bytes: metric("adclick_checkpoint_written_bytes_total"),
-        log_bytes: metric("adclick_log_written_bytes_total"),
-        lag: metric("adclick_lag_records"),
-        dedup_entries: metric("adclick_dedup_entries"),
-        dedup_bytes: metric("adclick_dedup_bytes"),
+        accepted: metric(crate::telemetry::ACCEPTED),
+        commits: metric("adclick_commit_duration_seconds_count"),
+        checkpoint_bytes: metric(crate::telemetry::CHECKPOINT_WRITTEN),
+        log_bytes: metric(crate::telemetry::LOG_WRITTEN),
+        lag: metric(crate::telemetry::LAG),
+        dedup_entries: metric(crate::telemetry::DEDUP_ENTRIES),
+        dedup_bytes: metric(crate::telemetry::DEDUP_BYTES),
         disk_bytes: proc_field("io", "write_bytes:"),
         rss_bytes: proc_field("status", "VmRSS:") * 1024.0,
     })

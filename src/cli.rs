@@ -466,12 +466,14 @@ fn status(url: Option<String>, data_dir: Option<PathBuf>, json: bool) -> anyhow:
     let health: serde_json::Value =
         serde_json::from_str(&health).with_context(|| format!("{url}/healthz: {health:?}"))?;
     let (_, metrics) = get("/metrics")?;
-    // Sums of the samples of a metric (over its labels).
-    let metric = |name: &str| -> serde_json::Value {
+    // Sums of the samples of a metric (over its labels), of those whose lines hold `having`.
+    let metric = |name: &str, having: &[&str]| -> serde_json::Value {
         let values: Vec<f64> = metrics
             .lines()
             .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.split([' ', '{']).next() == Some(name))
+            .filter(|l| {
+                l.split([' ', '{']).next() == Some(name) && having.iter().all(|h| l.contains(h))
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
             .collect();
         match values.iter().sum::<f64>() {
@@ -492,9 +494,12 @@ fn status(url: Option<String>, data_dir: Option<PathBuf>, json: bool) -> anyhow:
         "watermark_behind_seconds": behind,
         "lag_records": health["lag_records"],
         "archive_lag_records": health["archive_lag_records"],
-        "accepted_total": metric("adclick_collector_accepted_total"),
-        "rejected_total": metric("adclick_invalid_total"),
-        "overloaded_total": metric("adclick_collector_overloaded_total"),
+        "accepted_total": metric(crate::telemetry::ACCEPTED, &[]),
+        "rejected_total": metric(crate::telemetry::INVALID, &[]),
+        "overloaded_total": metric(
+            crate::telemetry::REQUESTS,
+            &["endpoint=\"/v1/clicks\"", "code=\"503\""]
+        ),
     });
     if json {
         println!("{summary}");

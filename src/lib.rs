@@ -39,3 +39,4 @@ pub mod pipeline;
 pub mod recalc;
 pub mod scaleout;
 pub mod ship;
+pub mod telemetry;

@@ -234,6 +234,16 @@ impl Writer {
         if self.shared.poisoned.load(Ordering::Acquire) {
             return Err(LogError::Poisoned);
         }
+        let started = std::time::Instant::now();
+        let dirty = self.parts.iter().any(|p| p.dirty);
+        let synced = self.sync_dirty();
+        if dirty {
+            crate::telemetry::observe(crate::telemetry::FSYNC, started.elapsed());
+        }
+        synced
+    }
+
+    fn sync_dirty(&mut self) -> Result<(), LogError> {
         for (i, part) in self.parts.iter_mut().enumerate() {
             if !part.dirty {
                 continue;

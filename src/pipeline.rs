@@ -63,17 +63,27 @@ enum ToWriter {
 pub struct Metrics {
     pub accepted: AtomicU64,
     pub rejected: [AtomicU64; crate::event::InvalidKind::ALL.len()],
-    pub requests: AtomicU64,
-    pub overloaded: AtomicU64,
-    pub commits: AtomicU64,
-    pub commit_micros: AtomicU64,
-    pub checkpoints: AtomicU64,
+    /// Count rows (minute, ad) committed.
+    pub rows_written: AtomicU64,
     pub checkpoint_bytes: AtomicU64,
     /// Bytes of checkpoint files written, cumulative.
     pub checkpoint_written_bytes: AtomicU64,
-    /// The dedup state at the last checkpoint: identities, and bytes in memory.
+    /// The dedup state at the last commit: identities, and bytes in memory.
     pub dedup_entries: AtomicU64,
     pub dedup_bytes: AtomicU64,
+    pub open_windows: AtomicU64,
+}
+
+impl Metrics {
+    /// Copies the collector's totals into the recorder.
+    pub fn export(&self) {
+        use crate::telemetry::{self as t, set_counter};
+        set_counter(t::ACCEPTED, self.accepted.load(Ordering::Relaxed));
+        for kind in crate::event::InvalidKind::ALL {
+            metrics::counter!(t::INVALID, "reason" => kind.label())
+                .absolute(self.rejected[kind.index()].load(Ordering::Relaxed));
+        }
+    }
 }
 
 /// What one committed batch changed, for the in-memory popular-ads index.
@@ -235,6 +245,9 @@ pub struct QueryState {
     pub archive_requests: Mutex<std::sync::mpsc::Sender<crate::archive::FlushRequest>>,
     /// Held while a recalc or reconcile runs: one at a time.
     pub jobs: Mutex<()>,
+    /// Each partition's own watermark and idle flag, at the last commit.
+    pub partitions: Mutex<Vec<crate::engine::PartitionView>>,
+    pub data_dir: std::path::PathBuf,
 }
 
 impl QueryState {
@@ -279,6 +292,65 @@ impl QueryState {
     pub fn log_appended_bytes(&self) -> u64 {
         self.log.appended_bytes()
     }
+
+    /// Copies the aggregator's state into the recorder, for a render of `/metrics`.
+    pub fn export_metrics(&self) {
+        use crate::telemetry::{self as t, set_counter, set_gauge, set_partition_gauge};
+        let c = self.counters.lock().expect("not poisoned").clone();
+        set_counter(t::COUNTED, c.counted);
+        set_counter(t::DUPLICATE, c.duplicate);
+        set_counter(t::LATE_CORRECTED, c.late_corrected);
+        set_counter(t::TOO_LATE, c.too_late);
+        let m = &self.metrics;
+        set_counter(t::ROWS_WRITTEN, m.rows_written.load(Ordering::Relaxed));
+        set_counter(t::CHECKPOINT_WRITTEN, m.checkpoint_written_bytes.load(Ordering::Relaxed));
+        set_counter(t::LOG_WRITTEN, self.log_appended_bytes());
+        set_gauge(t::CHECKPOINT_BYTES, m.checkpoint_bytes.load(Ordering::Relaxed) as f64);
+        set_gauge(t::DEDUP_ENTRIES, m.dedup_entries.load(Ordering::Relaxed) as f64);
+        set_gauge(t::DEDUP_BYTES, m.dedup_bytes.load(Ordering::Relaxed) as f64);
+        set_gauge(t::OPEN_WINDOWS, m.open_windows.load(Ordering::Relaxed) as f64);
+        set_gauge(t::LAG, self.lag() as f64);
+        set_gauge(t::ARCHIVE_LAG, self.archive_lag() as f64);
+        if let Some(w) = Watermark::from_raw(self.watermark.load(Ordering::Acquire)).ms() {
+            set_gauge(t::WATERMARK, w as f64 / 1000.0);
+            set_gauge(t::WATERMARK_DELAY, (now_ms() - w) as f64 / 1000.0);
+        }
+        let ends = self.log.durable_ends();
+        let views = self.partitions.lock().expect("not poisoned").clone();
+        for (p, &end) in ends.iter().enumerate() {
+            let committed = self.committed[p].load(Ordering::Acquire);
+            let p = p as u32;
+            set_partition_gauge(t::PARTITION_END, p, end as f64);
+            set_partition_gauge(t::PARTITION_COMMITTED, p, committed as f64);
+            set_partition_gauge(t::PARTITION_LAG, p, end.saturating_sub(committed) as f64);
+            let view = views.iter().find(|v| v.id.0 == p);
+            // A partition that has delivered nothing has no watermark of its own yet.
+            if let Some(w) = view.and_then(|v| v.watermark.ms()) {
+                set_partition_gauge(t::PARTITION_WATERMARK, p, w as f64 / 1000.0);
+            }
+            set_partition_gauge(
+                t::PARTITION_IDLE,
+                p,
+                f64::from(u8::from(view.is_some_and(|v| v.idle))),
+            );
+        }
+        set_gauge(t::LOG_DISK, dir_bytes(&self.data_dir.join("log")) as f64);
+        let store = std::fs::metadata(self.data_dir.join("store.redb")).map_or(0, |m| m.len());
+        set_gauge(t::STORE_DISK, (store + dir_bytes(&self.data_dir.join("checkpoints"))) as f64);
+    }
+}
+
+/// Bytes of the files under `dir`, recursively (0 when it does not exist).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// The collector's way into the log.
@@ -374,6 +446,8 @@ impl Pipeline {
             log: log.clone(),
             committed: (0..settings.partitions).map(|_| AtomicU64::new(0)).collect(),
             ready: AtomicBool::new(false),
+            partitions: Mutex::new(Vec::new()),
+            data_dir: settings.data_dir.clone(),
         });
         let shutdown = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::sync_channel(1024);
@@ -959,10 +1033,9 @@ impl Aggregator {
     /// Takes an incremental checkpoint after the batch about to be committed (`self.seq`) and
     /// starts writing its file. Its manifest keeps the previous files the engine still retains.
     fn take_checkpoint(&mut self) -> PendingCheckpoint {
+        let started = Instant::now();
         let (bytes, extent) = self.engine.checkpoint();
-        let m = &self.query.metrics;
-        m.dedup_entries.store(self.engine.shard_stats().0 as u64, Ordering::Relaxed);
-        m.dedup_bytes.store(self.engine.dedup_bytes() as u64, Ordering::Relaxed);
+        let taking = started.elapsed();
         let seq = self.seq;
         let mut files: Vec<CheckpointFile> =
             self.manifest.iter().copied().filter(|f| self.engine.retains(f.extent)).collect();
@@ -972,7 +1045,12 @@ impl Aggregator {
         let len = bytes.len() as u64;
         let writing = std::thread::Builder::new()
             .name("adclick-checkpoint".into())
-            .spawn(move || store.write_checkpoint(seq, &bytes))
+            .spawn(move || {
+                let started = Instant::now();
+                let written = store.write_checkpoint(seq, &bytes);
+                crate::telemetry::observe(crate::telemetry::CHECKPOINT, taking + started.elapsed());
+                written
+            })
             .unwrap_or_else(|e| fatal("starting the checkpoint thread", e));
         PendingCheckpoint {
             taken: TakenCheckpoint {
@@ -996,9 +1074,9 @@ impl Aggregator {
         self.store.commit(self.seq, batch, &output, checkpoint.as_ref().map(|c| &c.record))?;
         crate::fault::point("store.after_commit");
         self.seq += 1;
+        crate::telemetry::observe(crate::telemetry::COMMIT, started.elapsed());
         let m = &self.query.metrics;
-        m.commits.fetch_add(1, Ordering::Relaxed);
-        m.commit_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        m.rows_written.fetch_add(output.counts.len() as u64, Ordering::Relaxed);
         for &(p, _, to) in &batch.ranges {
             self.next[p.0 as usize] = to.0;
         }
@@ -1006,7 +1084,6 @@ impl Aggregator {
         if let Some(checkpoint) = checkpoint {
             crate::fault::point("aggregator.after_checkpoint");
             let m = &self.query.metrics;
-            m.checkpoints.fetch_add(1, Ordering::Relaxed);
             m.checkpoint_bytes.store(checkpoint.bytes, Ordering::Relaxed);
             m.checkpoint_written_bytes.fetch_add(checkpoint.bytes, Ordering::Relaxed);
             // The log is kept from the previous checkpoint on, for a fallback to it, and from
@@ -1030,14 +1107,37 @@ impl Aggregator {
         for (p, o) in &output.offsets {
             self.query.committed[p.0 as usize].store(o.0, Ordering::Release);
         }
-        self.query.watermark.store(output.watermark.to_raw(), Ordering::Release);
+        let before = Watermark::from_raw(
+            self.query.watermark.swap(output.watermark.to_raw(), Ordering::AcqRel),
+        );
+        observe_final_delays(before, output.watermark, now_ms());
         *self.query.counters.lock().expect("not poisoned") = output.counters;
+        *self.query.partitions.lock().expect("not poisoned") = self.engine.partitions();
+        let (dedup, windows) = self.engine.shard_stats();
+        let m = &self.query.metrics;
+        m.dedup_entries.store(dedup as u64, Ordering::Relaxed);
+        m.open_windows.store(windows as u64, Ordering::Relaxed);
+        m.dedup_bytes.store(self.engine.dedup_bytes() as u64, Ordering::Relaxed);
         self.query.live.publish(Published {
             counts: output.counts,
             watermark: output.watermark,
             sealed_below: self.sealed_below(),
             keep_from: recent_window_start(),
         });
+    }
+}
+
+/// Observes, for each minute that turned final between watermarks `before` and `after`, how
+/// long after its end that happened (at most the newest hour of them: a backfill or a restart
+/// that moves the watermark far says nothing about freshness beyond that).
+fn observe_final_delays(before: Watermark, after: Watermark, wall: i64) {
+    let (Some(before), Some(after)) = (before.ms(), after.ms()) else { return };
+    // Minute ends in (before, after]: minute m ends at (m + 1) * MINUTE_MS.
+    let first = before.div_euclid(MINUTE_MS) + 1;
+    let last = after.div_euclid(MINUTE_MS);
+    let histogram = metrics::histogram!(crate::telemetry::FINAL_DELAY);
+    for end in first.max(last - 59)..=last {
+        histogram.record((wall - end * MINUTE_MS).max(0) as f64 / 1000.0);
     }
 }
 

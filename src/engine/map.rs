@@ -120,6 +120,10 @@ impl Mapper {
         self.watermarks.assign(partitions, wall);
     }
 
+    pub fn partitions(&self) -> Vec<super::watermark::PartitionView> {
+        self.watermarks.partitions()
+    }
+
     pub fn offsets(&self) -> Vec<(PartitionId, Offset)> {
         self.watermarks.offsets()
     }

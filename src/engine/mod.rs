@@ -53,7 +53,7 @@ pub use map::{Mapper, ShardBatch};
 pub use reduce::Reducer;
 pub use shard::{Shard, ShardOutput};
 pub use snapshot::SnapshotError;
-pub use watermark::Watermark;
+pub use watermark::{PartitionView, Watermark};
 
 use crate::event::{AdId, Click, EventTime, IdentityKey, Invalid, InvalidKind, Minute, MINUTE_MS};
 use crate::filter::Filters;
@@ -220,7 +220,7 @@ impl Counters {
     pub fn invalid_total(&self) -> u64 {
         self.invalid.iter().sum()
     }
-    fn add(&mut self, o: &Counters) {
+    pub(crate) fn add(&mut self, o: &Counters) {
         self.valid += o.valid;
         self.counted += o.counted;
         self.late_corrected += o.late_corrected;
@@ -431,6 +431,11 @@ impl Engine {
 
     pub fn offsets(&self) -> Vec<(PartitionId, Offset)> {
         self.mapper.offsets()
+    }
+
+    /// Each owned partition's own watermark and idle flag, by partition id.
+    pub fn partitions(&self) -> Vec<PartitionView> {
+        self.mapper.partitions()
     }
 
     /// The cumulative counters, as the last [`Output::counters`] reported them.

@@ -95,6 +95,14 @@ struct Partition {
     next_offset: Offset,
 }
 
+/// One partition's part in the watermark, as [`Watermarks::partitions`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionView {
+    pub id: PartitionId,
+    pub watermark: Watermark,
+    pub idle: bool,
+}
+
 /// What the non-idle partitions say.
 enum Active {
     /// Some non-idle partition has delivered nothing: the watermark stays where it is.
@@ -258,6 +266,22 @@ impl Watermarks {
 
     pub fn next_offset(&self, id: PartitionId) -> Option<Offset> {
         self.index.get(&id).map(|&i| self.parts[i].next_offset)
+    }
+
+    /// Every partition known, by partition id: its own watermark (max event time − delay) and
+    /// whether it is idle, for metrics.
+    pub fn partitions(&self) -> Vec<PartitionView> {
+        let mut v: Vec<_> = self
+            .parts
+            .iter()
+            .map(|p| PartitionView {
+                id: p.id,
+                watermark: Watermark(p.max_time.map(|t| t.saturating_sub(self.delay_ms))),
+                idle: p.idle,
+            })
+            .collect();
+        v.sort_by_key(|p| p.id);
+        v
     }
 
     /// Every partition known and its next offset, by partition id.

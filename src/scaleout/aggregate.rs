@@ -205,6 +205,36 @@ impl Aggregator {
         for p in fenced {
             self.owned.remove(&p);
         }
+        self.export_metrics();
+    }
+
+    /// This process's share: per owned partition its committed offset, watermark and idle
+    /// flag; counters and state summed over the engines it owns (a rebalance moves them).
+    fn export_metrics(&self) {
+        use crate::telemetry::{self as t, set_counter, set_gauge, set_partition_gauge};
+        let mut counters = crate::engine::Counters::default();
+        let (mut dedup, mut windows, mut dedup_bytes) = (0, 0, 0);
+        for (&p, o) in &self.owned {
+            counters.add(&o.engine.counters());
+            let (d, w) = o.engine.shard_stats();
+            dedup += d;
+            windows += w;
+            dedup_bytes += o.engine.dedup_bytes();
+            set_partition_gauge(t::PARTITION_COMMITTED, p.0, o.next as f64);
+            for v in o.engine.partitions() {
+                if let Some(w) = v.watermark.ms() {
+                    set_partition_gauge(t::PARTITION_WATERMARK, v.id.0, w as f64 / 1000.0);
+                }
+                set_partition_gauge(t::PARTITION_IDLE, v.id.0, f64::from(u8::from(v.idle)));
+            }
+        }
+        set_counter(t::COUNTED, counters.counted);
+        set_counter(t::DUPLICATE, counters.duplicate);
+        set_counter(t::LATE_CORRECTED, counters.late_corrected);
+        set_counter(t::TOO_LATE, counters.too_late);
+        set_gauge(t::DEDUP_ENTRIES, dedup as f64);
+        set_gauge(t::OPEN_WINDOWS, windows as f64);
+        set_gauge(t::DEDUP_BYTES, dedup_bytes as f64);
     }
 }
 
@@ -349,6 +379,7 @@ impl Owned {
         let chain: usize = o.manifest.iter().map(|(_, _, b)| b).sum();
         let compact = o.manifest.len() >= COMPACT_FILES && chain >= 2 * o.full_bytes;
         let mut dropped = Vec::new();
+        let taking = Instant::now();
         let (bytes, extent) = if compact {
             dropped.extend(o.manifest.drain(..).map(|(seq, _, _)| seq));
             o.engine.full_checkpoint()
@@ -362,6 +393,7 @@ impl Owned {
             });
             o.engine.checkpoint()
         };
+        crate::telemetry::observe(crate::telemetry::CHECKPOINT, taking.elapsed());
         let sealed = output
             .watermark
             .oldest_countable(o.lateness_ms)
@@ -379,7 +411,11 @@ impl Owned {
         if !buf.is_empty() {
             crate::fault::pause("aggregator.before_commit");
         }
+        let committing = Instant::now();
         pg::commit(client, days, &commit)?;
+        crate::telemetry::observe(crate::telemetry::COMMIT, committing.elapsed());
+        metrics::counter!(crate::telemetry::ROWS_WRITTEN).increment(output.counts.len() as u64);
+        metrics::counter!(crate::telemetry::CHECKPOINT_WRITTEN).increment(bytes.len() as u64);
         if let Some((_, to)) = roll {
             o.rolled_through = to;
         }

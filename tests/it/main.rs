@@ -2,6 +2,7 @@
 mod archive;
 mod engine;
 mod model;
+mod observe;
 mod pgstore;
 mod scaleout;
 mod service;

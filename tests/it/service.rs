@@ -487,8 +487,8 @@ fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
         server.post(format!("{{\"ad_id\":\"b\",\"click_timestamp\":{t}}}").as_bytes());
     assert_eq!((status, v["accepted"].as_u64()), (200, Some(1)));
     let metrics = server.metrics();
-    assert!(metrics.contains("adclick_invalid_total{reason=\"not_json\"} 1"), "{metrics}");
-    assert!(metrics.contains("adclick_invalid_total{reason=\"in_future\"} 1"));
+    assert!(metrics.contains("adclick_lines_invalid_total{reason=\"not_json\"} 1"), "{metrics}");
+    assert!(metrics.contains("adclick_lines_invalid_total{reason=\"in_future\"} 1"));
 }
 
 #[test]
@@ -560,12 +560,16 @@ checkpoint_interval = "1h"
     // The partition goes idle: the watermark follows the wall clock past the previous minute.
     std::thread::sleep(Duration::from_millis(2_500));
     assert_eq!(server.post(click(prev + 20_000, "e2").as_bytes()).0, 200);
-    wait(&|| metric(&server, "adclick_too_late_total") == 1);
+    wait(&|| metric(&server, "adclick_clicks_too_late_total") == 1);
     assert_eq!(count(&server), 1);
 
     server.kill();
     let server = Server::start(dir.path(), config, &[]);
-    assert_eq!(metric(&server, "adclick_too_late_total"), 1, "the replay made the same decision");
+    assert_eq!(
+        metric(&server, "adclick_clicks_too_late_total"),
+        1,
+        "the replay made the same decision"
+    );
     assert_eq!(count(&server), 1);
     assert!(server.log().contains("replayed_batches="), "{}", server.log());
 }
@@ -590,7 +594,10 @@ fn backpressure_answers_503_when_aggregation_lags() {
     let (status, v) = server.get("/healthz");
     assert_eq!((status, v["lag_records"].as_u64()), (200, Some(150)));
     let metrics = server.metrics();
-    assert!(metrics.contains("adclick_collector_overloaded_total 1"), "{metrics}");
+    assert!(
+        metrics.contains(r#"adclick_http_requests_total{endpoint="/v1/clicks",code="503"} 1"#),
+        "{metrics}"
+    );
 }
 
 /// SPEC §2 across partitions, on history: event times a month old, four partitions, late and
@@ -664,7 +671,10 @@ ip = ["10.0.0.0/8", "2001:db8::/32"]
     // Every distinct click was counted: what is too late are copies re-sent long after.
     let total: u64 = expected.iter().filter(|((_, _, slot), _)| *slot == 0).map(|(_, c)| c).sum();
     let metrics = server.metrics();
-    assert!(metrics.contains(&format!("adclick_counted_total {total}\n")), "{total}: {metrics}");
+    assert!(
+        metrics.contains(&format!("adclick_clicks_counted_total {total}\n")),
+        "{total}: {metrics}"
+    );
 }
 
 /// Starts a server that must refuse to start; returns what it printed.

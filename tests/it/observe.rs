@@ -1,0 +1,155 @@
+//! Observability end to end (README "Metrics", "Dashboard"): `/metrics` after a known input,
+//! checked value by value and by `promtool`.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::service::{now_ms, Server, CONFIG};
+
+/// The value of the sample `series` (name with its labels, as rendered), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn value(text: &str, series: &str) -> f64 {
+    sample(text, series).unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+}
+
+/// Waits until `what` holds for a fresh `/metrics`, or fails naming it.
+fn await_metrics(server: &Server, what: &str, cond: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let text = server.metrics();
+        if cond(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn click(ad: &str, t: i64, id: &str) -> String {
+    format!(r#"{{"ad_id":"{ad}","click_timestamp":{t},"click_id":"{id}"}}"#)
+}
+
+/// `promtool check metrics` on `text`: nothing to report. Skipped (with a note) where promtool
+/// is not installed, except in CI (ADCLICK_REQUIRE_SERVICES), which installs it.
+pub(crate) fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var_os("ADCLICK_REQUIRE_SERVICES").is_none(),
+                "promtool is required here: {e}"
+            );
+            eprintln!("skipping promtool check metrics: {e}");
+            return;
+        }
+    };
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && report.trim().is_empty(), "promtool: {report}");
+}
+
+/// Known input, known numbers: accepted, invalid by reason, counted, duplicate, late-corrected
+/// and too-late clicks; histogram counts of acknowledgements, lateness buckets and queries;
+/// every per-partition series for every partition; a minute turning final is observed.
+#[test]
+fn metrics_count_exactly_what_was_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG, &[]);
+    let now = now_ms();
+    // 10 distinct clicks 4 s old over many ads (every partition), 3 copies, 2 invalid lines.
+    let mut body: Vec<String> =
+        (0..10).map(|i| click(&format!("ad{i}"), now - 4_000, &format!("c{i}"))).collect();
+    body.extend((0..3).map(|i| click(&format!("ad{i}"), now - 4_000, &format!("c{i}"))));
+    body.push("not json".into());
+    body.push(r#"{"ad_id":"x"}"#.into());
+    let (status, v) = server.post(body.join("\n").as_bytes());
+    assert_eq!((status, v["accepted"].as_u64()), (200, Some(13)), "{v}");
+    let (status, _) = server.post(b"\xff\xfe");
+    assert_eq!(status, 400);
+    // Once the watermark is near the clock: a click for a final minute within allowed_lateness
+    // (2m) corrects it; one 10 minutes old is too late.
+    await_metrics(&server, "the watermark", |m| {
+        sample(m, "adclick_watermark_delay_seconds").is_some_and(|d| d < 3.0)
+    });
+    let now = now_ms();
+    assert_eq!(server.post(click("late", now - 70_000, "l1").as_bytes()).0, 200);
+    assert_eq!(server.post(click("old", now - 600_000, "o1").as_bytes()).0, 200);
+    for _ in 0..2 {
+        assert_eq!(server.get("/v1/ads/popular_ads?window=5").0, 200);
+    }
+    let m = await_metrics(&server, "every click aggregated and a checkpoint", |m| {
+        sample(m, "adclick_clicks_counted_total") == Some(11.0)
+            && sample(m, "adclick_clicks_too_late_total") == Some(1.0)
+            && sample(m, "adclick_lag_records") == Some(0.0)
+            && sample(m, "adclick_checkpoint_duration_seconds_count").is_some_and(|c| c >= 1.0)
+    });
+    assert_eq!(value(&m, "adclick_clicks_accepted_total"), 15.0);
+    assert_eq!(value(&m, r#"adclick_lines_invalid_total{reason="not_json"}"#), 1.0);
+    assert_eq!(value(&m, r#"adclick_lines_invalid_total{reason="missing_field"}"#), 1.0);
+    assert_eq!(value(&m, r#"adclick_lines_invalid_total{reason="bad_timestamp"}"#), 0.0);
+    assert_eq!(value(&m, "adclick_clicks_duplicate_total"), 3.0);
+    assert_eq!(value(&m, "adclick_clicks_late_corrected_total"), 1.0);
+    assert_eq!(value(&m, r#"adclick_http_requests_total{endpoint="/v1/clicks",code="200"}"#), 3.0);
+    assert_eq!(value(&m, r#"adclick_http_requests_total{endpoint="/v1/clicks",code="400"}"#), 1.0);
+    assert_eq!(value(&m, "adclick_ingest_ack_duration_seconds_count"), 3.0);
+    assert_eq!(
+        value(&m, r#"adclick_query_duration_seconds_count{endpoint="/v1/ads/popular_ads"}"#),
+        2.0
+    );
+    // Lateness: 13 clicks about 4 s late, one 70 s, one 600 s.
+    assert_eq!(value(&m, "adclick_event_lateness_seconds_count"), 15.0);
+    assert_eq!(value(&m, r#"adclick_event_lateness_seconds_bucket{le="2"}"#), 0.0);
+    assert_eq!(value(&m, r#"adclick_event_lateness_seconds_bucket{le="10"}"#), 13.0);
+    assert_eq!(value(&m, r#"adclick_event_lateness_seconds_bucket{le="300"}"#), 14.0);
+    assert_eq!(value(&m, r#"adclick_event_lateness_seconds_bucket{le="1800"}"#), 15.0);
+    assert!(value(&m, "adclick_commit_duration_seconds_count") >= 1.0);
+    assert!(value(&m, "adclick_log_fsync_duration_seconds_count") >= 1.0);
+    // Rows: 10 ads, then the late one, each once (the too-late click writes nothing; no click
+    // has a country or an address, so no filter slot has a row).
+    assert_eq!(value(&m, "adclick_rows_written_total"), 11.0);
+    assert!(value(&m, "adclick_checkpoint_bytes") > 0.0);
+    assert!(value(&m, "adclick_log_disk_bytes") > 0.0);
+    assert!(value(&m, "adclick_store_disk_bytes") > 0.0);
+    assert_eq!(value(&m, "adclick_dedup_entries"), 11.0, "the distinct clicks counted");
+    assert!(value(&m, "process_resident_memory_bytes") > 1e6);
+    assert!(value(&m, "process_open_fds") > 3.0);
+    let build = format!(r#"adclick_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION"));
+    assert_eq!(value(&m, &build), 1.0);
+    // Per partition: every series for every partition, offsets adding up to the 15 records.
+    let mut ends = 0.0;
+    for p in 0..4 {
+        let label = format!("{{partition=\"{p}\"}}");
+        let end = value(&m, &format!("adclick_partition_log_end_offset{label}"));
+        assert_eq!(value(&m, &format!("adclick_partition_committed_offset{label}")), end);
+        assert_eq!(value(&m, &format!("adclick_partition_lag_records{label}")), 0.0);
+        let idle = value(&m, &format!("adclick_partition_idle{label}"));
+        assert!(idle == 0.0 || idle == 1.0);
+        if end > 0.0 {
+            let w = value(&m, &format!("adclick_partition_watermark_timestamp_seconds{label}"));
+            assert!((now_ms() as f64 / 1000.0 - w).abs() < 700.0, "partition {p}: {w}");
+        }
+        ends += end;
+    }
+    assert_eq!(ends, 15.0);
+    let w = value(&m, "adclick_watermark_timestamp_seconds");
+    assert!((w - now_ms() as f64 / 1000.0).abs() < 10.0, "{w}");
+    promtool_check_metrics(&m);
+    // A minute turns final at most a minute later (plus the 1 s delay): its delay is observed.
+    let m = await_metrics(&server, "a minute turning final", |m| {
+        sample(m, "adclick_minute_final_delay_seconds_count").is_some_and(|c| c >= 1.0)
+    });
+    let within = value(&m, r#"adclick_minute_final_delay_seconds_bucket{le="5"}"#);
+    assert!(within >= 1.0, "with a 1 s watermark delay the minute turns final within 5 s:\n{m}");
+}
