@@ -208,6 +208,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ads/{ad_id}/timeseries", get(timeseries))
         .route("/v1/admin/{job}", post(admin_job))
         .route("/v1/filters", get(filters))
+        .route("/v1/totals", get(totals))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/", get(dashboard))
@@ -667,6 +668,65 @@ async fn popular_ads(
         "filter": filter,
         "final": watermark.all_final_before(to),
         "ads": ads,
+    })))
+}
+
+/// `GET /v1/totals?window=&to=&filter=`: clicks per minute summed over every ad, for charts:
+/// every minute of `[to − window, to)` listed, zeros included. The cost follows the minutes, from
+/// the in-memory index for the last day; older windows sum the store's rows of those minutes.
+async fn totals(
+    State(s): State<AppState>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query_map(q)?;
+    unknown_params(&q, &["window", "filter", "to"])?;
+    let window = int_param(&q, "window", 60, crate::popular::MAX_WINDOW_MINUTES)?;
+    let to = minute_param(&q, "to")?.unwrap_or_else(current_minute);
+    let (slot, filter) = slot(&s, &q)?;
+    let from = Minute(to.0 - i64::from(window));
+    let results = s.results.clone();
+    let (rows, watermark) = tokio::task::spawn_blocking(move || match results {
+        Results::Postgres(pg) => {
+            pg.totals(slot, from, to).map_err(|e| ApiError::Unavailable(e.to_string()))
+        }
+        Results::Off => Err(no_query_role()),
+        Results::Embedded(query) => {
+            let live = query.live.read();
+            if from >= live.keep_from {
+                return Ok((live.slots[slot.index()].totals(from, to), live.watermark));
+            }
+            drop(live);
+            let rows =
+                query.store.range_rows(from, to).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let mut sums = std::collections::BTreeMap::<i64, u64>::new();
+            for ((minute, _), counts) in &rows.counts {
+                *sums.entry(*minute).or_default() += counts.get(slot.index()).copied().unwrap_or(0);
+            }
+            Ok((sums.into_iter().map(|(m, n)| (Minute(m), n)).collect(), rows.watermark))
+        }
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let mut counts = rows.into_iter().peekable();
+    let minutes: Vec<Value> = (from.0..to.0)
+        .map(|m| {
+            let n = counts.next_if(|(r, _)| r.0 == m).map_or(0, |(_, n)| n);
+            let minute = Minute(m);
+            json!({
+                "minute": format_rfc3339(minute.start()),
+                "minute_ms": minute.start().0,
+                "count": n,
+                "final": watermark.is_final(minute),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "window": window,
+        "to": format_rfc3339(to.start()),
+        "to_ms": to.start().0,
+        "filter": filter,
+        "final": watermark.all_final_before(to),
+        "minutes": minutes,
     })))
 }
 

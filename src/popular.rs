@@ -105,6 +105,8 @@ pub struct Popular {
     blocks: [HashMap<i64, Column>; LEVELS.len()],
     /// Minutes below this no longer change through the live path.
     sealed_below: i64,
+    /// Per minute, the sum over every ad (totals for charts), kept as counts are set.
+    totals: BTreeMap<i64, u64>,
 }
 
 impl Popular {
@@ -131,6 +133,8 @@ impl Popular {
             .or_insert_with(|| MinuteCounts::Open(HashMap::new()))
             .open();
         let had = if count == 0 { column.remove(&id) } else { column.insert(id, count) };
+        let total = self.totals.entry(minute.0).or_default();
+        *total = *total - had.unwrap_or(0) + count;
         match (had.is_some(), count > 0) {
             (false, true) => {
                 self.refs[id as usize] += 1;
@@ -168,6 +172,7 @@ impl Popular {
     pub fn evict_before(&mut self, minute: Minute) {
         let kept = self.minutes.split_off(&minute.0);
         let evicted = std::mem::replace(&mut self.minutes, kept);
+        self.totals = self.totals.split_off(&minute.0);
         for column in evicted.into_values() {
             column.for_each(|id, _| self.unref(id));
         }
@@ -204,6 +209,15 @@ impl Popular {
     /// Ads interned (live and dead), for tests of the memory bound.
     pub fn interned(&self) -> usize {
         self.ads.len()
+    }
+
+    /// Per minute of `[from, to)` that has counts: the sum over every ad.
+    pub fn totals(&self, from: Minute, to: Minute) -> Vec<(Minute, u64)> {
+        self.totals
+            .range(from.0..to.0)
+            .filter(|(_, &n)| n > 0)
+            .map(|(&m, &n)| (Minute(m), n))
+            .collect()
     }
 
     /// The count of one ad over `[from, to)`.
@@ -363,6 +377,17 @@ mod tests {
                 let got: Vec<_> = p.top(Minute(to), m as u32, k).into_iter().map(|(a, c)| (a.to_string(), c)).collect();
                 prop_assert_eq!(got, naive(&model, to, m, k), "to {} m {} k {}", to, m, k);
             }
+            // Totals per minute: the plain sum over ads, before and after an eviction.
+            let plain = |model: &BTreeMap<(i64, String), u64>, from: i64| {
+                let mut t: BTreeMap<i64, u64> = BTreeMap::new();
+                for ((m, _), c) in model.range((from, String::new())..) {
+                    *t.entry(*m).or_default() += c;
+                }
+                t.into_iter().filter(|(_, n)| *n > 0).map(|(m, n)| (Minute(m), n)).collect::<Vec<_>>()
+            };
+            prop_assert_eq!(p.totals(Minute(0), Minute(200)), plain(&model, 0));
+            p.evict_before(Minute(seal));
+            prop_assert_eq!(p.totals(Minute(i64::MIN), Minute(i64::MAX)), plain(&model, seal));
         }
     }
 

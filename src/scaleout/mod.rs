@@ -147,6 +147,18 @@ impl PgResults {
         })
     }
 
+    pub fn totals(
+        &self,
+        slot: Slot,
+        from: Minute,
+        to: Minute,
+    ) -> Result<(Vec<(Minute, u64)>, Watermark), pg::PgError> {
+        self.with(|c| {
+            let (w, _) = pg::watermark(c, self.partitions)?;
+            Ok((pg::totals(c, slot, from, to)?, w))
+        })
+    }
+
     pub fn popular(
         &self,
         slot: Slot,

@@ -499,6 +499,22 @@ pub fn series(
     Ok(rows.iter().map(|r| (Minute(r.get(0)), r.get::<_, i64>(1) as u64)).collect())
 }
 
+/// Per minute of `[from, to)` with counts: the sum over every ad.
+pub fn totals(
+    client: &mut Client,
+    slot: Slot,
+    from: Minute,
+    to: Minute,
+) -> Result<Vec<(Minute, u64)>, PgError> {
+    let rows = client.query(
+        "SELECT minute, sum(count)::bigint FROM adclick_counts \
+         WHERE slot = $1 AND minute >= $2 AND minute < $3 \
+         GROUP BY minute HAVING sum(count) > 0 ORDER BY minute",
+        &[&(slot.index() as i16), &from.0, &to.0],
+    )?;
+    Ok(rows.iter().map(|r| (Minute(r.get(0)), r.get::<_, i64>(1) as u64)).collect())
+}
+
 /// The `n` ads with the most clicks over `[from, to)`, ties by ad id in byte order.
 ///
 /// One minute final in every partition's engine (`engines`), `n` within the stored lists: the

@@ -320,6 +320,25 @@ pub(crate) fn assert_matches_oracle(
                 assert_eq!(got, want, "popular_ads window {window} to minute {end} slot {name:?}");
             }
         }
+        // Totals per minute across ads, every minute listed (zeros too), with epoch ms.
+        let filter = if name.is_empty() { String::new() } else { format!("&filter={name}") };
+        let window = last - first + 3;
+        let (status, v) =
+            server.get(&format!("/v1/totals?window={window}&to={}{filter}", (last + 2) * 60_000));
+        assert_eq!(status, 200, "{v}");
+        let got: Vec<(i64, u64)> = v["minutes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["minute_ms"].as_i64().unwrap() / 60_000, p["count"].as_u64().unwrap()))
+            .collect();
+        let want: Vec<(i64, u64)> = (first - 1..last + 2)
+            .map(|m| {
+                let n = expected.iter().filter(|((em, _, s), _)| *em == m && *s == slot);
+                (m, n.map(|(_, c)| c).sum())
+            })
+            .collect();
+        assert_eq!(got, want, "totals slot {name:?}");
     }
 }
 
