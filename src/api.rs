@@ -210,6 +210,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/filters", get(filters))
         .route("/v1/totals", get(totals))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/", get(dashboard))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
@@ -830,6 +831,11 @@ async fn dashboard(State(s): State<AppState>) -> Html<String> {
 }
 
 /// The pre-defined filters (SPEC §2), as configured: what a `filter=` parameter may name.
+/// The OpenAPI 3.1 description of this API (src/openapi.json; tests check answers against it).
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
+}
+
 async fn filters(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({ "filters": *s.filter_configs }))
 }

@@ -2,6 +2,8 @@
 //! checked value by value and by `promtool`.
 
 use std::process::Command;
+
+use serde_json::Value;
 use std::time::{Duration, Instant};
 
 use crate::service::{now_ms, Server, CONFIG};
@@ -152,4 +154,216 @@ fn metrics_count_exactly_what_was_sent() {
     });
     let within = value(&m, r#"adclick_minute_final_delay_seconds_bucket{le="5"}"#);
     assert!(within >= 1.0, "with a 1 s watermark delay the minute turns final within 5 s:\n{m}");
+}
+
+/// Checks `v` against the JSON Schema subset the description uses (`$ref`, `type`, `required`,
+/// `properties`, `additionalProperties`, `items`, `enum`, `minimum`, `maxItems`, `format:
+/// date-time`); anything else in a schema fails, so the checker cannot silently skip a rule.
+fn check_schema(spec: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String> {
+    let schema = resolve(spec, schema);
+    let obj = schema.as_object().ok_or(format!("{at}: schema is not an object"))?;
+    for (key, rule) in obj {
+        match key.as_str() {
+            "description" | "default" | "example" => {}
+            "$ref" => unreachable!("resolved"),
+            "type" => {
+                let types: Vec<&str> = match rule {
+                    Value::String(t) => vec![t.as_str()],
+                    Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+                    _ => return Err(format!("{at}: bad type rule")),
+                };
+                let ok = types.iter().any(|t| match *t {
+                    "object" => v.is_object(),
+                    "array" => v.is_array(),
+                    "string" => v.is_string(),
+                    "integer" => v.is_i64() || v.is_u64(),
+                    "number" => v.is_number(),
+                    "boolean" => v.is_boolean(),
+                    "null" => v.is_null(),
+                    _ => false,
+                });
+                if !ok {
+                    return Err(format!("{at}: {v} is not of type {types:?}"));
+                }
+            }
+            "required" => {
+                for name in rule.as_array().unwrap() {
+                    let name = name.as_str().unwrap();
+                    if v.get(name).is_none() {
+                        return Err(format!("{at}: {name:?} is missing in {v}"));
+                    }
+                }
+            }
+            "properties" => {
+                for (name, sub) in rule.as_object().unwrap() {
+                    if let Some(x) = v.get(name) {
+                        check_schema(spec, sub, x, &format!("{at}.{name}"))?;
+                    }
+                }
+            }
+            "additionalProperties" => {
+                let known = obj.get("properties").and_then(Value::as_object);
+                for (name, x) in v.as_object().into_iter().flatten() {
+                    if known.is_some_and(|k| k.contains_key(name)) {
+                        continue;
+                    }
+                    match rule {
+                        Value::Bool(false) => {
+                            return Err(format!("{at}: {name:?} is not in the description"))
+                        }
+                        Value::Bool(true) => {}
+                        sub => check_schema(spec, sub, x, &format!("{at}.{name}"))?,
+                    }
+                }
+            }
+            "items" => {
+                for (i, x) in v.as_array().into_iter().flatten().enumerate() {
+                    check_schema(spec, rule, x, &format!("{at}[{i}]"))?;
+                }
+            }
+            "enum" => {
+                if !rule.as_array().unwrap().contains(v) {
+                    return Err(format!("{at}: {v} is not one of {rule}"));
+                }
+            }
+            "minimum" => {
+                if v.as_f64().is_some_and(|x| x < rule.as_f64().unwrap()) {
+                    return Err(format!("{at}: {v} < {rule}"));
+                }
+            }
+            "maxItems" => {
+                if v.as_array().is_some_and(|a| a.len() as u64 > rule.as_u64().unwrap()) {
+                    return Err(format!("{at}: more than {rule} items"));
+                }
+            }
+            "format" => {
+                assert_eq!(rule, "date-time");
+                if let Some(s) = v.as_str() {
+                    adclick::event::parse_rfc3339(s).map_err(|e| format!("{at}: {s:?}: {e}"))?;
+                }
+            }
+            other => return Err(format!("{at}: the checker does not know {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// Follows `$ref`s within the description.
+fn resolve<'a>(spec: &'a Value, mut v: &'a Value) -> &'a Value {
+    while let Some(r) = v.get("$ref").and_then(Value::as_str) {
+        v = spec.pointer(r.strip_prefix('#').unwrap()).unwrap_or_else(|| panic!("no {r}"));
+    }
+    v
+}
+
+/// Every endpoint of `/openapi.json` is called, in success and error cases; each answer's status
+/// is described for its path and method, and its JSON body matches the described schema.
+#[test]
+fn answers_match_the_openapi_description() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG, &[]);
+    let (status, spec) = server.get("/openapi.json");
+    assert_eq!(status, 200);
+    assert_eq!(spec["openapi"], "3.1.0");
+    assert_eq!(spec["info"]["version"], env!("CARGO_PKG_VERSION"));
+    let now = now_ms();
+    let minute = now / 60_000 * 60_000;
+    let body = format!(
+        "{}\n{}\nnot json\n",
+        click("ad-1", now - 2_000, "k1"),
+        r#"{"ad_id":"ad-2","click_timestamp":1,"country":"US"}"#
+    );
+    let from = minute - 120_000;
+    let cases: Vec<(&str, &str, String, Option<Vec<u8>>)> = vec![
+        ("post", "/v1/clicks", "/v1/clicks".into(), Some(body.into_bytes())),
+        ("post", "/v1/clicks", "/v1/clicks".into(), Some(b"\xff".to_vec())),
+        (
+            "get",
+            "/v1/ads/{ad_id}/aggregated_count",
+            format!("/v1/ads/ad-1/aggregated_count?from={from}&to={}", minute + 60_000),
+            None,
+        ),
+        (
+            "get",
+            "/v1/ads/{ad_id}/aggregated_count",
+            "/v1/ads/ad-1/aggregated_count?filter=nope".into(),
+            None,
+        ),
+        (
+            "get",
+            "/v1/ads/{ad_id}/aggregated_count",
+            "/v1/ads/ad-1/aggregated_count?from=x".into(),
+            None,
+        ),
+        (
+            "get",
+            "/v1/ads/{ad_id}/timeseries",
+            format!("/v1/ads/ad-1/timeseries?from={from}&to={}&filter=us", minute + 60_000),
+            None,
+        ),
+        ("get", "/v1/ads/{ad_id}/timeseries", "/v1/ads/ad-1/timeseries?to=12".into(), None),
+        (
+            "get",
+            "/v1/ads/popular_ads",
+            format!("/v1/ads/popular_ads?window=5&to={}", minute + 60_000),
+            None,
+        ),
+        ("get", "/v1/ads/popular_ads", "/v1/ads/popular_ads?count=0".into(), None),
+        ("get", "/v1/totals", format!("/v1/totals?window=3&to={}", minute + 60_000), None),
+        ("get", "/v1/totals", "/v1/totals?window=1441".into(), None),
+        ("get", "/v1/filters", "/v1/filters".into(), None),
+        ("post", "/v1/admin/{job}", "/v1/admin/recalc".into(), Some(Vec::new())),
+        ("get", "/healthz", "/healthz".into(), None),
+        ("get", "/metrics", "/metrics".into(), None),
+        ("get", "/openapi.json", "/openapi.json".into(), None),
+        ("get", "/", "/".into(), None),
+    ];
+    // Answers with counts, once the click is aggregated.
+    assert_eq!(server.post(&cases[0].3.clone().unwrap()).0, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.get(&cases[2].2).1["count"] != 1 {
+        assert!(Instant::now() < deadline, "the click was never counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut covered = std::collections::BTreeSet::new();
+    for (method, path, url, body) in &cases {
+        let url = format!("{}{url}", server.url);
+        let mut r = match body {
+            Some(b) => crate::service::agent().post(&url).send(b.as_slice()),
+            None => crate::service::agent().get(&url).call(),
+        }
+        .unwrap();
+        let status = r.status().as_u16().to_string();
+        let ctype = r
+            .headers()
+            .get("content-type")
+            .map(|h| h.to_str().unwrap().split(';').next().unwrap().to_string())
+            .unwrap_or_default();
+        let text = r.body_mut().read_to_string().unwrap();
+        let op = &spec["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} is not described");
+        let described = resolve(&spec, &op["responses"][&status]);
+        assert!(described.is_object(), "{method} {url}: status {status} is not described: {text}");
+        let content = &described["content"][&ctype];
+        assert!(content.is_object(), "{method} {url}: {ctype} is not described for {status}");
+        if ctype == "application/json" {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            if let Err(e) = check_schema(&spec, &content["schema"], &v, "$") {
+                panic!("{method} {url} ({status}): {e}\n{v}");
+            }
+        }
+        covered.insert((method.to_string(), path.to_string()));
+    }
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            assert!(covered.contains(&(method.clone(), path.clone())), "{method} {path} untested");
+        }
+    }
+    // The checker itself catches a field the description does not have.
+    let (_, filters) = server.get("/v1/filters");
+    let mut extra = filters.clone();
+    extra["surprise"] = Value::from(1);
+    let schema = &spec["components"]["schemas"]["Filters"];
+    assert!(check_schema(&spec, schema, &filters, "$").is_ok());
+    assert!(check_schema(&spec, schema, &extra, "$").is_err());
 }
