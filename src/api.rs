@@ -825,17 +825,18 @@ async fn admin_job(
         .into_response())
 }
 
-async fn dashboard(State(s): State<AppState>) -> Html<String> {
-    let ids = serde_json::to_string(s.filters.ids()).unwrap_or_else(|_| "[]".into());
-    Html(DASHBOARD.replace("(FILTERS)", &format!("({ids})")))
+/// The dashboard: one page, no external assets (src/dashboard.html). It reads the API and
+/// `/metrics` like any other client, polling every 2 s.
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
 }
 
-/// The pre-defined filters (SPEC §2), as configured: what a `filter=` parameter may name.
 /// The OpenAPI 3.1 description of this API (src/openapi.json; tests check answers against it).
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
 }
 
+/// The pre-defined filters (SPEC §2), as configured: what a `filter=` parameter may name.
 async fn filters(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({ "filters": *s.filter_configs }))
 }
@@ -908,31 +909,3 @@ async fn observe_request(
     .increment(1);
     response
 }
-
-const DASHBOARD: &str = r#"<!doctype html>
-<html><head><meta charset="utf-8"><title>adclick</title>
-<style>body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}
-td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}th{background:#f4f4f4}
-.bar{background:#4a7bd0;height:.8em}small{color:#777}</style></head>
-<body><h1>adclick</h1>
-<p>Most clicked ads over the last <select id="w"><option>1</option><option selected>5</option><option>60</option></select> minutes
-(filter <select id="f"><option value="">none</option></select>) <small id="s"></small></p>
-<table id="t"><tr><th>#</th><th>ad_id</th><th>clicks</th><th></th></tr></table>
-<script>
-const f=document.getElementById('f'),w=document.getElementById('w');
-fetch('/healthz').then(r=>r.json()).then(h=>{document.getElementById('s').textContent='watermark '+(h.watermark||'-')});
-async function load(){
-  const to=(Math.floor(Date.now()/60000)+1)*60000;
-  const q=new URLSearchParams({count:'20',window:w.value,to:String(to)});if(f.value)q.set('filter',f.value);
-  const r=await (await fetch('/v1/ads/popular_ads?'+q)).json();
-  const t=document.getElementById('t');t.querySelectorAll('tr.r').forEach(e=>e.remove());
-  const max=Math.max(1,...(r.ads||[]).map(a=>a.count));
-  (r.ads||[]).forEach((a,i)=>{const tr=document.createElement('tr');tr.className='r';
-    for(const v of [i+1,a.ad_id,a.count]){const td=document.createElement('td');td.textContent=String(v);tr.appendChild(td)}
-    const td=document.createElement('td'),bar=document.createElement('div');bar.className='bar';
-    bar.style.width=(200*a.count/max)+'px';td.appendChild(bar);tr.appendChild(td);t.appendChild(tr)});
-  document.getElementById('s').textContent=(r.final?'final':'live')+' · to '+r.to;
-}
-(FILTERS).forEach(id=>{const o=document.createElement('option');o.value=id;o.textContent=id;f.appendChild(o)});
-f.onchange=w.onchange=load;load();setInterval(load,2000);
-</script></body></html>"#;

@@ -367,3 +367,252 @@ fn answers_match_the_openapi_description() {
     assert!(check_schema(&spec, schema, &filters, "$").is_ok());
     assert!(check_schema(&spec, schema, &extra, "$").is_err());
 }
+
+/// A headless Chromium driven over WebDriver (chromedriver), with plain HTTP requests.
+struct Browser {
+    driver: std::process::Child,
+    base: String,
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    /// None where chromedriver is not installed, except in CI, which installs it.
+    fn start() -> Option<Browser> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let driver = match Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(d) => d,
+            Err(e) => {
+                assert!(
+                    std::env::var_os("ADCLICK_REQUIRE_SERVICES").is_none(),
+                    "chromedriver is required here: {e}"
+                );
+                eprintln!("skipping the dashboard test: chromedriver: {e}");
+                return None;
+            }
+        };
+        let mut b = Browser { driver, base: format!("http://127.0.0.1:{port}") };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while crate::service::agent().get(format!("{}/status", b.base)).call().is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                "--disable-dev-shm-usage", "--window-size=1400,1000"]}
+        }}});
+        let v = b.call("POST", "/session", caps);
+        b.base = format!("{}/session/{}", b.base, v["sessionId"].as_str().expect("a session"));
+        Some(b)
+    }
+
+    fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let url = format!("{}{path}", self.base);
+        let agent = crate::service::agent();
+        let mut r = match method {
+            "GET" => agent.get(&url).call(),
+            "DELETE" => agent.delete(&url).call(),
+            _ => agent
+                .post(&url)
+                .header("content-type", "application/json")
+                .send(serde_json::to_vec(&body).unwrap().as_slice()),
+        }
+        .unwrap_or_else(|e| panic!("webdriver {method} {path}: {e}"));
+        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        assert!(v["value"]["error"].is_null(), "webdriver {method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    fn exec(&self, script: &str) -> Value {
+        self.call("POST", "/execute/sync", serde_json::json!({"script": script, "args": []}))
+    }
+
+    fn element(&self, css: &str) -> String {
+        let v = self.call(
+            "POST",
+            "/element",
+            serde_json::json!({"using": "css selector", "value": css}),
+        );
+        v[ELEMENT].as_str().unwrap().to_string()
+    }
+
+    fn click(&self, css: &str) {
+        let id = self.element(css);
+        self.call("POST", &format!("/element/{id}/click"), serde_json::json!({}));
+    }
+
+    fn type_in(&self, css: &str, text: &str) {
+        let id = self.element(css);
+        self.call("POST", &format!("/element/{id}/clear"), serde_json::json!({}));
+        self.call("POST", &format!("/element/{id}/value"), serde_json::json!({"text": text}));
+    }
+
+    /// Polls `script` until it returns `want` (the page refreshes every 2 s), or fails with
+    /// what it last returned.
+    fn await_value(&self, what: &str, script: &str, want: &Value) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = self.exec(script);
+            if &got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: the page shows {got}, expected {want}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = crate::service::agent().delete(&self.base).call();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=' && !c.is_ascii_whitespace()).collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &c)| n | u32::from(value(c)) << (18 - 6 * i));
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+const TOP_ROWS: &str = "return [...document.querySelectorAll('#top tbody tr')]\
+    .map(tr => [tr.dataset.ad || null, tr.cells.length > 2 ? Number(tr.cells[2].textContent) : null])";
+const FINAL_ROWS: &str = "return [...document.querySelectorAll('#final tbody tr')]\
+    .map(tr => [tr.dataset.ad || null, tr.cells.length > 2 ? Number(tr.cells[2].textContent) : null])";
+
+/// The points of one chart series, as drawn: [[minute_ms, count]] of the minutes with clicks.
+fn series_script(name: &str) -> String {
+    format!(
+        "const g = [...document.querySelectorAll('#chart g')].find(g => g.dataset.series === {name:?});\
+         return g ? [...g.querySelectorAll('circle')].map(c => [Number(c.dataset.minuteMs), Number(c.dataset.count)]) : null"
+    )
+}
+
+/// The dashboard of a server fed known clicks, in headless Chromium: the top-N tables and the
+/// chart show the known numbers; changing the filter, the window and the charted ad changes
+/// them as expected; an ad id holding a `<script>` is shown as text and never runs. Saves a
+/// screenshot as target/dashboard.png.
+#[test]
+fn the_dashboard_shows_the_known_numbers_in_a_browser() {
+    let Some(browser) = Browser::start() else { return };
+    // The window changes below assume the minute does not turn meanwhile: start early in one.
+    while now_ms() % 60_000 > 20_000 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG, &[]);
+    let c = now_ms() / 60_000 * 60_000;
+    let (m1, m3) = (c - 60_000, c - 180_000);
+    let script_ad = "<script>window.pwned=1</script>";
+    let mut lines = Vec::new();
+    let mut add = |ad: &str, t: i64, n: usize, country: Option<&str>| {
+        for i in 0..n {
+            let country = country.map_or(String::new(), |c| format!(r#","country":"{c}""#));
+            let ad_json = serde_json::to_string(ad).unwrap();
+            lines.push(format!(
+                r#"{{"ad_id":{ad_json},"click_timestamp":{},"click_id":"k{}"{country}}}"#,
+                t + 5_000 + i as i64,
+                lines.len()
+            ));
+        }
+    };
+    add("alpha", m1, 3, Some("US"));
+    add("alpha", m1 + 10_000, 2, Some("FR"));
+    add("beta", m1, 3, Some("US"));
+    add(script_ad, m1, 2, None);
+    add("gamma", m3, 7, None);
+    let (status, v) = server.post(lines.join("\n").as_bytes());
+    assert_eq!((status, v["accepted"].as_u64()), (200, Some(17)), "{v}");
+
+    browser.call("POST", "/url", serde_json::json!({"url": format!("{}/", server.url)}));
+    let rows = |v: &[(&str, u64)]| {
+        Value::from(v.iter().map(|(a, c)| serde_json::json!([a, c])).collect::<Vec<_>>())
+    };
+    let everything = rows(&[("gamma", 7), ("alpha", 5), ("beta", 3), (script_ad, 2)]);
+    browser.await_value("top ads, 5 minutes, every click", TOP_ROWS, &everything);
+    browser.await_value(
+        "the latest final minute",
+        FINAL_ROWS,
+        &rows(&[("alpha", 5), ("beta", 3), (script_ad, 2)]),
+    );
+    browser.await_value(
+        "the total across ads in the chart",
+        &series_script("all ads"),
+        &serde_json::json!([[m3, 7], [m1, 10]]),
+    );
+    browser.await_value(
+        "the top ad's series",
+        &series_script("gamma"),
+        &serde_json::json!([[m3, 7]]),
+    );
+    // The ad id is text: the cell reads it literally, no script element exists, nothing ran.
+    let shown = browser.exec(&format!(
+        "const tr = [...document.querySelectorAll('#top tbody tr')].find(tr => tr.dataset.ad === {script_ad:?});\
+         return [tr.cells[1].textContent, document.querySelectorAll('main script, #top script').length, typeof window.pwned]"
+    ));
+    assert_eq!(shown, serde_json::json!([script_ad, 0, "undefined"]));
+    let partitions = browser.exec("return document.querySelectorAll('#parts tbody tr').length");
+    assert_eq!(partitions, 4, "one row per partition");
+
+    // Filter "us": alpha 3 and beta 3, tied, by ad id.
+    browser.click(r#"#filter option[value="us"]"#);
+    browser.await_value("top ads, filter us", TOP_ROWS, &rows(&[("alpha", 3), ("beta", 3)]));
+    browser.await_value(
+        "the total, filter us",
+        &series_script("all ads"),
+        &serde_json::json!([[m1, 6]]),
+    );
+    // Every click again, over 2 minutes: gamma's minute is out of the window.
+    browser.click(r#"#filter option[value=""]"#);
+    browser.click(r#"#window option[value="2"]"#);
+    browser.await_value(
+        "top ads, 2 minutes",
+        TOP_ROWS,
+        &rows(&[("alpha", 5), ("beta", 3), (script_ad, 2)]),
+    );
+    // One chosen ad in the chart.
+    browser.type_in("#ad", "gamma\u{E007}");
+    browser.await_value(
+        "the chosen ad's series",
+        &series_script("gamma"),
+        &serde_json::json!([[m3, 7]]),
+    );
+    browser.await_value(
+        "only the chosen ad and the total",
+        "return document.querySelectorAll('#chart g').length",
+        &Value::from(2),
+    );
+    assert!(now_ms() - c < 60_000, "the minute turned during the test; its windows moved");
+
+    // Back to the full view for the screenshot.
+    browser.type_in("#ad", "\u{E007}");
+    browser.click(r#"#window option[value="5"]"#);
+    browser.await_value("top ads, 5 minutes again", TOP_ROWS, &everything);
+    let png = base64_decode(browser.call("GET", "/screenshot", Value::Null).as_str().unwrap());
+    assert_eq!(&png[1..4], b"PNG");
+    let target =
+        std::path::Path::new(env!("CARGO_BIN_EXE_adclick")).parent().unwrap().parent().unwrap();
+    std::fs::write(target.join("dashboard.png"), &png).unwrap();
+}
