@@ -148,6 +148,7 @@ fn metrics_count_exactly_what_was_sent() {
     let w = value(&m, "adclick_watermark_timestamp_seconds");
     assert!((w - now_ms() as f64 / 1000.0).abs() < 10.0, "{w}");
     promtool_check_metrics(&m);
+    assert_deploy_names_exist(&m);
     // A minute turns final at most a minute later (plus the 1 s delay): its delay is observed.
     let m = await_metrics(&server, "a minute turning final", |m| {
         sample(m, "adclick_minute_final_delay_seconds_count").is_some_and(|c| c >= 1.0)
@@ -615,4 +616,88 @@ fn the_dashboard_shows_the_known_numbers_in_a_browser() {
     let target =
         std::path::Path::new(env!("CARGO_BIN_EXE_adclick")).parent().unwrap().parent().unwrap();
     std::fs::write(target.join("dashboard.png"), &png).unwrap();
+}
+
+/// The deploy/ files (Grafana dashboard, alert rules), relative to the repository.
+fn deploy_file(path: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+}
+
+/// The PromQL expressions of the Grafana dashboard, with Grafana's variables filled in.
+fn grafana_exprs() -> Vec<String> {
+    let dash: Value = serde_json::from_str(&deploy_file("deploy/grafana/adclick.json")).unwrap();
+    let mut out = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let e = t["expr"].as_str().unwrap();
+            out.push(e.replace("$__rate_interval", "5m").replace("$instance", ".*"));
+        }
+    }
+    assert!(out.len() >= 20, "{} panel queries", out.len());
+    out
+}
+
+/// Every `adclick_…` or `process_…` metric the dashboard and the alerts use is in `text`
+/// (a real `/metrics`), histogram suffixes aside.
+fn assert_deploy_names_exist(text: &str) {
+    let mut sources: Vec<String> = grafana_exprs();
+    sources.push(deploy_file("deploy/prometheus/alerts.yml"));
+    for src in &sources {
+        for (i, _) in src.match_indices("adclick_").chain(src.match_indices("process_")) {
+            let name: String =
+                src[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            let exported = text
+                .lines()
+                .any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")));
+            assert!(exported, "{name}, used in deploy/, is not in /metrics");
+        }
+    }
+}
+
+/// `promtool` accepts the alert rules and their unit tests pass (they fire on lag growing, a
+/// stalled watermark, 503s and slow fsyncs, and not before their time); every Grafana query
+/// parses (checked as a recording rule).
+#[test]
+fn alert_rules_and_grafana_queries_pass_promtool() {
+    let run = |args: &[&str]| -> Option<String> {
+        let out = match Command::new("promtool").args(args).output() {
+            Ok(o) => o,
+            Err(e) => {
+                assert!(
+                    std::env::var_os("ADCLICK_REQUIRE_SERVICES").is_none(),
+                    "promtool is required here: {e}"
+                );
+                eprintln!("skipping promtool {args:?}: {e}");
+                return None;
+            }
+        };
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "promtool {args:?}:\n{text}");
+        Some(text)
+    };
+    let root = env!("CARGO_MANIFEST_DIR");
+    let Some(out) = run(&["check", "rules", &format!("{root}/deploy/prometheus/alerts.yml")])
+    else {
+        return;
+    };
+    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
+    let out =
+        run(&["test", "rules", &format!("{root}/deploy/prometheus/alerts_test.yml")]).unwrap();
+    assert!(out.contains("SUCCESS"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let rules: Vec<Value> = grafana_exprs()
+        .iter()
+        .enumerate()
+        .map(|(i, e)| serde_json::json!({"record": format!("grafana:panel_{i}"), "expr": e}))
+        .collect();
+    let file = dir.path().join("grafana.yml");
+    // JSON is YAML: promtool reads it as a rule file.
+    let doc = serde_json::json!({"groups": [{"name": "grafana", "rules": rules}]});
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let out = run(&["check", "rules", file.to_str().unwrap()]).unwrap();
+    assert!(out.contains(&format!("SUCCESS: {} rules found", rules.len())), "{out}");
 }
