@@ -266,6 +266,36 @@ fn roles_in_separate_processes_survive_kill_9_and_rebalances_exactly() {
         .unwrap()
         .get(0);
     assert_eq!(stale, 0, "the killed aggregator's partitions were claimed by others");
+    // Metrics: every partition is reported by the live aggregators, the collector counted what
+    // it accepted, and promtool finds nothing wrong with any of them.
+    let metrics = |url: &str| {
+        crate::service::agent()
+            .get(format!("{url}/metrics"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    };
+    let mut reported = std::collections::BTreeSet::new();
+    for a in [&_a1, &_a3, &late_joiner] {
+        let m = metrics(&a.url);
+        crate::observe::promtool_check_metrics(&m);
+        for l in m.lines().filter(|l| l.starts_with("adclick_partition_committed_offset{")) {
+            reported.insert(l.split('"').nth(1).unwrap().parse::<u32>().unwrap());
+        }
+        assert!(m.contains("adclick_commit_duration_seconds_count"), "{m}");
+    }
+    assert_eq!(reported, (0..8).collect(), "committed offsets of every partition");
+    let m = metrics(&collector.url);
+    crate::observe::promtool_check_metrics(&m);
+    let accepted: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("adclick_clicks_accepted_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(accepted > 0.0, "the restarted collector counts what it accepted");
 }
 
 /// An aggregator stops itself (SIGSTOP) holding a processed batch, past its session timeout;
