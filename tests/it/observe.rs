@@ -701,3 +701,12 @@ fn alert_rules_and_grafana_queries_pass_promtool() {
     let out = run(&["check", "rules", file.to_str().unwrap()]).unwrap();
     assert!(out.contains(&format!("SUCCESS: {} rules found", rules.len())), "{out}");
 }
+
+/// The README documents every metric by name.
+#[test]
+fn the_readme_documents_every_metric() {
+    let readme = deploy_file("README.md");
+    for (name, _, _) in adclick::telemetry::DESCRIBED {
+        assert!(readme.contains(&format!("`{name}`")), "{name} is not in the README");
+    }
+}
