@@ -662,14 +662,28 @@ async fn popular_ads(
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     let ads: Vec<Value> =
         ads.into_iter().map(|(ad, c)| json!({"ad_id": ad.as_str(), "count": c})).collect();
-    Ok(Json(json!({
+    Ok(window_answer(window, to, filter, watermark, "ads", ads))
+}
+
+/// The answer over the `window` minutes before `to`: the window, `to` (both forms), the filter,
+/// whether every minute is final, and the items under `key`.
+fn window_answer(
+    window: u32,
+    to: Minute,
+    filter: Value,
+    watermark: Watermark,
+    key: &str,
+    items: Vec<Value>,
+) -> Json<Value> {
+    let mut v = json!({
         "window": window,
         "to": format_rfc3339(to.start()),
         "to_ms": to.start().0,
         "filter": filter,
         "final": watermark.all_final_before(to),
-        "ads": ads,
-    })))
+    });
+    v[key] = Value::Array(items);
+    Json(v)
 }
 
 /// `GET /v1/totals?window=&to=&filter=`: clicks per minute summed over every ad, for charts:
@@ -721,14 +735,7 @@ async fn totals(
             })
         })
         .collect();
-    Ok(Json(json!({
-        "window": window,
-        "to": format_rfc3339(to.start()),
-        "to_ms": to.start().0,
-        "filter": filter,
-        "final": watermark.all_final_before(to),
-        "minutes": minutes,
-    })))
+    Ok(window_answer(window, to, filter, watermark, "minutes", minutes))
 }
 
 /// `POST /v1/admin/{recalc|reconcile}?from=&to=[&dry_run=true]`: runs the job on this server's
