@@ -282,7 +282,11 @@ fn roles_in_separate_processes_survive_kill_9_and_rebalances_exactly() {
         let m = metrics(&a.url);
         crate::observe::promtool_check_metrics(&m);
         for l in m.lines().filter(|l| l.starts_with("adclick_partition_committed_offset{")) {
-            reported.insert(l.split('"').nth(1).unwrap().parse::<u32>().unwrap());
+            let p = l.split('"').nth(1).unwrap().to_string();
+            // The broker's end offset, asked every 5 s, beside each committed offset.
+            let end = format!("adclick_partition_log_end_offset{{partition=\"{p}\"}}");
+            await_cond(30, &end, || metrics(&a.url).contains(&end));
+            reported.insert(p.parse::<u32>().unwrap());
         }
         assert!(m.contains("adclick_commit_duration_seconds_count"), "{m}");
     }
