@@ -153,8 +153,10 @@ fn metrics_count_exactly_what_was_sent() {
     let m = await_metrics(&server, "a minute turning final", |m| {
         sample(m, "adclick_minute_final_delay_seconds_count").is_some_and(|c| c >= 1.0)
     });
-    let within = value(&m, r#"adclick_minute_final_delay_seconds_bucket{le="5"}"#);
-    assert!(within >= 1.0, "with a 1 s watermark delay the minute turns final within 5 s:\n{m}");
+    // With a 1 s watermark delay and 1 s idle timeout, within 10 s (a first step of the
+    // watermark from the clicks' times to the clock's may cross a minute end a few seconds old).
+    let within = value(&m, r#"adclick_minute_final_delay_seconds_bucket{le="10"}"#);
+    assert!(within >= 1.0, "the minute turned final late:\n{m}");
 }
 
 /// Checks `v` against the JSON Schema subset the description uses (`$ref`, `type`, `required`,
