@@ -1110,7 +1110,7 @@ impl Aggregator {
         let before = Watermark::from_raw(
             self.query.watermark.swap(output.watermark.to_raw(), Ordering::AcqRel),
         );
-        observe_final_delays(before, output.watermark, now_ms());
+        crate::telemetry::observe_final(before, output.watermark, now_ms());
         *self.query.counters.lock().expect("not poisoned") = output.counters;
         *self.query.partitions.lock().expect("not poisoned") = self.engine.partitions();
         let (dedup, windows) = self.engine.shard_stats();
@@ -1124,20 +1124,6 @@ impl Aggregator {
             sealed_below: self.sealed_below(),
             keep_from: recent_window_start(),
         });
-    }
-}
-
-/// Observes, for each minute that turned final between watermarks `before` and `after`, how
-/// long after its end that happened (at most the newest hour of them: a backfill or a restart
-/// that moves the watermark far says nothing about freshness beyond that).
-fn observe_final_delays(before: Watermark, after: Watermark, wall: i64) {
-    let (Some(before), Some(after)) = (before.ms(), after.ms()) else { return };
-    // Minute ends in (before, after]: minute m ends at (m + 1) * MINUTE_MS.
-    let first = before.div_euclid(MINUTE_MS) + 1;
-    let last = after.div_euclid(MINUTE_MS);
-    let histogram = metrics::histogram!(crate::telemetry::FINAL_DELAY);
-    for end in first.max(last - 59)..=last {
-        histogram.record((wall - end * MINUTE_MS).max(0) as f64 / 1000.0);
     }
 }
 

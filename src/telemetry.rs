@@ -13,6 +13,9 @@
 //! with one prefix and Prometheus' base units.
 
 use std::sync::OnceLock;
+
+use crate::engine::Watermark;
+use crate::event::MINUTE_MS;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -167,6 +170,20 @@ impl Telemetry {
         self.process.collect();
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         self.handle.render()
+    }
+}
+
+/// Observes, for each minute that turned final between watermarks `before` and `after`, how
+/// long after its end that happened (at most the newest hour of them: a backfill or a restart
+/// that moves the watermark far says nothing about freshness beyond that).
+pub fn observe_final(before: Watermark, after: Watermark, wall: i64) {
+    let (Some(before), Some(after)) = (before.ms(), after.ms()) else { return };
+    // Minute ends in (before, after]: multiples of a minute.
+    let first = before.div_euclid(MINUTE_MS) + 1;
+    let last = after.div_euclid(MINUTE_MS);
+    let histogram = metrics::histogram!(FINAL_DELAY);
+    for end in first.max(last - 59)..=last {
+        histogram.record((wall - end * MINUTE_MS).max(0) as f64 / 1000.0);
     }
 }
 

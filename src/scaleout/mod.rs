@@ -207,6 +207,23 @@ pub async fn serve(settings: crate::config::Settings, scale: ScaleOut) -> anyhow
         state.results = crate::api::Results::Postgres(Arc::new(results));
     }
     let shutdown = Arc::new(AtomicBool::new(false));
+    if let crate::api::Results::Postgres(results) = &state.results {
+        // Minute end → final as queries see it: the stored watermark, read once a second.
+        let (results, stop) = (results.clone(), shutdown.clone());
+        std::thread::Builder::new()
+            .name("adclick-finality".into())
+            .spawn(move || {
+                let mut before = Watermark::NONE;
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_secs(1));
+                    if let Ok(w) = results.watermark() {
+                        crate::telemetry::observe_final(before, w, crate::pipeline::now_ms());
+                        before = before.max(w);
+                    }
+                }
+            })
+            .context("starting the finality observer")?;
+    }
     let aggregator = if scale.roles.aggregate {
         let (stop, sc, st) = (shutdown.clone(), scale.clone(), settings.clone());
         Some(

@@ -300,6 +300,13 @@ fn roles_in_separate_processes_survive_kill_9_and_rebalances_exactly() {
         .parse()
         .unwrap();
     assert!(accepted > 0.0, "the restarted collector counts what it accepted");
+    // The query role observes minutes turning final (its stored watermark, read each second).
+    await_cond(75, "a minute turning final, seen by the query role", || {
+        metrics(&query.url).lines().any(|l| {
+            l.strip_prefix("adclick_minute_final_delay_seconds_count ")
+                .is_some_and(|n| n.trim().parse::<f64>().unwrap() >= 1.0)
+        })
+    });
 }
 
 /// An aggregator stops itself (SIGSTOP) holding a processed batch, past its session timeout;
