@@ -7,16 +7,17 @@
 //!  process (RSS, CPU, fds: metrics-process) ───────────┘
 //! ```
 //!
-//! Durations are histograms recorded where they happen. Counters and gauges the service already
-//! keeps for itself (offsets, counters of the engine, bytes) are copied into the recorder right
-//! before each render, so the hot paths pay nothing for them. Every name is in [`DESCRIBED`],
-//! with one prefix and Prometheus' base units.
+//! Durations are histograms recorded where they happen. Counters and gauges the embedded service
+//! already keeps for itself (offsets, counters of the engine, bytes) are copied into the recorder
+//! right before each render, so the hot paths pay nothing for them; a scale-out aggregator sets
+//! its partitions' gauges after each round of commits instead (it runs in its own thread). Every
+//! name is in [`DESCRIBED`], with one prefix and Prometheus' base units.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use crate::engine::Watermark;
 use crate::event::MINUTE_MS;
-use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
