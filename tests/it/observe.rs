@@ -618,6 +618,19 @@ fn the_dashboard_shows_the_known_numbers_in_a_browser() {
     let target =
         std::path::Path::new(env!("CARGO_BIN_EXE_adclick")).parent().unwrap().parent().unwrap();
     std::fs::write(target.join("dashboard.png"), &png).unwrap();
+
+    // The health panel's rates follow what arrives: 40 clicks and an invalid line show as
+    // accepted and invalid lines per second in the next refresh.
+    let now = now_ms();
+    let mut body: Vec<String> = (0..40).map(|i| click("delta", now, &format!("d{i}"))).collect();
+    body.push("not json".into());
+    assert_eq!(server.post(body.join("\n").as_bytes()).0, 200);
+    browser.await_value(
+        "accepted and invalid rates above zero",
+        "const v = id => parseFloat(document.getElementById(id).textContent);\
+         return v('k-accepted') > 0 && v('k-invalid') > 0",
+        &Value::Bool(true),
+    );
 }
 
 /// The deploy/ files (Grafana dashboard, alert rules), relative to the repository.
