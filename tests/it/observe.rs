@@ -34,32 +34,46 @@ fn click(ad: &str, t: i64, id: &str) -> String {
     format!(r#"{{"ad_id":"{ad}","click_timestamp":{t},"click_id":"{id}"}}"#)
 }
 
-/// `promtool check metrics` on `text`: nothing to report. Skipped (with a note) where promtool
-/// is not installed, except in CI (ADCLICK_REQUIRE_SERVICES), which installs it.
-pub(crate) fn promtool_check_metrics(text: &str) {
-    use std::io::Write;
-    let child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
+/// Starts a tool the tests need; None (with a note) where it is not installed, except in CI
+/// (ADCLICK_REQUIRE_SERVICES), which installs it: there its absence fails the test.
+fn spawn_tool(cmd: &mut Command) -> Option<std::process::Child> {
+    match cmd.spawn() {
+        Ok(c) => Some(c),
         Err(e) => {
+            let name = cmd.get_program().to_string_lossy().into_owned();
             assert!(
                 std::env::var_os("ADCLICK_REQUIRE_SERVICES").is_none(),
-                "promtool is required here: {e}"
+                "{name} is required here: {e}"
             );
-            eprintln!("skipping promtool check metrics: {e}");
-            return;
+            eprintln!("skipping what needs {name}: {e}");
+            None
         }
-    };
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+}
+
+/// Runs `promtool args` with `input` on its standard input: (success, stdout and stderr).
+fn promtool(args: &[&str], input: &str) -> Option<(bool, String)> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = spawn_tool(
+        Command::new("promtool")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )?;
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     let report =
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && report.trim().is_empty(), "promtool: {report}");
+    Some((out.status.success(), report))
+}
+
+/// `promtool check metrics` on `text`: nothing to report.
+pub(crate) fn promtool_check_metrics(text: &str) {
+    if let Some((ok, report)) = promtool(&["check", "metrics"], text) {
+        assert!(ok && report.trim().is_empty(), "promtool: {report}");
+    }
 }
 
 /// Known input, known numbers: accepted, invalid by reason, counted, duplicate, late-corrected
@@ -383,22 +397,12 @@ impl Browser {
     /// None where chromedriver is not installed, except in CI, which installs it.
     fn start() -> Option<Browser> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let driver = match Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-        {
-            Ok(d) => d,
-            Err(e) => {
-                assert!(
-                    std::env::var_os("ADCLICK_REQUIRE_SERVICES").is_none(),
-                    "chromedriver is required here: {e}"
-                );
-                eprintln!("skipping the dashboard test: chromedriver: {e}");
-                return None;
-            }
-        };
+        let driver = spawn_tool(
+            Command::new("chromedriver")
+                .arg(format!("--port={port}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        )?;
         let mut b = Browser { driver, base: format!("http://127.0.0.1:{port}") };
         let deadline = Instant::now() + Duration::from_secs(30);
         while crate::service::agent().get(format!("{}/status", b.base)).call().is_err() {
@@ -675,23 +679,8 @@ fn assert_deploy_names_exist(text: &str) {
 #[test]
 fn alert_rules_and_grafana_queries_pass_promtool() {
     let run = |args: &[&str]| -> Option<String> {
-        let out = match Command::new("promtool").args(args).output() {
-            Ok(o) => o,
-            Err(e) => {
-                assert!(
-                    std::env::var_os("ADCLICK_REQUIRE_SERVICES").is_none(),
-                    "promtool is required here: {e}"
-                );
-                eprintln!("skipping promtool {args:?}: {e}");
-                return None;
-            }
-        };
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "promtool {args:?}:\n{text}");
+        let (ok, text) = promtool(args, "")?;
+        assert!(ok, "promtool {args:?}:\n{text}");
         Some(text)
     };
     let root = env!("CARGO_MANIFEST_DIR");
