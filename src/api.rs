@@ -687,8 +687,9 @@ fn window_answer(
 }
 
 /// `GET /v1/totals?window=&to=&filter=`: clicks per minute summed over every ad, for charts:
-/// every minute of `[to − window, to)` listed, zeros included. The cost follows the minutes, from
-/// the in-memory index for the last day; older windows sum the store's rows of those minutes.
+/// every minute of `[to − window, to)` listed, zeros included. From the in-memory index for the
+/// last day (a step per minute); older windows are one pass over the stored rows of their minutes,
+/// in memory that follows the minutes.
 async fn totals(
     State(s): State<AppState>,
     q: Result<Query<HashMap<String, String>>, QueryRejection>,
@@ -711,13 +712,7 @@ async fn totals(
                 return Ok((live.slots[slot.index()].totals(from, to), live.watermark));
             }
             drop(live);
-            let rows =
-                query.store.range_rows(from, to).map_err(|e| ApiError::Internal(e.to_string()))?;
-            let mut sums = std::collections::BTreeMap::<i64, u64>::new();
-            for ((minute, _), counts) in &rows.counts {
-                *sums.entry(*minute).or_default() += counts.get(slot.index()).copied().unwrap_or(0);
-            }
-            Ok((sums.into_iter().map(|(m, n)| (Minute(m), n)).collect(), rows.watermark))
+            query.store.minute_totals(slot, from, to).map_err(|e| ApiError::Internal(e.to_string()))
         }
     })
     .await

@@ -1129,6 +1129,38 @@ impl Store {
         txn.commit().ctx("commit archive flush")
     }
 
+    /// Per minute of `[from, to)` with counts: the sum over every ad of `slot`, with the
+    /// watermark, from one read. One pass over the minutes' rows; memory follows the minutes, not
+    /// the rows.
+    pub fn minute_totals(
+        &self,
+        slot: Slot,
+        from: Minute,
+        to: Minute,
+    ) -> Result<(Vec<(Minute, u64)>, Watermark), StoreError> {
+        let (txn, watermark, open_from, open) = self.read_view()?;
+        let mut sums: BTreeMap<i64, u64> = BTreeMap::new();
+        let at = slot.index() * 8;
+        let end = to.0.min(open_from);
+        if from.0 < end {
+            let t = txn.open_table(COUNTS).ctx("open counts")?;
+            for item in t.range((from.0, "")..(end, "")).ctx("scan counts")? {
+                let (k, v) = item.ctx("read count")?;
+                if let Some(c) = v.value().get(at..at + 8) {
+                    *sums.entry(k.value().0).or_default() += le_u64(c);
+                }
+            }
+        }
+        if let Some(open) = open {
+            for (&minute, rows) in open.minutes.range(from.0.max(open_from)..to.0.max(open_from)) {
+                let n: u64 = rows.values().filter_map(|c| c.get(slot.index())).sum();
+                *sums.entry(minute).or_default() += n;
+            }
+        }
+        let totals = sums.into_iter().filter(|(_, n)| *n > 0).map(|(m, n)| (Minute(m), n));
+        Ok((totals.collect(), watermark))
+    }
+
     /// Every stored count and too-late count of the minutes `[from, to)`, with the watermark
     /// and offsets, from one read transaction (reconciliation and dry runs).
     pub fn range_rows(&self, from: Minute, to: Minute) -> Result<RangeRows, StoreError> {
