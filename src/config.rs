@@ -212,7 +212,7 @@ pub struct Settings {
     pub cors_origins: Vec<String>,
     pub archive: crate::archive::ArchiveSettings,
     /// Kafka and PostgreSQL instead of the embedded log and store.
-    pub scaleout: Option<crate::scaleout::ScaleOut>,
+    pub scaleout: Option<ScaleOut>,
 }
 
 impl Config {
@@ -302,9 +302,7 @@ impl Config {
         }
         let scaleout = match (&self.kafka, &self.postgres) {
             (None, None) => {
-                if crate::scaleout::Roles::parse(&self.roles).map_err(|e| invalid("roles", e))?
-                    != crate::scaleout::Roles::ALL
-                {
+                if Roles::parse(&self.roles).map_err(|e| invalid("roles", e))? != Roles::ALL {
                     return Err(invalid(
                         "roles",
                         "an embedded server runs every role; roles need kafka and postgres".into(),
@@ -319,13 +317,12 @@ impl Config {
                         "topic and consumer_group must not be empty".into(),
                     ));
                 }
-                Some(crate::scaleout::ScaleOut {
+                Some(ScaleOut {
                     brokers: brokers.clone(),
                     postgres: postgres.clone(),
                     topic: self.topic.clone(),
                     group: self.consumer_group.clone(),
-                    roles: crate::scaleout::Roles::parse(&self.roles)
-                        .map_err(|e| invalid("roles", e))?,
+                    roles: Roles::parse(&self.roles).map_err(|e| invalid("roles", e))?,
                     session_timeout: duration("session_timeout", &self.session_timeout)?,
                 })
             }
@@ -522,6 +519,54 @@ fn duration(key: &'static str, v: &str) -> Result<Duration, ConfigError> {
         key,
         reason: format!("{v:?} is not a duration like 15s, 10m or 1h ({e})"),
     })
+}
+
+/// Which parts of the service this process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    pub collect: bool,
+    pub aggregate: bool,
+    pub query: bool,
+    pub archive: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles { collect: true, aggregate: true, query: true, archive: true };
+    pub const NONE: Roles =
+        Roles { collect: false, aggregate: false, query: false, archive: false };
+
+    pub fn parse(s: &str) -> Result<Roles, String> {
+        let mut r = Roles::NONE;
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "collect" => r.collect = true,
+                "aggregate" => r.aggregate = true,
+                "query" => r.query = true,
+                "archive" => r.archive = true,
+                other => {
+                    return Err(format!(
+                        "{other:?} is not a role; use any of collect, aggregate, query, \
+                         archive, comma-separated"
+                    ))
+                }
+            }
+        }
+        if r == Roles::NONE {
+            return Err("names no role; use any of collect, aggregate, query, archive".into());
+        }
+        Ok(r)
+    }
+}
+
+/// Validated scale-out settings.
+#[derive(Clone, Debug)]
+pub struct ScaleOut {
+    pub brokers: String,
+    pub postgres: String,
+    pub topic: String,
+    pub group: String,
+    pub roles: Roles,
+    pub session_timeout: Duration,
 }
 
 #[cfg(test)]

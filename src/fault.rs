@@ -1,4 +1,7 @@
-//! Crash points for tests: `ADCLICK_FAULT=<point>:<n>` makes the process abort (as abruptly as
+//! Faults: [`fatal`], the one way adclick stops itself after a failure it must not go on from,
+//! [`chain`], an error with its causes in one line, and crash points for tests.
+//!
+//! Crash points: `ADCLICK_FAULT=<point>:<n>` makes the process abort (as abruptly as
 //! `kill -9`: no unwinding, no flushing) the n-th time it reaches `<point>`. Unset, each point
 //! costs one relaxed atomic load.
 //!
@@ -10,7 +13,8 @@
 //! recalculation's transaction half written), `pg.before_commit` (a scale-out partition commit
 //! written, not committed). `aggregator.before_commit` pauses (SIGSTOP) a scale-out aggregator
 //! holding a processed batch. And one that stalls instead of aborting: `aggregator.stall`
-//! (the aggregator stops consuming, to test backpressure).
+//! (the aggregator stops consuming, to test backpressure). And one that fails an operation:
+//! `log.sync_fails` (an fsync of the click log returns an error, as a failing disk does).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -55,10 +59,39 @@ pub fn pause(name: &str) {
     }
 }
 
+/// Whether the operation at this point should fail now (armed and its count reached).
+pub fn fails(name: &str) -> bool {
+    armed(name)
+}
+
 /// Aborts here if this point is armed and its count is reached.
 pub fn point(name: &str) {
     if armed(name) {
         eprintln!("adclick: fault point {name} reached: aborting");
         std::process::abort();
     }
+}
+
+/// Stops the process after a failure that leaves only what is durable trustworthy (a failed
+/// fsync, commit or read of the log): going on could acknowledge or publish what is not. A
+/// restart recovers from disk, or, scaled out, resumes from what PostgreSQL holds. Exit code 70.
+pub fn fatal(what: &str, err: impl std::fmt::Display) -> ! {
+    tracing::error!("{what}: {err}; stopping so that a restart recovers from what is durable");
+    eprintln!("adclick: fatal: {what}: {err}");
+    std::process::exit(70)
+}
+
+/// An error and its causes, `outer: inner: …`, each cause once (a message that already quotes
+/// its source is not repeated).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    text
 }

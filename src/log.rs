@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::engine::{Offset, PartitionId};
+use crate::engine::{Offset, OffsetRange, PartitionId};
 
 /// Largest payload accepted: a validated click is far smaller (under 400 bytes).
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
@@ -248,7 +248,12 @@ impl Writer {
             if !part.dirty {
                 continue;
             }
-            let synced = part.file.sync_data().map_err(io_err(&part.dir)).and_then(|()| {
+            let synced = if crate::fault::fails("log.sync_fails") {
+                Err(io::Error::other("fsync failed (injected by ADCLICK_FAULT)"))
+            } else {
+                part.file.sync_data()
+            };
+            let synced = synced.map_err(io_err(&part.dir)).and_then(|()| {
                 if part.dir_dirty {
                     sync_dir(&part.dir)?;
                 }
@@ -523,6 +528,33 @@ impl Reader {
         }
         Ok((base, r, offset))
     }
+}
+
+/// Reads the records of each range into `buf` (one buffer per partition, one reader each).
+pub fn read_ranges(
+    readers: &mut [Reader],
+    buf: &mut [Records],
+    ranges: &[OffsetRange],
+) -> Result<(), LogError> {
+    for r in ranges {
+        let i = r.partition.0 as usize;
+        buf[i].clear();
+        let mut at = r.from;
+        while at < r.to {
+            let before = at;
+            at = readers[i].read(at, r.to, usize::MAX, &mut buf[i])?;
+            if at == before {
+                return Err(LogError::Corrupt {
+                    path: Default::default(),
+                    what: format!(
+                        "partition {} ends at offset {} before {}",
+                        r.partition.0, at.0, r.to.0
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

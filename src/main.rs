@@ -4,7 +4,7 @@ fn main() -> std::process::ExitCode {
     match adclick::cli::main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("adclick: {e:#}");
+            eprintln!("adclick: {}", adclick::fault::chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -29,19 +29,20 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context as _;
 use arrow_array::RecordBatch;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::archive::{Archive, ArchiveFile};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+
+use crate::archive::{Archive, ArchiveError, ArchiveFile};
 
 use crate::engine::{Engine, EngineConfig, Offset, PartitionId, Payload, Record, TopUpdate};
 use crate::event::{format_rfc3339, AdId, EventTime, Minute, MINUTE_MS};
 use crate::filter::Filters;
-use crate::store::{CountRows, Replaced, Store};
+use crate::popular::LiveIndex;
+use crate::store::{CountRows, RangeRows, ReplaceError, Replaced, Store, StoreError};
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -54,6 +55,30 @@ const ENGINE_BATCH: usize = 1 << 16;
 
 /// Most decoded archive rows kept between chunks (about 100 bytes each).
 const CACHE_ROWS: usize = 20_000_000;
+
+/// Why a recalc or reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("another recalc or reconcile is running; retry later")]
+    Busy,
+    #[error("--from must be before --to")]
+    EmptyRange,
+    #[error("the aggregator did not catch up with the log within {0:?}")]
+    NotCaughtUp(std::time::Duration),
+    #[error("the archiver has stopped")]
+    ArchiverStopped,
+    /// Archiving what is durable failed (the archiver retries on its own).
+    #[error("archiving: {0}")]
+    Archiving(#[source] Arc<ArchiveError>),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("reading the stored counts: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Replace(#[from] ReplaceError),
+    #[error("engine settings: {0}")]
+    Engine(#[from] crate::engine::ConfigError),
+}
 
 /// What recalculation needs: the store, the archive and the engine settings of the data.
 #[derive(Clone)]
@@ -94,8 +119,10 @@ pub fn recompute(
     from: Minute,
     to: Minute,
     progress: &mut dyn FnMut(&Progress),
-) -> anyhow::Result<Recomputed> {
-    anyhow::ensure!(from < to, "--from must be before --to");
+) -> Result<Recomputed, JobError> {
+    if from >= to {
+        return Err(JobError::EmptyRange);
+    }
     let started = Instant::now();
     let horizon = ctx.engine.dedup_horizon_ms;
     let mut out = Recomputed { from, to, ..Recomputed::default() };
@@ -111,7 +138,7 @@ pub fn recompute(
         .unwrap_or(CHUNK_BYTES);
     // Every hour's files, listed once.
     let mut listed: HashMap<i64, Vec<ArchiveFile>> = HashMap::new();
-    let mut files_of = |hour: i64| -> anyhow::Result<Vec<ArchiveFile>> {
+    let mut files_of = |hour: i64| -> Result<Vec<ArchiveFile>, ArchiveError> {
         if let Some(f) = listed.get(&hour) {
             return Ok(f.clone());
         }
@@ -140,8 +167,7 @@ pub fn recompute(
                 flushes.entry(f.seq).or_default().push(f);
             }
         }
-        let mut engine = Engine::recompute(ctx.engine.clone(), ctx.filters.clone())
-            .context("engine settings")?;
+        let mut engine = Engine::recompute(ctx.engine.clone(), ctx.filters.clone())?;
         // The chunk's counts by (minute, ad): updated in place, no allocation per update.
         let mut counts: HashMap<(Minute, AdId), Vec<u64>> = HashMap::new();
         let mut keep = |output: crate::engine::Output| {
@@ -163,7 +189,7 @@ pub fn recompute(
         };
         // Files are read and decoded in parallel (by file and by row group), one flush ahead
         // of the engine, which merges each flush's rows into log order.
-        let decode = |files: &[ArchiveFile]| -> anyhow::Result<Vec<Arc<Vec<RecordBatch>>>> {
+        let decode = |files: &[ArchiveFile]| -> Result<Vec<Arc<Vec<RecordBatch>>>, ArchiveError> {
             files
                 .par_iter()
                 .map(|f| match cache.get(f.location.as_ref()) {
@@ -233,7 +259,7 @@ fn feed(
     lo: i64,
     hi: i64,
     keep: &mut (dyn FnMut(crate::engine::Output) + Send),
-) -> anyhow::Result<u64> {
+) -> Result<u64, ArchiveError> {
     // Each record batch's clicks in the chunk and its horizons; each is in log order.
     let runs = files
         .par_iter()
@@ -241,11 +267,11 @@ fn feed(
         .flat_map_iter(|(f, batches)| batches.iter().map(move |batch| (f, batch)))
         .map(|(f, batch)| {
             let mut rows = crate::archive::clicks(batch)
-                .with_context(|| format!("archive file {}", f.location))?;
+                .map_err(|e| ArchiveError::Format(format!("archive file {}: {e}", f.location)))?;
             rows.retain(|(_, _, c)| c.time.0 >= lo && c.time.0 < hi);
             Ok(rows)
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, ArchiveError>>()?;
     // One flush's files hold disjoint offset ranges per partition: merging the runs by
     // (partition, offset) gives each partition's records in offset order, as the live path
     // read them. The engine gets them in bounded batches (the result does not depend on where
@@ -317,7 +343,7 @@ pub struct Report {
 }
 
 /// Compares stored rows (read in one transaction) with a recomputation of the same range.
-pub fn compare(ctx: &Context, rec: &Recomputed, stored: &crate::store::RangeRows) -> Report {
+pub fn compare(ctx: &Context, rec: &Recomputed, stored: &RangeRows) -> Report {
     let slots = ctx.filters.len() + 1;
     let mut differences = Vec::new();
     // Both sides are sorted by (minute, ad): one merge pass.
@@ -410,8 +436,8 @@ pub fn compare(ctx: &Context, rec: &Recomputed, stored: &crate::store::RangeRows
 pub fn apply(
     ctx: &Context,
     rec: &Recomputed,
-    live: Option<&crate::pipeline::LiveIndex>,
-) -> anyhow::Result<Replaced> {
+    live: Option<&LiveIndex>,
+) -> Result<Replaced, ReplaceError> {
     let replaced = ctx.store.replace_range(
         rec.from,
         rec.to,
@@ -450,12 +476,12 @@ pub struct JobResult {
 /// Recomputes, compares and, for a recalc, replaces.
 pub fn run_job(
     ctx: &Context,
-    live: Option<&crate::pipeline::LiveIndex>,
+    live: Option<&LiveIndex>,
     job: Job,
     from: Minute,
     to: Minute,
     progress: &mut dyn FnMut(&Progress),
-) -> anyhow::Result<JobResult> {
+) -> Result<JobResult, JobError> {
     let started = Instant::now();
     if let Job::Recalc { dry_run: false } = job {
         // Refuse early, before the work, when the range is not sealed (checked again on write).
@@ -468,7 +494,7 @@ pub fn run_job(
         (rec, stored.join().expect("reading the store does not panic"))
     });
     let rec = rec?;
-    let stored = stored.context("reading the stored counts")?;
+    let stored = stored?;
     let report = compare(ctx, &rec, &stored);
     let replaced = match job {
         Job::Recalc { dry_run: false } => Some(apply(ctx, &rec, live)?),

@@ -13,11 +13,12 @@
 //! its partitions' gauges after each round of commits instead (it runs in its own thread). Every
 //! name is in [`DESCRIBED`], with one prefix and Prometheus' base units.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::engine::Watermark;
-use crate::event::MINUTE_MS;
+use crate::engine::{Counters, Engine, PartitionId, Watermark};
+use crate::event::{InvalidKind, MINUTE_MS};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
@@ -205,4 +206,104 @@ pub fn set_gauge(name: &'static str, v: f64) {
 /// A per-partition gauge.
 pub fn set_partition_gauge(name: &'static str, p: u32, v: f64) {
     metrics::gauge!(name, "partition" => p.to_string()).set(v);
+}
+
+/// The collector's totals: clicks accepted and lines rejected by reason.
+#[derive(Default)]
+pub struct IngestCounters {
+    accepted: AtomicU64,
+    rejected: [AtomicU64; InvalidKind::ALL.len()],
+}
+
+impl IngestCounters {
+    /// Adds one request's accepted clicks and rejected lines (per [`InvalidKind::index`]).
+    pub fn add(&self, accepted: u64, rejected: &[u64; InvalidKind::ALL.len()]) {
+        self.accepted.fetch_add(accepted, Ordering::Relaxed);
+        for (total, &n) in self.rejected.iter().zip(rejected) {
+            if n > 0 {
+                total.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Copies the totals into the recorder.
+    pub fn export(&self) {
+        set_counter(ACCEPTED, self.accepted());
+        for kind in InvalidKind::ALL {
+            metrics::counter!(INVALID, "reason" => kind.label())
+                .absolute(self.rejected[kind.index()].load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// What an aggregator reports, embedded or scaled out: its engines' counters and state, and per
+/// partition its position and watermark. One export for both deployments.
+#[derive(Clone, Debug, Default)]
+pub struct AggregatorReport {
+    pub counters: Counters,
+    pub dedup_entries: u64,
+    pub dedup_bytes: u64,
+    pub open_windows: u64,
+    pub partitions: Vec<PartitionReport>,
+}
+
+/// One source partition as an aggregator sees it.
+#[derive(Clone, Debug, Default)]
+pub struct PartitionReport {
+    pub id: PartitionId,
+    /// The next offset the aggregator has committed.
+    pub committed: u64,
+    /// The source's end (the log's durable end), when known here.
+    pub end: Option<u64>,
+    /// The partition's own watermark (none until it delivers).
+    pub watermark: Watermark,
+    pub idle: bool,
+}
+
+impl AggregatorReport {
+    /// Adds an engine's counters, state and partitions (their `committed` left at 0).
+    pub fn add_engine(&mut self, engine: &Engine) {
+        self.counters.add(&engine.counters());
+        let (dedup, windows) = engine.shard_stats();
+        self.dedup_entries += dedup as u64;
+        self.open_windows += windows as u64;
+        self.dedup_bytes += engine.dedup_bytes() as u64;
+        for v in engine.partitions() {
+            self.partitions.push(PartitionReport {
+                id: v.id,
+                committed: 0,
+                end: None,
+                watermark: v.watermark,
+                idle: v.idle,
+            });
+        }
+    }
+
+    /// Copies the report into the recorder.
+    pub fn export(&self) {
+        set_counter(COUNTED, self.counters.counted);
+        set_counter(DUPLICATE, self.counters.duplicate);
+        set_counter(LATE_CORRECTED, self.counters.late_corrected);
+        set_counter(TOO_LATE, self.counters.too_late);
+        set_gauge(DEDUP_ENTRIES, self.dedup_entries as f64);
+        set_gauge(DEDUP_BYTES, self.dedup_bytes as f64);
+        set_gauge(OPEN_WINDOWS, self.open_windows as f64);
+        for p in &self.partitions {
+            let id = p.id.0;
+            set_partition_gauge(PARTITION_COMMITTED, id, p.committed as f64);
+            if let Some(end) = p.end {
+                set_partition_gauge(PARTITION_END, id, end as f64);
+                set_partition_gauge(PARTITION_LAG, id, end.saturating_sub(p.committed) as f64);
+            }
+            // A partition that has delivered nothing has no watermark of its own yet.
+            if let Some(w) = p.watermark.ms() {
+                set_partition_gauge(PARTITION_WATERMARK, id, w as f64 / 1000.0);
+            }
+            set_partition_gauge(PARTITION_IDLE, id, f64::from(u8::from(p.idle)));
+        }
+    }
 }

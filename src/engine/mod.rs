@@ -53,7 +53,7 @@ pub use map::{Mapper, ShardBatch};
 pub use reduce::Reducer;
 pub use shard::{Shard, ShardOutput};
 pub use snapshot::SnapshotError;
-pub use watermark::{PartitionView, Watermark};
+pub use watermark::{AtomicWatermark, PartitionView, Watermark};
 
 use crate::event::{AdId, Click, EventTime, IdentityKey, Invalid, InvalidKind, Minute, MINUTE_MS};
 use crate::filter::Filters;
@@ -66,6 +66,30 @@ pub struct PartitionId(pub u32);
 /// A record's position in its partition.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
 pub struct Offset(pub u64);
+
+/// The records `[from, to)` of one partition: what an aggregator batch read, a journal entry
+/// replays, or an archive flush writes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct OffsetRange {
+    pub partition: PartitionId,
+    pub from: Offset,
+    pub to: Offset,
+}
+
+impl OffsetRange {
+    pub fn new(partition: PartitionId, from: Offset, to: Offset) -> OffsetRange {
+        OffsetRange { partition, from, to }
+    }
+
+    /// Records in the range.
+    pub fn len(&self) -> u64 {
+        self.to.0.saturating_sub(self.from.0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.to <= self.from
+    }
+}
 
 /// Which count of an (ad, minute): the unfiltered total or one filter.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]

@@ -82,6 +82,27 @@ impl Watermark {
     }
 }
 
+/// A watermark shared between threads (the committed one, for queries and metrics).
+#[derive(Debug)]
+pub struct AtomicWatermark(std::sync::atomic::AtomicI64);
+
+impl Default for AtomicWatermark {
+    fn default() -> Self {
+        AtomicWatermark(std::sync::atomic::AtomicI64::new(Watermark::NONE.to_raw()))
+    }
+}
+
+impl AtomicWatermark {
+    pub fn load(&self) -> Watermark {
+        Watermark::from_raw(self.0.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Stores `w` and returns the watermark it replaces.
+    pub fn swap(&self, w: Watermark) -> Watermark {
+        Watermark::from_raw(self.0.swap(w.to_raw(), std::sync::atomic::Ordering::AcqRel))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Partition {
     id: PartitionId,

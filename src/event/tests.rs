@@ -343,6 +343,7 @@ fn minutes_and_formatting() {
 
 mod differential {
     use super::*;
+    use crate::event::parse::{fast, parse_ip, RawClick};
     use proptest::prelude::*;
 
     /// JSON-ish lines: mostly well-formed flat objects with the real keys, with perturbations

@@ -25,13 +25,15 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::Message;
 
+use crate::config::ScaleOut;
 use crate::config::Settings;
 use crate::engine::{Engine, EngineConfig, Extent, Offset, PartitionId, Payload, Record};
 use crate::event::EventTime;
+use crate::fault::fatal;
 use crate::filter::Filters;
-use crate::pipeline::now_ms;
 use crate::scaleout::kafka::{self, Change, GroupContext};
-use crate::scaleout::{fatal, pg, ScaleOut, WIRE_MAGIC};
+use crate::scaleout::{pg, RoleError, WIRE_MAGIC};
+use crate::telemetry::AggregatorReport;
 
 /// Most records buffered across partitions before a round of commits.
 const MAX_BUFFERED: usize = 200_000;
@@ -78,7 +80,7 @@ pub struct Aggregator {
 const ENDS_EVERY: Duration = Duration::from_secs(5);
 
 impl Aggregator {
-    pub fn new(settings: &Settings, scale: &ScaleOut) -> anyhow::Result<Aggregator> {
+    pub fn new(settings: &Settings, scale: &ScaleOut) -> Result<Aggregator, RoleError> {
         let config = EngineConfig { shards: 1, ..settings.engine.clone() };
         Ok(Aggregator {
             settings: settings.clone(),
@@ -92,7 +94,7 @@ impl Aggregator {
     }
 
     /// Consumes until `shutdown`, then commits what it holds.
-    pub fn run(mut self, scale: &ScaleOut, shutdown: &AtomicBool) -> anyhow::Result<()> {
+    pub fn run(mut self, scale: &ScaleOut, shutdown: &AtomicBool) -> Result<(), RoleError> {
         let owner = format!(
             "{}:{}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "adclick".into()),
@@ -172,13 +174,15 @@ impl Aggregator {
                     // it reads from the committed offset: correct either way).
                     if let Some(mut o) = self.owned.remove(&p) {
                         if !o.buf.is_empty() {
-                            let committed = o.commit(&mut self.client, &mut self.days, now_ms());
+                            let committed =
+                                o.commit(&mut self.client, &mut self.days, EventTime::now().0);
                             committed_or_fenced(p, committed);
                         }
                     }
                 }
                 Change::Assigned(p, claim) => {
-                    match Owned::restore(&self.config, &self.filters, p, claim, now_ms()) {
+                    match Owned::restore(&self.config, &self.filters, p, claim, EventTime::now().0)
+                    {
                         Ok(o) => {
                             self.owned.insert(p, o);
                         }
@@ -191,7 +195,7 @@ impl Aggregator {
 
     /// Processes and commits every partition that has records or a watermark step due.
     fn commit_round(&mut self, stopping: bool) {
-        let wall = now_ms();
+        let wall = EventTime::now().0;
         let mut fenced = Vec::new();
         for (&p, o) in self.owned.iter_mut() {
             if o.buf.is_empty() && !stopping {
@@ -245,30 +249,17 @@ impl Aggregator {
     /// This process's share: per owned partition its committed offset, watermark and idle
     /// flag; counters and state summed over the engines it owns (a rebalance moves them).
     fn export_metrics(&self) {
-        use crate::telemetry::{self as t, set_counter, set_gauge, set_partition_gauge};
-        let mut counters = crate::engine::Counters::default();
-        let (mut dedup, mut windows, mut dedup_bytes) = (0, 0, 0);
+        let mut report = AggregatorReport::default();
         for (&p, o) in &self.owned {
-            counters.add(&o.engine.counters());
-            let (d, w) = o.engine.shard_stats();
-            dedup += d;
-            windows += w;
-            dedup_bytes += o.engine.dedup_bytes();
-            set_partition_gauge(t::PARTITION_COMMITTED, p.0, o.next as f64);
-            for v in o.engine.partitions() {
-                if let Some(w) = v.watermark.ms() {
-                    set_partition_gauge(t::PARTITION_WATERMARK, v.id.0, w as f64 / 1000.0);
+            let from = report.partitions.len();
+            report.add_engine(&o.engine);
+            for r in &mut report.partitions[from..] {
+                if r.id == p {
+                    r.committed = o.next as u64;
                 }
-                set_partition_gauge(t::PARTITION_IDLE, v.id.0, f64::from(u8::from(v.idle)));
             }
         }
-        set_counter(t::COUNTED, counters.counted);
-        set_counter(t::DUPLICATE, counters.duplicate);
-        set_counter(t::LATE_CORRECTED, counters.late_corrected);
-        set_counter(t::TOO_LATE, counters.too_late);
-        set_gauge(t::DEDUP_ENTRIES, dedup as f64);
-        set_gauge(t::OPEN_WINDOWS, windows as f64);
-        set_gauge(t::DEDUP_BYTES, dedup_bytes as f64);
+        report.export();
     }
 }
 
@@ -305,7 +296,7 @@ impl Aggregator {
             if high > o.next {
                 continue;
             }
-            let w = crate::engine::Watermark::at(now_ms() - delay);
+            let w = crate::engine::Watermark::at(EventTime::now().0 - delay);
             match pg::empty_watermark(&mut self.client, p, o.epoch, w) {
                 Ok(()) => o.last_commit = Instant::now(),
                 Err(pg::PgError::Fenced(..)) => fenced.push(p),
@@ -328,22 +319,23 @@ impl Owned {
         p: PartitionId,
         claim: pg::Claim,
         wall: i64,
-    ) -> anyhow::Result<Owned> {
+    ) -> Result<Owned, RoleError> {
         let started = Instant::now();
         let mut engine = if claim.files.is_empty() {
-            Engine::new(config.clone(), filters.clone()).map_err(|e| anyhow::anyhow!("{e}"))?
+            Engine::new(config.clone(), filters.clone())
+                .map_err(|e| RoleError::State(format!("engine settings: {e}")))?
         } else {
             let files: Vec<&[u8]> = claim.files.iter().map(|(_, _, b)| b.as_slice()).collect();
             Engine::restore_chain(config.clone(), filters.clone(), &files)
-                .map_err(|e| anyhow::anyhow!("partition {}: checkpoint: {e}", p.0))?
+                .map_err(|e| RoleError::State(format!("partition {}: checkpoint: {e}", p.0)))?
         };
         if let Some(next) = engine.offsets().iter().find(|(q, _)| *q == p).map(|(_, o)| o.0) {
-            anyhow::ensure!(
-                next as i64 <= claim.next_offset,
-                "partition {}: the checkpoint is at offset {next}, past the committed {}",
-                p.0,
-                claim.next_offset
-            );
+            if next as i64 > claim.next_offset {
+                return Err(RoleError::State(format!(
+                    "partition {}: the checkpoint is at offset {next}, past the committed {}",
+                    p.0, claim.next_offset
+                )));
+            }
         }
         // Holds the watermark back from now until it delivers or idles (SPEC §2); committed
         // with the next checkpoint like every other decision.

@@ -21,15 +21,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, TopicPartitionList};
 
-use crate::archive::{Archive, Archiver, Ledger, Ranges, Source};
-use crate::config::Settings;
-use crate::engine::{Offset, PartitionId};
+use super::kafka::KafkaError;
+use crate::archive::{Archive, ArchiveError, Archiver, Ledger, Source};
+use crate::config::{ScaleOut, Settings};
+use crate::engine::{Offset, OffsetRange, PartitionId};
 use crate::event::{parse_line, wire, Click, EventTime, Validation};
-use crate::scaleout::{fatal, pg, ScaleOut, WIRE_MAGIC};
+use crate::fault::fatal;
+use crate::scaleout::{pg, RoleError, WIRE_MAGIC};
+use crate::store::ArchiveState;
+
+/// A Kafka failure as the archiver reports it.
+fn kafka(what: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> ArchiveError {
+    move |source| ArchiveError::Backend(Box::new(KafkaError::Client { what: what.into(), source }))
+}
 
 /// The advisory lock key the running archiver holds.
 const LOCK: i64 = 7_367_282;
@@ -65,8 +72,8 @@ impl KafkaSource {
         partitions: u32,
         max_skew_ms: i64,
         cap: usize,
-    ) -> anyhow::Result<Self> {
-        let consumer = || -> anyhow::Result<BaseConsumer> {
+    ) -> Result<Self, ArchiveError> {
+        let consumer = || -> Result<BaseConsumer, ArchiveError> {
             super::kafka::base_config(brokers)
                 .set("enable.auto.commit", "false")
                 .set("enable.auto.offset.store", "false")
@@ -74,7 +81,7 @@ impl KafkaSource {
                 // No producer of the topic uses transactions.
                 .set("isolation.level", "read_uncommitted")
                 .create()
-                .context("kafka: creating the archiver's consumer")
+                .map_err(kafka("creating the archiver's consumer"))
         };
         Ok(KafkaSource {
             tail: consumer()?,
@@ -95,11 +102,14 @@ impl KafkaSource {
         &self,
         p: PartitionId,
         (offset, bytes, ts): &Read,
-        f: &mut dyn FnMut(Offset, &Click<'_>) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
+        f: &mut dyn FnMut(Offset, &Click<'_>) -> Result<(), ArchiveError>,
+    ) -> Result<(), ArchiveError> {
         if let Some(rest) = bytes.strip_prefix(&[WIRE_MAGIC]) {
             let click = wire::decode(rest).ok_or_else(|| {
-                anyhow::anyhow!("partition {} offset {offset}: a corrupt collector record", p.0)
+                ArchiveError::Source(format!(
+                    "partition {} offset {offset}: a corrupt collector record",
+                    p.0
+                ))
             })?;
             return f(Offset(*offset), &click);
         }
@@ -116,21 +126,22 @@ impl KafkaSource {
         p: PartitionId,
         from: Offset,
         to: Offset,
-        f: &mut dyn FnMut(Offset, &Click<'_>) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
+        f: &mut dyn FnMut(Offset, &Click<'_>) -> Result<(), ArchiveError>,
+    ) -> Result<(), ArchiveError> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, p.0 as i32, rdkafka::Offset::Offset(from.0 as i64))?;
-        self.seek.assign(&tpl).context("kafka: assigning a partition to archive")?;
+        tpl.add_partition_offset(&self.topic, p.0 as i32, rdkafka::Offset::Offset(from.0 as i64))
+            .map_err(kafka("positioning a partition to archive"))?;
+        self.seek.assign(&tpl).map_err(kafka("assigning a partition to archive"))?;
         let mut next = from.0;
         let mut progress = Instant::now();
         while next < to.0 {
-            anyhow::ensure!(
-                progress.elapsed() < READ_STALL,
-                "kafka: partition {} gave nothing past offset {next} for {READ_STALL:?} although \
-                 the range ends at {}",
-                p.0,
-                to.0
-            );
+            if progress.elapsed() >= READ_STALL {
+                return Err(ArchiveError::Source(format!(
+                    "kafka: partition {} gave nothing past offset {next} for {READ_STALL:?} \
+                     although the range ends at {}",
+                    p.0, to.0
+                )));
+            }
             let m = match self.seek.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
@@ -170,18 +181,19 @@ impl Source for KafkaSource {
 
     /// The tail consumer starts at the archiver's positions. (No end check: the brokers' end
     /// offsets are not trusted; a lost range shows as a redo that cannot read it.)
-    fn start(&mut self, positions: &[u64]) -> anyhow::Result<()> {
+    fn start(&mut self, positions: &[u64]) -> Result<(), ArchiveError> {
         let mut tpl = TopicPartitionList::new();
         for (p, &at) in positions.iter().enumerate() {
-            tpl.add_partition_offset(&self.topic, p as i32, rdkafka::Offset::Offset(at as i64))?;
+            tpl.add_partition_offset(&self.topic, p as i32, rdkafka::Offset::Offset(at as i64))
+                .map_err(kafka("positioning the archiver"))?;
         }
-        self.tail.assign(&tpl).context("kafka: assigning the topic to the archiver")?;
+        self.tail.assign(&tpl).map_err(kafka("assigning the topic to the archiver"))?;
         self.seen = positions.to_vec();
         Ok(())
     }
 
     /// Reads ahead what has arrived (up to the buffer's bound) and returns how far it got.
-    fn ends(&mut self) -> anyhow::Result<Vec<u64>> {
+    fn ends(&mut self) -> Result<Vec<u64>, ArchiveError> {
         while self.buffered < self.cap {
             match self.tail.poll(Duration::from_millis(20)) {
                 None => break,
@@ -209,8 +221,8 @@ impl Source for KafkaSource {
         p: PartitionId,
         from: Offset,
         to: Offset,
-        f: &mut dyn FnMut(Offset, &Click<'_>) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
+        f: &mut dyn FnMut(Offset, &Click<'_>) -> Result<(), ArchiveError>,
+    ) -> Result<(), ArchiveError> {
         let i = p.0 as usize;
         // What was archived already (by a redo) is dropped.
         while self.buf[i].front().is_some_and(|r| r.0 < from.0) {
@@ -239,20 +251,20 @@ impl PgLedger {
     fn with<T>(
         &self,
         f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error>,
-    ) -> anyhow::Result<T> {
+    ) -> Result<T, ArchiveError> {
         let mut client = self.client.lock().expect("not poisoned");
         if client.is_closed() {
             // The session, and with it the lock, is gone: another archiver may hold it now.
             fatal("archive", "the PostgreSQL session holding the archiver's lock ended");
         }
-        f(&mut client).map_err(|e| anyhow::anyhow!("PostgreSQL: {}", pg::describe(&e)))
+        f(&mut client).map_err(|e| ArchiveError::Backend(Box::new(pg::PgError::from(e))))
     }
 }
 
 impl Ledger for PgLedger {
-    fn state(&self) -> anyhow::Result<crate::store::ArchiveState> {
+    fn state(&self) -> Result<ArchiveState, ArchiveError> {
         self.with(|c| {
-            let mut state = crate::store::ArchiveState::default();
+            let mut state = ArchiveState::default();
             for r in c.query("SELECT partition, next_offset FROM adclick_archive_offsets", &[])? {
                 state.offsets.push((
                     PartitionId(r.get::<_, i32>(0) as u32),
@@ -270,7 +282,8 @@ impl Ledger for PgLedger {
                     (r.get(2), r.get(3), r.get(4));
                 let ranges = (0..parts.len())
                     .map(|i| {
-                        (PartitionId(parts[i] as u32), Offset(from[i] as u64), Offset(to[i] as u64))
+                        let (p, a, b) = (parts[i] as u32, from[i] as u64, to[i] as u64);
+                        OffsetRange::new(PartitionId(p), Offset(a), Offset(b))
                     })
                     .collect();
                 state.pending = Some((seq as u64, ranges));
@@ -279,10 +292,10 @@ impl Ledger for PgLedger {
         })
     }
 
-    fn begin(&self, seq: u64, ranges: &Ranges) -> anyhow::Result<()> {
-        let parts: Vec<i32> = ranges.iter().map(|r| r.0 .0 as i32).collect();
-        let from: Vec<i64> = ranges.iter().map(|r| r.1 .0 as i64).collect();
-        let to: Vec<i64> = ranges.iter().map(|r| r.2 .0 as i64).collect();
+    fn begin(&self, seq: u64, ranges: &[OffsetRange]) -> Result<(), ArchiveError> {
+        let parts: Vec<i32> = ranges.iter().map(|r| r.partition.0 as i32).collect();
+        let from: Vec<i64> = ranges.iter().map(|r| r.from.0 as i64).collect();
+        let to: Vec<i64> = ranges.iter().map(|r| r.to.0 as i64).collect();
         self.with(|c| {
             c.execute(
                 "UPDATE adclick_archive SET pending_seq = $1, pending_parts = $2, \
@@ -293,14 +306,14 @@ impl Ledger for PgLedger {
         })
     }
 
-    fn commit(&self, seq: u64, ranges: &Ranges) -> anyhow::Result<()> {
+    fn commit(&self, seq: u64, ranges: &[OffsetRange]) -> Result<(), ArchiveError> {
         self.with(|c| {
             let mut tx = c.transaction()?;
-            for &(p, _, to) in ranges {
+            for r in ranges {
                 tx.execute(
                     "INSERT INTO adclick_archive_offsets VALUES ($1, $2) \
                      ON CONFLICT (partition) DO UPDATE SET next_offset = EXCLUDED.next_offset",
-                    &[&(p.0 as i32), &(to.0 as i64)],
+                    &[&(r.partition.0 as i32), &(r.to.0 as i64)],
                 )?;
             }
             tx.execute(
@@ -315,11 +328,14 @@ impl Ledger for PgLedger {
 
 /// The archive role: waits for the lock, then archives the topic until `shutdown`, archiving
 /// everything read so far before it returns.
-pub fn run(settings: &Settings, scale: &ScaleOut, shutdown: &AtomicBool) -> anyhow::Result<()> {
+pub fn run(settings: &Settings, scale: &ScaleOut, shutdown: &AtomicBool) -> Result<(), RoleError> {
     let mut client = pg::connect(&scale.postgres)?;
     let mut waiting_since: Option<Instant> = None;
     loop {
-        let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK])?.get(0);
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK])
+            .map_err(pg::PgError::from)?
+            .get(0);
         if locked {
             break;
         }

@@ -17,8 +17,33 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset as KOffset, TopicPartitionList};
 
+use futures_util::future::BoxFuture;
+
+use crate::api::{Collector, IngestError};
 use crate::engine::PartitionId;
 use crate::scaleout::pg;
+
+/// What went wrong talking to the brokers.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("kafka: {what}: {source}")]
+    Client {
+        what: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The topic is missing or does not fit the settings; the message says what to do.
+    #[error("kafka: {0}")]
+    Topic(String),
+    #[error("kafka: the producer was dropped")]
+    Dropped,
+}
+
+/// Wraps an rdkafka error with what was being done.
+fn client(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError {
+    let what = what.into();
+    move |source| KafkaError::Client { what, source }
+}
 
 /// How long start-up waits for the brokers before giving up with an error.
 pub const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,27 +58,26 @@ pub(crate) fn base_config(brokers: &str) -> ClientConfig {
 
 /// Checks that the brokers answer and the topic has `partitions` partitions, creating it when
 /// missing. A topic with another partition count is refused: ads would change partitions.
-pub fn ensure_topic(brokers: &str, topic: &str, partitions: u32) -> anyhow::Result<()> {
+pub fn ensure_topic(brokers: &str, topic: &str, partitions: u32) -> Result<(), KafkaError> {
     let probe = probe(brokers)?;
     let found = |probe: &BaseConsumer| topic_partitions(probe, brokers, topic);
     let mut count = found(&probe)?;
     if count.is_none() {
-        let admin: AdminClient<DefaultClientContext> = base_config(brokers)
-            .create()
-            .map_err(|e| anyhow::anyhow!("kafka: admin client: {e}"))?;
+        let admin: AdminClient<DefaultClientContext> =
+            base_config(brokers).create().map_err(client("admin client"))?;
+        let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+        let opts = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| anyhow::anyhow!("tokio: {e}"))?;
-        let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
-        let opts = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+            .map_err(|e| KafkaError::Topic(format!("creating topic {topic:?}: {e}")))?;
         let results = rt
             .block_on(admin.create_topics([&new], &opts))
-            .map_err(|e| anyhow::anyhow!("kafka: creating topic {topic:?}: {e}"))?;
+            .map_err(client(format!("creating topic {topic:?}")))?;
         for r in results {
             if let Err((name, code)) = r {
                 if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                    anyhow::bail!("kafka: creating topic {name:?}: {code}");
+                    return Err(KafkaError::Topic(format!("creating topic {name:?}: {code}")));
                 }
             }
         }
@@ -68,12 +92,12 @@ pub fn ensure_topic(brokers: &str, topic: &str, partitions: u32) -> anyhow::Resu
     }
     match count {
         Some(n) if n == partitions as usize => Ok(()),
-        Some(n) => anyhow::bail!(
-            "kafka: topic {topic:?} has {n} partitions but partitions = {partitions}; the ad_id → \
+        Some(n) => Err(KafkaError::Topic(format!(
+            "topic {topic:?} has {n} partitions but partitions = {partitions}; the ad_id → \
              partition mapping would change and split ads' clicks. Set partitions = {n}, or use \
              a new topic"
-        ),
-        None => anyhow::bail!("kafka: topic {topic:?} did not appear after creating it"),
+        ))),
+        None => Err(KafkaError::Topic(format!("topic {topic:?} did not appear after creating it"))),
     }
 }
 
@@ -84,24 +108,23 @@ pub struct Sink {
     partitions: u32,
 }
 
+/// The producer settings every adclick producer uses: idempotent, acknowledged by every
+/// in-sync replica, given up after 30 s.
+fn producer_config(brokers: &str) -> ClientConfig {
+    let mut c = base_config(brokers);
+    c.set("enable.idempotence", "true").set("acks", "all").set("message.timeout.ms", "30000");
+    c
+}
+
 impl Sink {
-    pub fn new(brokers: &str, topic: &str, partitions: u32) -> anyhow::Result<Sink> {
-        let producer = base_config(brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set("message.timeout.ms", "30000")
-            .create()
-            .map_err(|e| anyhow::anyhow!("kafka: producer: {e}"))?;
+    pub fn new(brokers: &str, topic: &str, partitions: u32) -> Result<Sink, KafkaError> {
+        let producer =
+            producer_config(brokers).set("linger.ms", "2").create().map_err(client("producer"))?;
         Ok(Sink { producer, topic: topic.to_string(), partitions })
     }
 
-    pub fn partitions(&self) -> u32 {
-        self.partitions
-    }
-
     /// Sends every record and returns once the brokers acknowledged all of them.
-    pub async fn append(&self, parts: Vec<(PartitionId, Vec<Vec<u8>>)>) -> Result<(), String> {
+    pub async fn append(&self, parts: Vec<(PartitionId, Vec<Vec<u8>>)>) -> Result<(), KafkaError> {
         let mut pending = Vec::new();
         let mut value = Vec::new();
         for (p, records) in &parts {
@@ -118,17 +141,15 @@ impl Sink {
                 }
                 match self.producer.send_result(rec) {
                     Ok(f) => pending.push(f),
-                    Err((e, _)) => return Err(format!("kafka: queueing a record: {e}")),
+                    Err((e, _)) => return Err(client("queueing a record")(e)),
                 }
             }
         }
         for f in pending {
             match f.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(format!("kafka: a record was not acknowledged: {e}"))
-                }
-                Err(_) => return Err("kafka: the producer was dropped".into()),
+                Ok(Err((e, _))) => return Err(client("a record was not acknowledged")(e)),
+                Err(_) => return Err(KafkaError::Dropped),
             }
         }
         Ok(())
@@ -139,18 +160,33 @@ impl Sink {
     }
 }
 
+impl Collector for Sink {
+    fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    fn append(
+        &self,
+        parts: Vec<(PartitionId, Vec<Vec<u8>>)>,
+    ) -> BoxFuture<'_, Result<(), IngestError>> {
+        Box::pin(async move {
+            Sink::append(self, parts).await.map_err(|e| IngestError::Broker(Box::new(e)))
+        })
+    }
+}
+
 /// The partition count of an existing topic.
-pub fn partition_count(brokers: &str, topic: &str) -> anyhow::Result<u32> {
+pub fn partition_count(brokers: &str, topic: &str) -> Result<u32, KafkaError> {
     topic_partitions(&probe(brokers)?, brokers, topic)?.map(|n| n as u32).ok_or_else(|| {
-        anyhow::anyhow!("kafka: topic {topic:?} does not exist; `adclick serve --kafka` creates it")
+        KafkaError::Topic(format!(
+            "topic {topic:?} does not exist; `adclick serve --kafka` creates it"
+        ))
     })
 }
 
 /// A client for metadata requests.
-fn probe(brokers: &str) -> anyhow::Result<BaseConsumer> {
-    base_config(brokers)
-        .create()
-        .map_err(|e| anyhow::anyhow!("kafka: bad client settings for {brokers:?}: {e}"))
+fn probe(brokers: &str) -> Result<BaseConsumer, KafkaError> {
+    base_config(brokers).create().map_err(client(format!("bad client settings for {brokers:?}")))
 }
 
 /// The topic's partition count, `None` when it does not exist; an error naming the brokers
@@ -159,13 +195,11 @@ fn topic_partitions(
     probe: &BaseConsumer,
     brokers: &str,
     topic: &str,
-) -> anyhow::Result<Option<usize>> {
-    let md = probe.fetch_metadata(Some(topic), METADATA_TIMEOUT).map_err(|e| {
-        anyhow::anyhow!(
-            "kafka: cannot reach the brokers at {brokers} within {}s: {e}",
-            METADATA_TIMEOUT.as_secs()
-        )
-    })?;
+) -> Result<Option<usize>, KafkaError> {
+    let md = probe.fetch_metadata(Some(topic), METADATA_TIMEOUT).map_err(client(format!(
+        "cannot reach the brokers at {brokers} within {}s",
+        METADATA_TIMEOUT.as_secs()
+    )))?;
     Ok(md
         .topics()
         .iter()
@@ -174,68 +208,79 @@ fn topic_partitions(
         .filter(|&n| n > 0))
 }
 
-/// Sends raw NDJSON lines, as any other producer may: keyed by their `ad_id` and sent to the
-/// partition the collector would choose (lines without one to partition 0). The aggregator
-/// validates them; invalid ones are counted as such. Returns once all are acknowledged.
-pub fn send_lines(
-    producer: &rdkafka::producer::BaseProducer,
-    topic: &str,
+/// Raw NDJSON lines into the topic, as any other producer may send them (`adclick generate` and
+/// `adclick ship` to `kafka://…`): keyed by their `ad_id` and sent to the partition the collector
+/// would choose (lines without one to partition 0). The aggregator validates them; invalid ones
+/// are counted as such.
+pub struct LineProducer {
+    producer: rdkafka::producer::BaseProducer,
+    topic: String,
     partitions: u32,
-    lines: &[String],
-) -> anyhow::Result<()> {
-    // Routing needs the ad id as the collector normalizes it (a numeric ad_id is the same ad
-    // as its decimal string): parsed as a click, whatever its time.
-    let any_time =
-        crate::event::Validation { now: crate::event::EventTime(i64::MAX / 4), max_skew_ms: 0 };
-    for line in lines {
-        let ad = match crate::event::parse_line(line.as_bytes(), any_time) {
-            Ok(Some(c)) => Some(c.ad_id.to_string()),
-            _ => serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| {
-                match v.get("ad_id")? {
-                    serde_json::Value::String(s) => Some(s.clone()),
-                    serde_json::Value::Number(n) => Some(n.to_string()),
-                    _ => None,
-                }
-            }),
-        };
-        let partition = ad
-            .as_deref()
-            .map_or(0, |a| crate::event::partition_of(crate::event::route_hash(a), partitions));
-        let mut rec = rdkafka::producer::BaseRecord::<str, str>::to(topic)
-            .partition(partition as i32)
-            .payload(line.as_str());
-        if let Some(a) = &ad {
-            rec = rec.key(a.as_str());
-        }
-        let mut rec = Some(rec);
-        while let Some(r) = rec.take() {
-            match producer.send(r) {
-                Ok(()) => {}
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    r,
-                )) => {
-                    producer.poll(Duration::from_millis(10));
-                    rec = Some(r);
-                }
-                Err((e, _)) => anyhow::bail!("kafka: queueing a line: {e}"),
-            }
-        }
-    }
-    producer.flush(Duration::from_secs(30)).map_err(|e| anyhow::anyhow!("kafka: {e}"))?;
-    Ok(())
+    /// For messages: where the lines go.
+    pub target: String,
 }
 
-/// A producer for `send_lines`: idempotent, acks=all.
-pub fn line_producer(brokers: &str) -> anyhow::Result<rdkafka::producer::BaseProducer> {
-    base_config(brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", "30000")
-        .create()
-        .map_err(|e| anyhow::anyhow!("kafka: producer: {e}"))
+impl LineProducer {
+    /// For `kafka://host:port[,host:port][/topic]` (the part after `kafka://`; the topic is
+    /// `ad-clicks` unless named): the topic must exist.
+    pub fn connect(rest: &str) -> Result<LineProducer, KafkaError> {
+        let (brokers, topic) = match rest.split_once('/') {
+            Some((b, t)) if !t.is_empty() => (b.to_string(), t.to_string()),
+            _ => (rest.trim_end_matches('/').to_string(), "ad-clicks".to_string()),
+        };
+        let partitions = partition_count(&brokers, &topic)?;
+        let producer = producer_config(&brokers).create().map_err(client("producer"))?;
+        let target = format!("kafka://{brokers}/{topic}");
+        Ok(LineProducer { producer, topic, partitions, target })
+    }
+
+    /// Sends `lines` and returns once all are acknowledged.
+    pub fn send(&self, lines: &[String]) -> Result<(), KafkaError> {
+        let (producer, topic, partitions) = (&self.producer, self.topic.as_str(), self.partitions);
+        // Routing needs the ad id as the collector normalizes it (a numeric ad_id is the same ad
+        // as its decimal string): parsed as a click, whatever its time.
+        let any_time =
+            crate::event::Validation { now: crate::event::EventTime(i64::MAX / 4), max_skew_ms: 0 };
+        for line in lines {
+            let ad = match crate::event::parse_line(line.as_bytes(), any_time) {
+                Ok(Some(c)) => Some(c.ad_id.to_string()),
+                _ => serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| {
+                    match v.get("ad_id")? {
+                        serde_json::Value::String(s) => Some(s.clone()),
+                        serde_json::Value::Number(n) => Some(n.to_string()),
+                        _ => None,
+                    }
+                }),
+            };
+            let partition = ad
+                .as_deref()
+                .map_or(0, |a| crate::event::partition_of(crate::event::route_hash(a), partitions));
+            let mut rec = rdkafka::producer::BaseRecord::<str, str>::to(topic)
+                .partition(partition as i32)
+                .payload(line.as_str());
+            if let Some(a) = &ad {
+                rec = rec.key(a.as_str());
+            }
+            let mut rec = Some(rec);
+            while let Some(r) = rec.take() {
+                match producer.send(r) {
+                    Ok(()) => {}
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        r,
+                    )) => {
+                        producer.poll(Duration::from_millis(10));
+                        rec = Some(r);
+                    }
+                    Err((e, _)) => return Err(client("queueing a line")(e)),
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(30)).map_err(client("flushing"))?;
+        Ok(())
+    }
 }
 
 /// A partition assignment change, seen by the aggregator loop after `poll` returns.
@@ -271,7 +316,7 @@ impl ConsumerContext for GroupContext {
                     let id = PartitionId(p as u32);
                     let claim = match pg::claim(&mut client, id, &self.owner) {
                         Ok(c) => c,
-                        Err(e) => crate::scaleout::fatal("claiming a partition", e),
+                        Err(e) => crate::fault::fatal("claiming a partition", e),
                     };
                     tracing::info!(
                         partition = p,
@@ -283,12 +328,12 @@ impl ConsumerContext for GroupContext {
                     if let Err(e) =
                         tpl.set_partition_offset(&topic, p, KOffset::Offset(claim.next_offset))
                     {
-                        crate::scaleout::fatal("positioning a partition", e);
+                        crate::fault::fatal("positioning a partition", e);
                     }
                     changes.push(Change::Assigned(id, claim));
                 }
                 if let Err(e) = consumer.assign(tpl) {
-                    crate::scaleout::fatal("taking the assignment", e);
+                    crate::fault::fatal("taking the assignment", e);
                 }
             }
             _ => {
@@ -309,7 +354,7 @@ pub fn consumer(
     topic: &str,
     ctx: GroupContext,
     session_timeout: Duration,
-) -> anyhow::Result<Arc<BaseConsumer<GroupContext>>> {
+) -> Result<Arc<BaseConsumer<GroupContext>>, KafkaError> {
     let consumer: BaseConsumer<GroupContext> = base_config(brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
@@ -325,7 +370,7 @@ pub fn consumer(
         )
         .set("partition.assignment.strategy", "roundrobin")
         .create_with_context(ctx)
-        .map_err(|e| anyhow::anyhow!("kafka: consumer: {e}"))?;
-    consumer.subscribe(&[topic]).map_err(|e| anyhow::anyhow!("kafka: subscribing: {e}"))?;
+        .map_err(client("consumer"))?;
+    consumer.subscribe(&[topic]).map_err(client("subscribing"))?;
     Ok(Arc::new(consumer))
 }

@@ -572,8 +572,10 @@ fn raw_lines_from_another_producer_are_validated_and_counted_exactly() {
         format!(r#"{{"ad_id":987654,"click_timestamp":{t},"click_id":"twice"}}"#),
         format!(r#"{{"ad_id":"987654","click_timestamp":{t},"click_id":"twice"}}"#),
     ];
-    let producer = adclick::scaleout::kafka::line_producer(&d.kafka).unwrap();
-    adclick::scaleout::kafka::send_lines(&producer, &d.topic, 4, &twice).unwrap();
+    let producer =
+        adclick::scaleout::kafka::LineProducer::connect(&format!("{}/{}", d.kafka, d.topic))
+            .unwrap();
+    producer.send(&twice).unwrap();
     let total = sent.len() as i64 + 2;
     await_cond(60, "the two lines to be committed", || committed_offsets(&mut client) == total);
     let minute = t / 60_000 * 60_000;

@@ -32,6 +32,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use crate::scaleout::kafka::LineProducer;
+
 #[derive(Args, Debug, Clone)]
 pub struct ShipArgs {
     /// Files to follow: paths or globs (quote them), e.g. '/var/log/ads/clicks*.ndjson'.
@@ -103,7 +105,7 @@ struct Shipper {
     url: String,
     agent: ureq::Agent,
     /// Set when shipping to Kafka instead of a collector.
-    kafka: Option<KafkaTarget>,
+    kafka: Option<LineProducer>,
     files: HashMap<(u64, u64), Followed>,
     next_batch: u64,
     pending_dir: PathBuf,
@@ -112,27 +114,12 @@ struct Shipper {
     dead: u64,
 }
 
-/// Where `ship --to kafka://…` sends.
-struct KafkaTarget {
-    producer: rdkafka::producer::BaseProducer,
-    topic: String,
-    partitions: u32,
-}
-
 pub fn run(args: ShipArgs) -> anyhow::Result<()> {
     anyhow::ensure!((1..=1000).contains(&args.batch), "--batch: must be between 1 and 1000");
     let poll = humantime::parse_duration(&args.poll)
         .map_err(|e| anyhow::anyhow!("--poll: {:?} is not a duration ({e})", args.poll))?;
     let kafka = match args.to.strip_prefix("kafka://") {
-        Some(rest) => {
-            let (brokers, topic) = match rest.split_once('/') {
-                Some((b, t)) if !t.is_empty() => (b.to_string(), t.to_string()),
-                _ => (rest.trim_end_matches('/').to_string(), "ad-clicks".to_string()),
-            };
-            let partitions = crate::scaleout::kafka::partition_count(&brokers, &topic)?;
-            let producer = crate::scaleout::kafka::line_producer(&brokers)?;
-            Some(KafkaTarget { producer, topic, partitions })
-        }
+        Some(rest) => Some(LineProducer::connect(rest)?),
         None => None,
     };
     let url = if kafka.is_some() { String::new() } else { clicks_url(&args.to)? };
@@ -376,7 +363,7 @@ impl Shipper {
     fn send_kafka(&mut self, path: &Path, lines: &[String]) -> anyhow::Result<()> {
         let k = self.kafka.as_ref().expect("a Kafka target");
         let v = crate::event::Validation {
-            now: crate::event::EventTime(crate::pipeline::now_ms()),
+            now: crate::event::EventTime::now(),
             max_skew_ms: 5 * 60_000,
         };
         let mut valid = Vec::with_capacity(lines.len());
@@ -389,10 +376,8 @@ impl Shipper {
             }
         }
         let mut delay = Duration::from_millis(100);
-        while let Err(e) =
-            crate::scaleout::kafka::send_lines(&k.producer, &k.topic, k.partitions, &valid)
-        {
-            tracing::warn!("{e:#}; re-sending");
+        while let Err(e) = k.send(&valid) {
+            tracing::warn!("{e}; re-sending");
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(5));
         }

@@ -1,5 +1,5 @@
 //! `adclick recalc` and `adclick reconcile` on a data directory, whether or not a server runs on
-//! it, and the discovery file that makes that possible.
+//! it.
 //!
 //! The store is single-process (redb locks its file), so the command first tries to open it:
 //! - it opens: no server runs. The command starts the pipeline without its HTTP side, lets the
@@ -9,60 +9,16 @@
 //!   address and a random admin token; the command posts the job to the server's
 //!   `/v1/admin/{job}` endpoint and reads the NDJSON progress and result it streams back.
 //!
-//! Either way the same code (`recalc::run_job`) does the work, and the output is the same.
+//! Either way the same code (`QueryState::run_job`) does the work, and the output is the same.
 
-use std::io::{BufRead, IsTerminal, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, IsTerminal, Read};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 
 use crate::config::Settings;
 use crate::event::Minute;
 use crate::recalc::{Job, JobResult, Progress};
-
-/// What `serve` tells commands on the same data directory.
-#[derive(Serialize, Deserialize)]
-pub struct ServerFile {
-    pub url: String,
-    pub token: String,
-    pub pid: u32,
-}
-
-pub fn server_file_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("server.json")
-}
-
-/// Writes `server.json` for a server listening on `addr` (atomically, readable by the owner
-/// only) and returns its admin token.
-pub fn write_server_file(data_dir: &Path, addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut raw = [0u8; 24];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut raw))
-        .context("reading random bytes for the admin token")?;
-    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let host = if addr.ip().is_unspecified() {
-        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
-    } else {
-        addr
-    };
-    let file =
-        ServerFile { url: format!("http://{host}"), token: token.clone(), pid: std::process::id() };
-    let path = server_file_path(data_dir);
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    // Not fsynced: after a machine crash no server runs, and the file is not read then.
-    f.write_all(&serde_json::to_vec(&file)?)?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(token)
-}
+use crate::serve::{server_file_path, ServerFile};
 
 /// Runs a job and prints its result (a table, or JSON with `json`). Returns whether the stored
 /// results matched the archive (reconcile) or the job succeeded (recalc).
@@ -112,13 +68,10 @@ fn run_here(
     // up with what the log holds (a crash can leave both behind), so that stored results and
     // the archive both reflect every accepted click before they are compared.
     let pipeline = crate::pipeline::Pipeline::start(settings)?;
-    let q = pipeline.query.clone();
-    q.await_aggregated(std::time::Duration::from_secs(3600))?;
-    q.flush_archive()?;
-    let result =
-        crate::recalc::run_job(&q.recalc, Some(&q.live), job, from, to, &mut |p| bar.show(p));
+    let hour = std::time::Duration::from_secs(3600);
+    let result = pipeline.query.run_job(job, from, to, hour, &mut |p| bar.show(p));
     pipeline.stop();
-    result
+    Ok(result?)
 }
 
 fn run_on_server(

@@ -33,7 +33,6 @@ use clap::Args;
 
 use crate::event::{EventTime, MINUTE_MS};
 use crate::generate::{GenConfig, Generator};
-use crate::pipeline::now_ms;
 
 mod scaleout;
 
@@ -225,7 +224,7 @@ fn time_query(agent: &ureq::Agent, url: &str, n: usize) -> anyhow::Result<(f64, 
 
 /// Phase 2: history a month old, queried from the store.
 fn history_queries(server: &Server, args: &BenchArgs) -> anyhow::Result<()> {
-    let start = (now_ms() / MINUTE_MS - 30 * 1440) * MINUTE_MS;
+    let start = (EventTime::now().0 / MINUTE_MS - 30 * 1440) * MINUTE_MS;
     eprintln!("bench: history phase: {} clicks a month old…", args.history_events);
     let batches = workload(args.history_events, args.batch, args.per_minute, start, 9);
     let minutes = (args.history_events / args.per_minute.max(1)) as i64 + 1;
@@ -278,7 +277,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let delay_ms = 15_000;
     // Whole minutes, two hours back: every minute is in the past and within any clock skew.
-    let start = (now_ms() / MINUTE_MS - 120) * MINUTE_MS;
+    let start = (EventTime::now().0 / MINUTE_MS - 120) * MINUTE_MS;
     eprintln!("bench: generating {} clicks…", args.events);
     let mut batches = workload(args.events, args.batch, args.per_minute, start, 42);
     let last_minute_end = (batches.last().map_or(start, |b| b.0) / MINUTE_MS + 1) * MINUTE_MS;
@@ -442,7 +441,7 @@ fn dashboard_refresh(agent: &ureq::Agent, url: &str) -> anyhow::Result<()> {
     let get = |path: String| -> anyhow::Result<String> {
         Ok(agent.get(format!("{url}{path}")).call()?.body_mut().read_to_string()?)
     };
-    let to = (now_ms() / MINUTE_MS + 1) * MINUTE_MS;
+    let to = (EventTime::now().0 / MINUTE_MS + 1) * MINUTE_MS;
     get("/healthz".into())?;
     get("/metrics".into())?;
     let top: serde_json::Value =
@@ -461,7 +460,7 @@ fn dashboard_refresh(agent: &ureq::Agent, url: &str) -> anyhow::Result<()> {
 /// nobody watching, with a dashboard open and with a 1 s scrape; rounds interleave the three so
 /// that drift on a shared machine spreads over all of them.
 fn observe_cost(args: &BenchArgs, rounds: usize) -> anyhow::Result<()> {
-    let start = (now_ms() / MINUTE_MS - 120) * MINUTE_MS;
+    let start = (EventTime::now().0 / MINUTE_MS - 120) * MINUTE_MS;
     eprintln!("bench: generating {} clicks…", args.events);
     let batches = workload(args.events, args.batch, args.per_minute, start, 42);
     let dir = tempfile::Builder::new().prefix("adclick-observe-").tempdir().context("temp dir")?;
@@ -639,10 +638,10 @@ fn soak(args: &BenchArgs, duration: Duration) -> anyhow::Result<()> {
         let (url, finals, stop) = (server.url.clone(), finals.clone(), stop.clone());
         std::thread::spawn(move || -> anyhow::Result<()> {
             let agent = agent();
-            let mut end = (now_ms() / MINUTE_MS + 1) * MINUTE_MS;
+            let mut end = (EventTime::now().0 / MINUTE_MS + 1) * MINUTE_MS;
             while !stop.load(Ordering::Relaxed) {
                 let ready = end + delay_ms;
-                if now_ms() < ready {
+                if EventTime::now().0 < ready {
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
                 }
@@ -652,7 +651,7 @@ fn soak(args: &BenchArgs, duration: Duration) -> anyhow::Result<()> {
                     .body_mut()
                     .read_to_string()?;
                 if body.contains("\"final\":true") {
-                    let late = (now_ms() - ready) as f64;
+                    let late = (EventTime::now().0 - ready) as f64;
                     finals.lock().expect("not poisoned").push((Instant::now(), late));
                     end += MINUTE_MS;
                 } else {

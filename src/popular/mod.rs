@@ -17,6 +17,10 @@
 //!
 //! The structure does no I/O; the service fills it from engine output and its store.
 
+mod live;
+
+pub use live::{LiveIndex, LiveState, Published};
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 

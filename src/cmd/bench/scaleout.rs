@@ -19,7 +19,6 @@ use anyhow::{bail, Context};
 use super::{agent, send_all, workload, BenchArgs, Server};
 use crate::event::{EventTime, MINUTE_MS};
 use crate::generate::{GenConfig, Generator};
-use crate::pipeline::now_ms;
 
 const PARTITIONS: i64 = 8;
 const DELAY_MS: i64 = 15_000;
@@ -76,7 +75,7 @@ pub fn run(args: &BenchArgs, brokers: &str, pg_url: &str) -> anyhow::Result<()> 
 }
 
 fn one(args: &BenchArgs, brokers: &str, pg_url: &str, n: usize) -> anyhow::Result<()> {
-    let tag = format!("{}_{n}", now_ms());
+    let tag = format!("{}_{n}", EventTime::now().0);
     let db = format!("adclick_bench_{tag}");
     pg(pg_url)?.batch_execute(&format!("CREATE DATABASE {db}")).context("creating the database")?;
     let url = format!("{}/{db}", pg_url.rsplit_once('/').map_or(pg_url, |(base, _)| base));
@@ -95,7 +94,7 @@ fn one(args: &BenchArgs, brokers: &str, pg_url: &str, n: usize) -> anyhow::Resul
     })?;
 
     // 1. Throughput.
-    let start = (now_ms() / MINUTE_MS - 120) * MINUTE_MS;
+    let start = (EventTime::now().0 / MINUTE_MS - 120) * MINUTE_MS;
     let batches = workload(args.events, args.batch, args.per_minute, start, 42);
     let t0 = Instant::now();
     send_all(&collector.url, &batches, args.clients, &Mutex::new(Vec::new()))?;
@@ -129,9 +128,9 @@ fn one(args: &BenchArgs, brokers: &str, pg_url: &str, n: usize) -> anyhow::Resul
     });
     let agent = agent();
     let began = Instant::now();
-    let first_minute = now_ms() / MINUTE_MS + 1;
+    let first_minute = EventTime::now().0 / MINUTE_MS + 1;
     // The last minute the stream covers whole.
-    let last_minute = (now_ms() + live.as_millis() as i64) / MINUTE_MS - 1;
+    let last_minute = (EventTime::now().0 + live.as_millis() as i64) / MINUTE_MS - 1;
     let mut killed: Option<(Instant, String)> = None;
     let mut rebalanced: Option<Duration> = None;
     let mut finals: Vec<(i64, f64)> = Vec::new();
@@ -140,7 +139,7 @@ fn one(args: &BenchArgs, brokers: &str, pg_url: &str, n: usize) -> anyhow::Resul
     while began.elapsed() < live || next_minute <= last_minute {
         let tick = Instant::now();
         if began.elapsed() < live {
-            let at = now_ms();
+            let at = EventTime::now().0;
             let lines: Vec<String> = (0..batch).map(|_| g.line(EventTime(at))).collect();
             super::post(&agent, &collector.url, &lines.join("\n"))?;
         }
@@ -160,7 +159,9 @@ fn one(args: &BenchArgs, brokers: &str, pg_url: &str, n: usize) -> anyhow::Resul
             }
         }
         // Has the next minute become final?
-        if next_minute <= last_minute && now_ms() >= (next_minute + 1) * MINUTE_MS + DELAY_MS {
+        if next_minute <= last_minute
+            && EventTime::now().0 >= (next_minute + 1) * MINUTE_MS + DELAY_MS
+        {
             let to = (next_minute + 1) * MINUTE_MS;
             let body = agent
                 .get(format!("{}/v1/ads/popular_ads?to={to}", query.url))
@@ -168,7 +169,7 @@ fn one(args: &BenchArgs, brokers: &str, pg_url: &str, n: usize) -> anyhow::Resul
                 .body_mut()
                 .read_to_string()?;
             if body.contains("\"final\":true") {
-                let late = now_ms() - (to + DELAY_MS);
+                let late = EventTime::now().0 - (to + DELAY_MS);
                 finals.push((next_minute, late as f64 / 1000.0));
                 next_minute += 1;
             }
