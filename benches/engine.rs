@@ -98,7 +98,8 @@ fn finish(engine: &mut Engine, flush: bool) -> u64 {
 
 fn bench(c: &mut Criterion) {
     let input = input();
-    let config = EngineConfig { shards: 1, ..EngineConfig::default() };
+    let defaults = adclick::config::Config::default().validate().expect("the defaults are valid");
+    let config = EngineConfig { shards: 1, ..defaults.engine };
     let filters = filters();
 
     let mut g = c.benchmark_group("engine");

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, Settings};
+use crate::config::{Config, SettingFlags, Settings, SETTINGS};
 use crate::event::parse_minute;
 
 /// Exact, crash-safe ad click aggregation: per-ad per-minute counts, top ads and filters.
@@ -40,19 +40,19 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Collector, aggregator and query API on an embedded data directory.
-    Serve(ServeArgs),
+    Serve(SettingFlags),
     /// The effective configuration (file, ADCLICK_ variables and flags merged), as TOML.
     Config {
         /// Print it (the only action so far).
         #[arg(long)]
         print: bool,
         #[command(flatten)]
-        serve: ServeArgs,
+        serve: SettingFlags,
     },
     /// `serve` on a demo data directory, fed by the built-in generator at a live rate.
     Demo {
         #[command(flatten)]
-        serve: ServeArgs,
+        serve: SettingFlags,
         /// Clicks per second the generator sends.
         #[arg(long, default_value_t = 2_000)]
         rate: u64,
@@ -110,83 +110,6 @@ pub struct RangeArgs {
     pub json: bool,
 }
 
-/// Settings that flags may override (environment: the `ADCLICK_*` variable of each key).
-#[derive(Args, Debug, Default, Clone)]
-pub struct ServeArgs {
-    /// Address to listen on (port 0 picks a free port, printed at start).
-    #[arg(long)]
-    pub listen: Option<String>,
-    /// Data directory (default ./adclick-data; for demo ./adclick-demo-data).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// Log partitions (fixed once the data directory holds data).
-    #[arg(long)]
-    pub partitions: Option<u32>,
-    /// Event-time watermark delay, like 15s.
-    #[arg(long)]
-    pub watermark_delay: Option<String>,
-    /// Idle time after which a partition stops holding the watermark back.
-    #[arg(long)]
-    pub idle_timeout: Option<String>,
-    /// How late a click may be and still correct a final minute.
-    #[arg(long)]
-    pub allowed_lateness: Option<String>,
-    /// Duplicates within this much event time of each other count once.
-    #[arg(long)]
-    pub dedup_horizon: Option<String>,
-    /// How far ahead of the clock a click's time may be.
-    #[arg(long)]
-    pub max_clock_skew: Option<String>,
-    /// How often results are committed.
-    #[arg(long)]
-    pub commit_interval: Option<String>,
-    /// How often the engine state is checkpointed.
-    #[arg(long)]
-    pub checkpoint_interval: Option<String>,
-    /// Aggregate shards (threads).
-    #[arg(long)]
-    pub shards: Option<usize>,
-    /// Scale out: Kafka bootstrap brokers (host:port,…), with --postgres.
-    #[arg(long)]
-    pub kafka: Option<String>,
-    /// Scale out: PostgreSQL URL (postgres://user:pass@host:port/db), with --kafka.
-    #[arg(long)]
-    pub postgres: Option<String>,
-    /// Scale out: the Kafka topic of raw clicks (default ad-clicks).
-    #[arg(long)]
-    pub topic: Option<String>,
-    /// Scale out: the roles to run, any of collect,aggregate,query,archive (default all).
-    #[arg(long)]
-    pub roles: Option<String>,
-}
-
-impl ServeArgs {
-    fn overrides(&self) -> Vec<(&'static str, String)> {
-        let mut o = Vec::new();
-        let mut put = |k: &'static str, v: Option<String>| {
-            if let Some(v) = v {
-                o.push((k, v));
-            }
-        };
-        put("listen", self.listen.clone());
-        put("data_dir", self.data_dir.as_ref().map(|p| p.display().to_string()));
-        put("partitions", self.partitions.map(|v| v.to_string()));
-        put("watermark_delay", self.watermark_delay.clone());
-        put("idle_timeout", self.idle_timeout.clone());
-        put("allowed_lateness", self.allowed_lateness.clone());
-        put("dedup_horizon", self.dedup_horizon.clone());
-        put("max_clock_skew", self.max_clock_skew.clone());
-        put("commit_interval", self.commit_interval.clone());
-        put("checkpoint_interval", self.checkpoint_interval.clone());
-        put("shards", self.shards.map(|v| v.to_string()));
-        put("kafka", self.kafka.clone());
-        put("postgres", self.postgres.clone());
-        put("topic", self.topic.clone());
-        put("roles", self.roles.clone());
-        o
-    }
-}
-
 pub fn main() -> anyhow::Result<()> {
     use clap::{CommandFactory, FromArgMatches};
     let matches = Cli::command()
@@ -240,7 +163,10 @@ fn job(
     range: RangeArgs,
     job: crate::recalc::Job,
 ) -> anyhow::Result<()> {
-    let args = ServeArgs { data_dir: range.data_dir.clone(), ..ServeArgs::default() };
+    let mut args = SettingFlags::default();
+    if let Some(dir) = &range.data_dir {
+        args = args.or("data_dir", dir.display().to_string());
+    }
     let settings = settings(config, &args, None)?;
     let from = parse_minute("--from", &range.from)?;
     let to = parse_minute("--to", &range.to)?;
@@ -251,24 +177,24 @@ fn job(
 }
 
 /// The merged configuration `serve` would run with, validated.
-fn effective_config(file: Option<&std::path::Path>, args: &ServeArgs) -> anyhow::Result<Config> {
-    let config = Config::load(file, &args.overrides())?;
+fn effective_config(file: Option<&std::path::Path>, args: &SettingFlags) -> anyhow::Result<Config> {
+    let config = Config::load(file, &args.0)?;
     config.validate()?;
     Ok(config)
 }
 
 fn settings(
     file: Option<&std::path::Path>,
-    args: &ServeArgs,
+    args: &SettingFlags,
     demo_dir: Option<&str>,
 ) -> anyhow::Result<Settings> {
-    let mut overrides = args.overrides();
-    if let (Some(dir), None) = (demo_dir, &args.data_dir) {
+    let mut overrides = args.clone();
+    if let Some(dir) = demo_dir {
         if std::env::var_os("ADCLICK_DATA_DIR").is_none() {
-            overrides.push(("data_dir", dir.to_string()));
+            overrides = overrides.or("data_dir", dir);
         }
     }
-    let mut config = Config::load(file, &overrides)?;
+    let mut config = Config::load(file, &overrides.0)?;
     if demo_dir.is_some() && config.filters.is_empty() {
         // The demo shows filters at work: two examples, unless a config file brings its own.
         let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
@@ -293,18 +219,15 @@ fn settings_help() -> String {
     let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
     let mut out = String::from(
         "Settings (config file key = default, and its environment variable; flags override \
-         both; see the README for what each does):\n",
+         both; docs/operations.md says what each does):\n",
     );
-    if let Some(map) = defaults.as_object() {
-        for (key, value) in map {
-            if key == "filters" {
-                continue;
-            }
-            let value = if value.is_null() { "(none)".to_string() } else { value.to_string() };
-            let var = format!("ADCLICK_{}", key.to_ascii_uppercase());
-            out.push_str(&format!("  {:<40} {var}\n", format!("{key} = {value}")));
-        }
+    for s in SETTINGS {
+        let value = match &defaults[s.key] {
+            serde_json::Value::Null => "(none)".to_string(),
+            v => v.to_string(),
+        };
+        out.push_str(&format!("  {:<40} {}\n", format!("{} = {value}", s.key), s.variable()));
     }
-    out.push_str("  [[filters]] tables (see the README)\n");
+    out.push_str("  [[filters]] tables (see docs/operations.md)\n");
     out
 }

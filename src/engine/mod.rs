@@ -134,22 +134,6 @@ pub struct EngineConfig {
     pub identity_key: IdentityKey,
 }
 
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            watermark_delay_ms: 15_000,
-            idle_timeout_ms: 30_000,
-            allowed_lateness_ms: 5 * MINUTE_MS,
-            dedup_horizon_ms: 10 * MINUTE_MS,
-            max_clock_skew_ms: 5 * MINUTE_MS,
-            top_n: 100,
-            shards: 1,
-            dedup_capacity: 1 << 20,
-            identity_key: IdentityKey::default(),
-        }
-    }
-}
-
 /// Recomputation's lateness: 1,000 years, so nothing is too late (and no sum overflows).
 const RECOMPUTE_LATENESS_MS: i64 = 1000 * 366 * 24 * 60 * MINUTE_MS;
 

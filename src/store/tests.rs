@@ -181,8 +181,18 @@ fn commits_read_back_and_checkpoints_trim_the_journal() {
 
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("s.redb")).unwrap();
-    let mut engine =
-        Engine::new(EngineConfig::default(), std::sync::Arc::new(Filters::default())).unwrap();
+    let config = EngineConfig {
+        watermark_delay_ms: 15_000,
+        idle_timeout_ms: 30_000,
+        allowed_lateness_ms: 5 * 60_000,
+        dedup_horizon_ms: 10 * 60_000,
+        max_clock_skew_ms: 5 * 60_000,
+        top_n: 100,
+        shards: 1,
+        dedup_capacity: 1 << 10,
+        identity_key: Default::default(),
+    };
+    let mut engine = Engine::new(config, std::sync::Arc::new(Filters::default())).unwrap();
     let lines: Vec<String> = (0..5)
         .map(|i| {
             format!(

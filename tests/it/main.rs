@@ -1,8 +1,12 @@
 //! Integration tests: one binary, modules by subject.
 mod archive;
+mod commands;
 mod engine;
+mod faults;
+mod layers;
 mod model;
 mod observe;
 mod pgstore;
 mod scaleout;
 mod service;
+mod settings;

@@ -2,6 +2,11 @@
 //! validated into typed [`Settings`] with errors that name the key.
 //!
 //! Layers, lowest first: built-in defaults < `--config` file < `ADCLICK_*` variables < flags.
+//! Every setting is declared once, in `settings.rs`; everything else here reads that list.
+
+mod settings;
+
+pub use settings::{Config, Setting, SettingFlags, SETTINGS};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,172 +14,9 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
-use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineConfig;
 use crate::filter::{FilterConfig, Filters};
-
-/// The keys of the config file, as written. Durations are strings like `15s`, `10m`, `1h`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    #[serde(deserialize_with = "text")]
-    pub listen: String,
-    pub data_dir: PathBuf,
-    /// Log partitions, keyed by hash(ad_id). Fixed once a data directory holds data.
-    pub partitions: u32,
-    #[serde(deserialize_with = "text")]
-    pub watermark_delay: String,
-    #[serde(deserialize_with = "text")]
-    pub idle_timeout: String,
-    #[serde(deserialize_with = "text")]
-    pub allowed_lateness: String,
-    #[serde(deserialize_with = "text")]
-    pub dedup_horizon: String,
-    #[serde(deserialize_with = "text")]
-    pub max_clock_skew: String,
-    pub top_n: usize,
-    /// Largest accepted `POST /v1/clicks` body, after decompression.
-    pub max_body_bytes: usize,
-    /// Ingest body bytes held in memory across all requests; past it the collector answers 503.
-    pub max_inflight_bytes: usize,
-    /// How often the aggregator commits results (freshness of queries).
-    #[serde(deserialize_with = "text")]
-    pub commit_interval: String,
-    /// How often the engine state is checkpointed (bounds recovery time).
-    #[serde(deserialize_with = "text")]
-    pub checkpoint_interval: String,
-    /// Aggregate shards, each on its own thread.
-    pub shards: usize,
-    /// Identities each shard's dedup table is sized for up front.
-    pub dedup_capacity: usize,
-    /// Log records not yet aggregated beyond which the collector answers 503.
-    pub max_lag_records: u64,
-    /// Log segment size.
-    pub segment_bytes: u64,
-    /// How long aggregated log segments are kept (raw data for recalculation).
-    #[serde(deserialize_with = "text")]
-    pub log_retention: String,
-    /// Origins allowed to call the HTTP API from a browser (CORS), comma-separated, or `*`;
-    /// empty: no CORS headers.
-    #[serde(deserialize_with = "text")]
-    pub cors_origins: String,
-    /// How often `serve` logs a status line (rate, lag, watermark delay); 0 for never.
-    #[serde(deserialize_with = "text")]
-    pub log_interval: String,
-    /// The raw archive: a directory (relative: under data_dir) or `s3://bucket/prefix`.
-    #[serde(deserialize_with = "text")]
-    pub archive: String,
-    /// S3: the endpoint of an S3-compatible service (credentials: the AWS_* variables).
-    #[serde(default)]
-    pub archive_endpoint: Option<String>,
-    #[serde(default)]
-    pub archive_region: Option<String>,
-    /// S3: allow an http:// endpoint (local emulators).
-    pub archive_allow_http: bool,
-    /// How long accepted clicks may wait before they are archived (files roll by time).
-    #[serde(deserialize_with = "text")]
-    pub archive_flush_interval: String,
-    /// Most clicks per archive flush (files roll by size).
-    pub archive_file_rows: usize,
-    /// Scale-out: Kafka bootstrap brokers (`host:port,…`); with `postgres`, replaces the
-    /// embedded log and store.
-    #[serde(default)]
-    pub kafka: Option<String>,
-    /// Scale-out: PostgreSQL connection URL (`postgres://user:pass@host:port/db`).
-    #[serde(default)]
-    pub postgres: Option<String>,
-    /// Scale-out: the Kafka topic of raw clicks.
-    #[serde(deserialize_with = "text")]
-    pub topic: String,
-    /// Scale-out: the aggregators' Kafka consumer group.
-    #[serde(deserialize_with = "text")]
-    pub consumer_group: String,
-    /// Scale-out: the roles this process runs: any of collect, aggregate, query.
-    #[serde(deserialize_with = "text")]
-    pub roles: String,
-    /// Scale-out: how long an aggregator may stay silent before the group moves its partitions.
-    #[serde(deserialize_with = "text")]
-    pub session_timeout: String,
-    #[serde(default)]
-    pub filters: Vec<FilterConfig>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: "127.0.0.1:8080".into(),
-            data_dir: "./adclick-data".into(),
-            partitions: 8,
-            watermark_delay: "15s".into(),
-            idle_timeout: "30s".into(),
-            allowed_lateness: "5m".into(),
-            dedup_horizon: "10m".into(),
-            max_clock_skew: "5m".into(),
-            top_n: 100,
-            max_body_bytes: 16 << 20,
-            max_inflight_bytes: 64 << 20,
-            commit_interval: "100ms".into(),
-            checkpoint_interval: "5s".into(),
-            shards: 2,
-            dedup_capacity: 1 << 20,
-            max_lag_records: 5_000_000,
-            segment_bytes: 128 << 20,
-            log_retention: "24h".into(),
-            log_interval: "10s".into(),
-            cors_origins: String::new(),
-            archive: "archive".into(),
-            archive_endpoint: None,
-            archive_region: None,
-            archive_allow_http: false,
-            archive_flush_interval: "1m".into(),
-            archive_file_rows: 1_000_000,
-            kafka: None,
-            postgres: None,
-            topic: "ad-clicks".into(),
-            consumer_group: "adclick-aggregators".into(),
-            roles: "collect,aggregate,query,archive".into(),
-            session_timeout: "10s".into(),
-            filters: Vec::new(),
-        }
-    }
-}
-
-/// The keys `ADCLICK_*` variables may set (filters come from the file only).
-const ENV_KEYS: [&str; 32] = [
-    "kafka",
-    "postgres",
-    "topic",
-    "consumer_group",
-    "roles",
-    "session_timeout",
-    "archive",
-    "archive_endpoint",
-    "archive_region",
-    "archive_allow_http",
-    "archive_flush_interval",
-    "archive_file_rows",
-    "max_inflight_bytes",
-    "dedup_capacity",
-    "log_retention",
-    "log_interval",
-    "cors_origins",
-    "listen",
-    "data_dir",
-    "partitions",
-    "watermark_delay",
-    "idle_timeout",
-    "allowed_lateness",
-    "dedup_horizon",
-    "max_clock_skew",
-    "top_n",
-    "max_body_bytes",
-    "commit_interval",
-    "checkpoint_interval",
-    "shards",
-    "max_lag_records",
-    "segment_bytes",
-];
 
 /// A setting that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
@@ -228,16 +70,17 @@ impl Config {
             }
             fig = fig.merge(Toml::file_exact(path));
         }
+        let keys: Vec<&str> = SETTINGS.iter().map(|s| s.key).collect();
         for (name, _) in std::env::vars_os() {
             let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("ADCLICK_")) else {
                 continue;
             };
             let key = rest.to_ascii_lowercase();
-            if !ENV_KEYS.contains(&key.as_str()) && !OTHER_ENV.contains(&rest) {
+            if !keys.contains(&key.as_str()) && !OTHER_ENV.contains(&rest) {
                 return Err(ConfigError::UnknownEnv(format!("ADCLICK_{rest}")));
             }
         }
-        fig = fig.merge(Env::prefixed("ADCLICK_").only(&ENV_KEYS));
+        fig = fig.merge(Env::prefixed("ADCLICK_").only(&keys));
         for (key, value) in overrides {
             // Parsed as figment parses variables: "7" is a number, "15s" a string.
             let value: figment::value::Value = value.parse().unwrap_or_else(|never| match never {});
@@ -408,32 +251,7 @@ const OTHER_ENV: &[&str] = &[
 ];
 
 fn env_names() -> String {
-    ENV_KEYS
-        .iter()
-        .map(|k| format!("ADCLICK_{}", k.to_ascii_uppercase()))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A text setting that also takes a bare number or boolean (as variables and flags are parsed:
-/// `--watermark-delay 15`), kept as written, so that validation says what is wrong with it.
-fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Text {
-        S(String),
-        U(u64),
-        I(i64),
-        F(f64),
-        B(bool),
-    }
-    Ok(match Text::deserialize(d)? {
-        Text::S(s) => s,
-        Text::U(n) => n.to_string(),
-        Text::I(n) => n.to_string(),
-        Text::F(n) => n.to_string(),
-        Text::B(b) => b.to_string(),
-    })
+    SETTINGS.iter().map(Setting::variable).collect::<Vec<_>>().join(", ")
 }
 
 /// figment's errors in the user's terms: the key, what was found, what is expected, and where
@@ -480,7 +298,7 @@ fn describe(e: figment::Error, overrides: &[(&str, String)]) -> String {
                     format!("{} is not {}", found(a), expected(x))
                 }
                 Kind::UnknownField(name, _) => {
-                    let keys = ENV_KEYS.join(", ");
+                    let keys = SETTINGS.iter().map(|s| s.key).collect::<Vec<_>>().join(", ");
                     return format!("{name}: not a setting{from}; settings: {keys}, filters");
                 }
                 Kind::MissingField(name) => format!("{name} is missing"),
