@@ -8,11 +8,11 @@
 //!
 //! ```text
 //! fault      the one fatal stop, error chains, crash points for tests
-//! event      the click of SPEC §1: AdId, EventTime, Minute, Country, Identity; parse + validate (pure)
-//! filter     pre-defined filters compiled to bitsets and CIDR ranges; a FilterMask per click (pure)
+//! event      the click of SPEC §1: AdId, EventTime, Minute, Identity; parse + validate (pure)
+//! filter     pre-defined filters compiled to bitsets and CIDR ranges; a mask per click (pure)
 //! rank       the one top-N order: count descending, then ad_id bytes ascending (pure)
-//! engine     map → aggregate → reduce: watermarks, dedup, windows, corrections, top-N, snapshots (pure)
-//! popular    exact popular ads over 1–1440 minutes, and the index queries share with commits (pure)
+//! engine     map → aggregate → reduce: watermarks, dedup, windows, corrections, top-N (pure)
+//! popular    exact popular ads over 1–1440 minutes; the index commits and queries share (pure)
 //! generate   deterministic synthetic clicks for demos, tests and benchmarks
 //! telemetry  metric names, the Prometheus recorder, and the reports both deployments export
 //! log        the embedded click log: segmented, CRC-framed, group-committed partitions

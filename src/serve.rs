@@ -1,11 +1,11 @@
 //! `adclick serve`: assembles one process from its settings and runs it until SIGTERM or SIGINT.
 //!
 //! ```text
-//!  Settings ─┬─ embedded:  Pipeline (log, aggregator, archiver, store) ─ collector, results, jobs ─┐
-//!            └─ scale-out: roles: Kafka Sink (collect) · PgResults (query) · aggregator and        ├─▶ api::router
-//!                          archiver threads (aggregate, archive)                                   ┘
-//!  bind, print "listening on …", write <data_dir>/server.json, serve; on a signal: stop serving,
-//!  then commit and stop the threads, in that order
+//!  Settings ─┬─ embedded:  Pipeline (log, aggregator, archiver, store): collector, results, jobs
+//!            └─ scale-out: Kafka Sink (collect), PgResults (query), aggregator and archiver
+//!                          threads (aggregate, archive)
+//!        ──▶ api::router over them; bind, print "listening on …", write <data_dir>/server.json,
+//!            serve; on a signal: stop serving, then commit and stop the threads, in that order
 //! ```
 //!
 //! This is the one place that names both the HTTP API and the adapters behind it.
@@ -57,8 +57,13 @@ fn embedded(
         filters: pipeline.query.filters.clone(),
         ..AppState::new(&settings)
     };
+    let failure = pipeline.fatal.clone();
+    failure.handle();
     let result = runtime.block_on(async {
-        let shutdown = shutdown_signal();
+        let signal = shutdown_signal();
+        let shutdown = async move {
+            tokio::select! { _ = signal => {}, _ = failure.raised() => {} }
+        };
         let (listener, addr) = bind(&settings).await?;
         println!("adclick: listening on http://{addr} (data in {})", settings.data_dir.display());
         let _ = std::io::stdout().flush();
@@ -77,7 +82,11 @@ fn embedded(
     });
     tracing::info!("shutting down: committing and checkpointing");
     let _ = std::fs::remove_file(server_file_path(&settings.data_dir));
+    let failed = pipeline.fatal.cause();
     pipeline.stop();
+    if let Some((what, err)) = failed {
+        fatal(&what, err);
+    }
     result
 }
 

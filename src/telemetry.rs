@@ -1,4 +1,4 @@
-//! Metrics (README "Metrics"): one Prometheus recorder per process, from the `metrics` crate and
+//! Metrics (docs/operations.md, "Metrics"): one Prometheus recorder per process, from the `metrics` crate and
 //! its exporter, rendered at `GET /metrics`.
 //!
 //! ```text
@@ -65,8 +65,8 @@ pub enum Kind {
     Histogram,
 }
 
-/// Every metric adclick exports besides the `process_*` ones: name, kind, help (the README's
-/// table is checked against this list).
+/// Every metric adclick exports besides the `process_*` ones: name, kind, help (the table of
+/// docs/operations.md is checked against this list).
 pub const DESCRIBED: &[(&str, Kind, &str)] = &[
     (REQUESTS, Kind::Counter, "HTTP requests answered, by endpoint and status code."),
     (INGEST_ACK, Kind::Histogram, "POST /v1/clicks: request received to clicks durable and answered."),

@@ -2,10 +2,10 @@
 //! state, admin jobs, `/metrics`, `/healthz` and the dashboard.
 //!
 //! ```text
-//!  router ─ POST /v1/clicks ─────────▶ ingest: body limits, decompression, validation ─▶ dyn Collector
-//!         ─ GET /v1/ads/…, /v1/totals ▶ query: parameters ─────────────────────────────▶ dyn Results
-//!         ─ POST /v1/admin/{job} ─────▶ admin: bearer token, NDJSON progress ─────────▶ dyn Jobs
-//!         ─ /healthz /metrics / /openapi.json /v1/filters ▶ ops
+//!  POST /v1/clicks ───────────▶ ingest: body limits, decompression, validation ─▶ dyn Collector
+//!  GET /v1/ads/…, /v1/totals ─▶ query: parameters ──────────────────────────────▶ dyn Results
+//!  POST /v1/admin/{job} ──────▶ admin: bearer token, NDJSON progress ───────────▶ dyn Jobs
+//!  /healthz /metrics / /openapi.json /v1/filters ─▶ ops
 //! ```
 //!
 //! The deployment behind the three traits is chosen by `serve`: the embedded pipeline implements

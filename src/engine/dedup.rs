@@ -21,7 +21,7 @@
 //! before that bound can never match again and is dropped. Expiry sweeps the table once per
 //! minute of watermark progress. One table probed once per click measured faster than tables per
 //! event minute (probed over the horizon, dropped whole) and than per-minute lists of entries
-//! beside the table (removed entry by entry): see the README's engine benchmark.
+//! beside the table (removed entry by entry): see docs/benchmarks.md, the engine.
 
 use std::hash::{BuildHasherDefault, Hasher};
 

@@ -155,6 +155,45 @@ impl QueryState {
     }
 }
 
+/// A failure the embedded service must not go on from: the click log could not make clicks
+/// durable. The thread that hit it answers the requests waiting on it, then raises it here. A
+/// process serving HTTP has asked to [`Fatal::handle`] it: it stops serving in order (answers in
+/// flight are delivered), stops the pipeline and exits 70. Without a handler the process exits
+/// at once, as [`crate::fault::fatal`] does.
+#[derive(Default)]
+pub struct Fatal {
+    handled: AtomicBool,
+    /// What was being done, and the error.
+    cause: Mutex<Option<(String, String)>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Fatal {
+    pub fn raise(&self, what: &str, err: impl std::fmt::Display) {
+        if !self.handled.load(Ordering::Acquire) {
+            crate::fault::fatal(what, err);
+        }
+        tracing::error!("{what}: {err}; stopping once the answers in flight are delivered");
+        *self.cause.lock().expect("not poisoned") = Some((what.to_string(), err.to_string()));
+        self.notify.notify_one();
+    }
+
+    /// From now on a raise is answered by the caller, which awaits [`Fatal::raised`].
+    pub fn handle(&self) {
+        self.handled.store(true, Ordering::Release);
+    }
+
+    /// Resolves once a failure was raised.
+    pub async fn raised(&self) {
+        self.notify.notified().await;
+    }
+
+    /// What was raised, if anything: what was being done, and the error.
+    pub fn cause(&self) -> Option<(String, String)> {
+        self.cause.lock().expect("not poisoned").clone()
+    }
+}
+
 /// Bytes of the files under `dir`, recursively (0 when it does not exist).
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
@@ -172,6 +211,8 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 pub struct Pipeline {
     pub ingest: Ingest,
     pub query: Arc<QueryState>,
+    /// Raised by the log writer when the log fails.
+    pub fatal: Arc<Fatal>,
     shutdown: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -252,10 +293,11 @@ impl Pipeline {
             let sealed = aggregator.sealed_below();
             spawn("popular", move || recovery::rebuild_popular(&query, sealed))?
         };
+        let fatal = Arc::new(Fatal::default());
         let writer_thread = {
-            let shutdown = shutdown.clone();
+            let (shutdown, fatal) = (shutdown.clone(), fatal.clone());
             let retention = settings.log_retention;
-            spawn("log", move || writer::write_loop(writer, rx, shutdown, retention))?
+            spawn("log", move || writer::write_loop(writer, rx, shutdown, retention, &fatal))?
         };
         let archiver_thread = {
             let shutdown = shutdown.clone();
@@ -273,6 +315,7 @@ impl Pipeline {
                 max_lag_records: settings.max_lag_records,
             },
             query,
+            fatal,
             shutdown,
             threads: vec![aggregator_thread, archiver_thread, writer_thread, popular_thread],
         })

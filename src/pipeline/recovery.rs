@@ -21,7 +21,7 @@ use crate::log::{read_ranges, LogHandle, Records};
 use crate::popular::Popular;
 use crate::store::{BatchRecord, CheckpointRecord, Recovery, Store, StoreError};
 
-/// `anyhow::ensure!` for [`StartError::Recovery`].
+/// Returns [`StartError::Recovery`] with the message unless the condition holds.
 macro_rules! ensure {
     ($cond:expr, $($msg:tt)+) => {
         if !$cond {

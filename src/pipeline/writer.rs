@@ -8,8 +8,9 @@
 //! ```
 //!
 //! A failed write or fsync is answered as the [`LogError`] it is (shared by every request of that
-//! group commit), then the process stops: the log refuses writes once an fsync failed, and a
-//! restart recovers from what is durable.
+//! group commit), then raised as [`Fatal`]: the process stops (after delivering the answers in
+//! flight, when it serves HTTP), since the log refuses writes once an fsync failed, and a restart
+//! recovers from what is durable.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-use super::QueryState;
+use super::{Fatal, QueryState};
 use crate::api::{Collector, IngestError};
 use crate::engine::{Offset, PartitionId};
 use crate::log::{LogError, Writer};
@@ -78,6 +79,7 @@ pub(super) fn write_loop(
     rx: Receiver<ToWriter>,
     shutdown: Arc<AtomicBool>,
     retention: Duration,
+    fatal: &Fatal,
 ) {
     loop {
         let first = match rx.recv_timeout(Duration::from_millis(100)) {
@@ -126,7 +128,8 @@ pub(super) fn write_loop(
             let _ = r.send(result.clone());
         }
         if let Err(e) = result {
-            crate::fault::fatal("appending to the log", e);
+            // Later appends find the channel closed and are answered 503 meanwhile.
+            return fatal.raise("appending to the log", e);
         }
     }
 }

@@ -221,7 +221,7 @@ impl Aggregator {
 
     /// Every [`ENDS_EVERY`]: each owned partition's end offset as the broker reports it, and the
     /// records between it and the committed offset. (Kafka counts records; the Tansu broker of
-    /// the tests counts record batches, so there the figures are low: README, Metrics.)
+    /// the tests counts record batches, so there the figures are low: docs/operations.md, Metrics.)
     fn export_ends(
         &mut self,
         consumer: &rdkafka::consumer::BaseConsumer<GroupContext>,

@@ -1,5 +1,5 @@
-//! Observability end to end (README "Metrics", "Dashboard"): `/metrics` after a known input,
-//! checked value by value and by `promtool`.
+//! Observability end to end (docs/operations.md, "Metrics", "Dashboard"): `/metrics` after a
+//! known input, checked value by value and by `promtool`.
 
 use std::process::Command;
 
@@ -706,11 +706,11 @@ fn alert_rules_and_grafana_queries_pass_promtool() {
     assert!(out.contains(&format!("SUCCESS: {} rules found", rules.len())), "{out}");
 }
 
-/// The README documents every metric by name.
+/// docs/operations.md documents every metric by name.
 #[test]
-fn the_readme_documents_every_metric() {
-    let readme = deploy_file("README.md");
+fn the_operations_guide_documents_every_metric() {
+    let guide = deploy_file("docs/operations.md");
     for (name, _, _) in adclick::telemetry::DESCRIBED {
-        assert!(readme.contains(&format!("`{name}`")), "{name} is not in the README");
+        assert!(guide.contains(&format!("`{name}`")), "{name} is not in docs/operations.md");
     }
 }
