@@ -34,6 +34,7 @@ use clap::Args;
 use crate::event::{EventTime, MINUTE_MS};
 use crate::generate::{GenConfig, Generator};
 
+mod duckdb;
 mod observe;
 mod scaleout;
 mod soak;
@@ -90,6 +91,11 @@ pub struct BenchArgs {
     /// interleaved rounds of --events clicks, each on a fresh server.
     #[arg(long)]
     pub observe_cost: Option<usize>,
+    /// Measure against DuckDB instead: the --events workload written to one NDJSON file, then
+    /// DuckDB's read_json + GROUP BY ad_id, minute over it and the same lines through adclick to
+    /// durable, final results, alternating, in this many rounds; prints the ratio.
+    #[arg(long)]
+    pub duckdb: Option<usize>,
 }
 
 struct Server {
@@ -265,26 +271,23 @@ fn history_queries(server: &Server, args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    match (&args.kafka, &args.postgres) {
-        (Some(k), Some(p)) => return scaleout::run(&args, k, p),
-        (None, None) => {}
-        _ => bail!("--kafka and --postgres go together (the scale-out benchmark)"),
-    }
-    if let Some(duration) = args.soak {
-        return soak::soak(&args, duration);
-    }
-    if let Some(rounds) = args.observe_cost {
-        return observe::observe_cost(&args, rounds);
-    }
-    let delay_ms = 15_000;
+/// The watermark delay the bench's servers run with (the default).
+const DELAY_MS: i64 = 15_000;
+
+/// The ingest workload: `events` clicks in batches, event time two hours back advancing a minute
+/// per `per_minute` clicks, then one click per partition past the last minute's end + delay (the
+/// watermark is the minimum over partitions), so that every minute becomes final. Returns the
+/// start, the batches (newest event time, lines) and the minutes to await.
+fn ingest_workload(
+    events: usize,
+    batch: usize,
+    per_minute: usize,
+) -> (i64, Vec<(i64, String)>, Vec<i64>) {
     // Whole minutes, two hours back: every minute is in the past and within any clock skew.
     let start = (EventTime::now().0 / MINUTE_MS - 120) * MINUTE_MS;
-    eprintln!("bench: generating {} clicks…", args.events);
-    let mut batches = workload(args.events, args.batch, args.per_minute, start, 42);
+    eprintln!("bench: generating {events} clicks…");
+    let mut batches = workload(events, batch, per_minute, start, 42);
     let last_minute_end = (batches.last().map_or(start, |b| b.0) / MINUTE_MS + 1) * MINUTE_MS;
-    // A last click past the final minute's end + delay in every partition (the watermark is the
-    // minimum over partitions), so that the last minute becomes final too.
     let partitions = 8u32;
     let mut covered = std::collections::BTreeSet::new();
     let sentinels: Vec<String> = (0..)
@@ -294,24 +297,41 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         })
         .take(partitions as usize)
         .map(|ad| {
-            format!("{{\"ad_id\":\"{ad}\",\"click_timestamp\":{}}}", last_minute_end + delay_ms + 1)
+            format!("{{\"ad_id\":\"{ad}\",\"click_timestamp\":{}}}", last_minute_end + DELAY_MS + 1)
         })
         .collect();
-    batches.push((last_minute_end + delay_ms + 1, sentinels.join("\n")));
+    batches.push((last_minute_end + DELAY_MS + 1, sentinels.join("\n")));
     let minutes: Vec<i64> = (start / MINUTE_MS..last_minute_end / MINUTE_MS).collect();
+    (start, batches, minutes)
+}
 
-    let dir = tempfile::Builder::new().prefix("adclick-bench-").tempdir().context("temp dir")?;
-    let (server, _) = Server::start(&dir.path().join("ingest"), &[])?;
-    eprintln!(
-        "bench: ingesting through {} ({} clients, batches of {})…",
-        server.url, args.clients, args.batch
-    );
+/// What one ingest run measured.
+struct Ingested {
+    /// First send → the last batch acknowledged.
+    sending: Duration,
+    /// First send → every minute final in the API.
+    total: Duration,
+    /// Per minute: from the first acknowledged send whose newest click passes its end + delay,
+    /// to the API reporting it final; sorted.
+    latencies_ms: Vec<f64>,
+    peak_rss_kib: Option<u64>,
+}
 
+/// Sends `batches` into a fresh server on `data` from `clients` threads while a poller awaits
+/// each of `minutes` turning final in `popular_ads`.
+fn ingest(
+    data: &Path,
+    batches: &[(i64, String)],
+    minutes: &[i64],
+    clients: usize,
+) -> anyhow::Result<Ingested> {
+    let (server, _) = Server::start(data, &[])?;
+    eprintln!("bench: ingesting through {} ({clients} clients)…", server.url);
     let sent_at = Mutex::new(Vec::new());
     let finals: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
     let began = Instant::now();
     let poller = {
-        let (url, finals, minutes) = (server.url.clone(), finals.clone(), minutes.clone());
+        let (url, finals, minutes) = (server.url.clone(), finals.clone(), minutes.to_vec());
         std::thread::spawn(move || -> anyhow::Result<()> {
             let agent = agent();
             let deadline = Instant::now() + Duration::from_secs(600);
@@ -336,31 +356,49 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Ok(())
         })
     };
-    send_all(&server.url, &batches, args.clients, &sent_at)?;
+    send_all(&server.url, batches, clients, &sent_at)?;
     let sending = began.elapsed();
     poller.join().expect("poller panicked")?;
     let total = began.elapsed();
-    let rss = server.peak_rss_kib();
-
-    // Latency: from the first acknowledged send whose newest click passes end + delay.
+    let peak_rss_kib = server.peak_rss_kib();
     let mut sent = sent_at.into_inner().expect("not poisoned");
     sent.sort_by_key(|(_, at)| *at);
-    let mut latencies: Vec<f64> = finals
+    let mut latencies_ms: Vec<f64> = finals
         .lock()
         .expect("not poisoned")
         .iter()
         .filter_map(|(end, final_at)| {
-            let ready = sent.iter().find(|(newest, _)| *newest >= end + delay_ms)?.1;
+            let ready = sent.iter().find(|(newest, _)| *newest >= end + DELAY_MS)?.1;
             Some(final_at.saturating_duration_since(ready).as_secs_f64() * 1000.0)
         })
         .collect();
-    latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    latencies_ms.sort_by(f64::total_cmp);
+    Ok(Ingested { sending, total, latencies_ms, peak_rss_kib })
+}
+
+/// The `p` quantile of sorted values (NaN when empty).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match (&args.kafka, &args.postgres) {
+        (Some(k), Some(p)) => return scaleout::run(&args, k, p),
+        (None, None) => {}
+        _ => bail!("--kafka and --postgres go together (the scale-out benchmark)"),
+    }
+    if let Some(duration) = args.soak {
+        return soak::soak(&args, duration);
+    }
+    if let Some(rounds) = args.observe_cost {
+        return observe::observe_cost(&args, rounds);
+    }
+    if let Some(rounds) = args.duckdb {
+        return duckdb::against_duckdb(&args, rounds);
+    }
+    let (start, batches, minutes) = ingest_workload(args.events, args.batch, args.per_minute);
+    let dir = tempfile::Builder::new().prefix("adclick-bench-").tempdir().context("temp dir")?;
+    let run = ingest(&dir.path().join("ingest"), &batches, &minutes, args.clients)?;
     let events = args.events as f64;
     println!(
         "adclick bench — {} clicks, {} clients, batches of {}, {} minutes of event time",
@@ -371,25 +409,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     println!(
         "  ingest (HTTP, durable ack):       {:>10.0} events/s  ({:.2} s)",
-        events / sending.as_secs_f64(),
-        sending.as_secs_f64()
+        events / run.sending.as_secs_f64(),
+        run.sending.as_secs_f64()
     );
     println!(
         "  through to final in the API:      {:>10.0} events/s  ({:.2} s)",
-        events / total.as_secs_f64(),
-        total.as_secs_f64()
+        events / run.total.as_secs_f64(),
+        run.total.as_secs_f64()
     );
+    let latencies = &run.latencies_ms;
     println!(
         "  minute end → final (ms):          p50 {:.0}  p99 {:.0}  max {:.0}  ({} minutes)",
-        pct(0.5),
-        pct(0.99),
+        percentile(latencies, 0.5),
+        percentile(latencies, 0.99),
         latencies.last().copied().unwrap_or(f64::NAN),
         latencies.len()
     );
-    if let Some(kib) = rss {
+    if let Some(kib) = run.peak_rss_kib {
         println!("  server peak RSS:                  {:>10.1} MiB", kib as f64 / 1024.0);
     }
-    drop(server);
     if args.history_events > 0 {
         // A fresh server: on the first one the watermark has passed the history (too late).
         let (server, _) = Server::start(&dir.path().join("history"), &[])?;
