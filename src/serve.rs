@@ -69,7 +69,7 @@ fn embedded(
         let _ = std::io::stdout().flush();
         let token = write_server_file(&settings.data_dir, addr)?;
         if !settings.log_interval.is_zero() {
-            tokio::spawn(log_status(pipeline.query.clone(), settings.log_interval));
+            tokio::spawn(log_status(Arc::downgrade(&pipeline.query), settings.log_interval));
         }
         if let Some(f) = on_listening {
             f(addr);
@@ -236,12 +236,17 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 
 /// Logs a status line every `every`: clicks accepted per second since the last line, records
 /// not yet aggregated, and how far the watermark trails the clock.
-async fn log_status(q: Arc<QueryState>, every: Duration) {
+///
+/// It holds the query state weakly: the last strong reference must be dropped by `serve` on its
+/// own thread after the runtime stopped, since dropping the state drops the archive's I/O
+/// runtime, which may not happen inside another runtime's task.
+async fn log_status(q: std::sync::Weak<QueryState>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
-    let mut last = (Instant::now(), q.ingest.accepted());
+    let mut last = (Instant::now(), q.upgrade().map_or(0, |q| q.ingest.accepted()));
     loop {
         tick.tick().await;
+        let Some(q) = q.upgrade() else { return };
         let accepted = q.ingest.accepted();
         let rate = (accepted - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);
         last = (Instant::now(), accepted);

@@ -115,6 +115,8 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert!(status.success(), "a graceful stop: {status}\n{}", self.log());
+        let log = self.log();
+        assert!(!log.contains("panicked"), "a graceful stop without a panic:\n{log}");
     }
 
     pub(crate) fn get(&self, path: &str) -> (u16, Value) {
