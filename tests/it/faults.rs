@@ -423,3 +423,34 @@ fn a_sigterm_under_load_stops_in_order_and_keeps_what_it_acknowledged() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A client that sends a whole body over `max_body_bytes` before it reads (as Python's
+/// `http.client` does) gets the 413, not a reset connection: the server reads the rest of the
+/// body, within a bound, and throws it away.
+#[test]
+fn a_body_over_the_limit_sent_whole_is_answered_413() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG, &[]); // max_body_bytes = 200000
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let body = vec![b'x'; 32 << 20];
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let head = format!(
+        "POST /v1/clicks HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.write_all(&body).expect("the whole body is taken, not refused by a reset");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("}") {
+        let n = conn.read(&mut buf).expect("the answer is readable");
+        assert!(n > 0, "closed before the answer: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("max_body_bytes"), "{answer}");
+}
