@@ -17,9 +17,9 @@
 //! it, so a crash at any point re-sends at most the batch in flight: the collector deduplicates
 //! resent clicks by identity (SPEC §1). A restart first re-sends every pending batch, then
 //! goes on from the saved positions. Lines the collector rejects, lines that are not UTF-8 and
-//! lines over 64 KiB go to `<state-dir>/dead-letter.ndjson` as `{"line": …, "error": …}`. A
-//! crash between writing dead letters and removing the batch can write those dead letters
-//! twice; it never loses one.
+//! lines over 64 KiB go to `<state-dir>/dead-letter.ndjson` (see [`DeadLetter`]). A crash
+//! between writing dead letters and removing the batch can write those dead letters twice; it
+//! never loses one.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -71,7 +71,50 @@ pub fn clicks_url(to: &str) -> anyhow::Result<String> {
 }
 
 /// A line that cannot be counted, with why: (line, error).
-type DeadLetter = (String, String);
+/// A line that is not sent, kept byte for byte up to [`DEAD_LETTER_BYTES`], as one line of
+/// `dead-letter.ndjson`: `{"line": text, "error": why, "bytes": its length}`, with
+/// `"line_base64"` instead of `"line"` when it is not UTF-8, and `"truncated": true` when it is
+/// longer than the bound (then only its first bytes are kept; `bytes` is still its length).
+struct DeadLetter {
+    kept: Vec<u8>,
+    len: usize,
+    error: String,
+}
+
+/// Most bytes of one dead letter kept; longer lines keep their start.
+const DEAD_LETTER_BYTES: usize = READ_CHUNK;
+
+impl DeadLetter {
+    fn new(line: &[u8], error: impl Into<String>) -> DeadLetter {
+        let kept = line[..line.len().min(DEAD_LETTER_BYTES)].to_vec();
+        DeadLetter { kept, len: line.len(), error: error.into() }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        use base64::Engine;
+        let truncated = self.len > self.kept.len();
+        // A cut may split a character: the text up to it is still the line's text.
+        let text = match std::str::from_utf8(&self.kept) {
+            Ok(s) => Some(s),
+            Err(e) if truncated && e.error_len().is_none() => {
+                std::str::from_utf8(&self.kept[..e.valid_up_to()]).ok()
+            }
+            Err(_) => None,
+        };
+        let mut v = serde_json::json!({ "error": self.error, "bytes": self.len });
+        match text {
+            Some(t) => v["line"] = t.into(),
+            None => {
+                v["line_base64"] =
+                    base64::engine::general_purpose::STANDARD.encode(&self.kept).into()
+            }
+        }
+        if truncated {
+            v["truncated"] = true.into();
+        }
+        v
+    }
+}
 
 /// Longest line sent (SPEC §1); longer ones are dead letters.
 const MAX_LINE: usize = 65_536;
@@ -96,8 +139,6 @@ struct Followed {
     file: File,
     /// Still matched by a --follow pattern at the last poll.
     present: bool,
-    /// Inside an over-long line: skip to its newline.
-    skipping: bool,
 }
 
 struct Shipper {
@@ -158,10 +199,7 @@ pub fn run(args: ShipArgs) -> anyhow::Result<()> {
         match find_inode(&pos) {
             Some((path, file)) => {
                 pos.path = path;
-                s.files.insert(
-                    (pos.dev, pos.ino),
-                    Followed { pos, file, present: true, skipping: false },
-                );
+                s.files.insert((pos.dev, pos.ino), Followed { pos, file, present: true });
             }
             None => tracing::warn!(
                 path = %pos.path.display(),
@@ -227,8 +265,7 @@ impl Shipper {
                     None => {
                         tracing::info!(path = %path.display(), "following");
                         let pos = FilePos { path, dev: key.0, ino: key.1, offset: 0 };
-                        self.files
-                            .insert(key, Followed { pos, file, present: true, skipping: false });
+                        self.files.insert(key, Followed { pos, file, present: true });
                     }
                 }
             }
@@ -274,7 +311,6 @@ impl Shipper {
             if size < f.pos.offset {
                 tracing::warn!(path = %f.pos.path.display(), "truncated; reading it from the start");
                 f.pos.offset = 0;
-                f.skipping = false;
             }
             while lines.len() < self.args.batch && f.pos.offset < size {
                 let want = (size - f.pos.offset).min(READ_CHUNK as u64) as usize;
@@ -286,31 +322,27 @@ impl Shipper {
                     let Some(nl) = buf[at..].iter().position(|&b| b == b'\n') else { break };
                     let line = &buf[at..at + nl];
                     at += nl + 1;
-                    if std::mem::take(&mut f.skipping) {
-                        continue; // the end of an over-long line, already a dead letter
-                    }
                     if line.len() > MAX_LINE {
-                        dead.push((
-                            lossy(line, 1024),
-                            format!("line is longer than {MAX_LINE} bytes"),
-                        ));
+                        dead.push(DeadLetter::new(line, too_long()));
                     } else {
                         match std::str::from_utf8(line) {
                             Ok(l) => lines.push(l.to_string()),
-                            Err(_) => {
-                                dead.push((lossy(line, MAX_LINE), "line is not UTF-8".into()))
-                            }
+                            Err(_) => dead.push(DeadLetter::new(line, "line is not UTF-8")),
                         }
                     }
                 }
-                if at == 0 && want == READ_CHUNK && !f.skipping {
-                    // No newline in a whole chunk: an over-long line. Dead-letter its start now
-                    // and skip the rest up to its newline.
-                    dead.push((lossy(&buf, 1024), format!("line is longer than {MAX_LINE} bytes")));
-                    f.skipping = true;
-                    at = buf.len();
-                } else if at == 0 && f.skipping {
-                    at = buf.len();
+                if at == 0 && want == READ_CHUNK {
+                    // No newline in a whole chunk: a line over the bound. Its start is kept, its
+                    // length counted up to its newline (not yet written: wait for it).
+                    match line_end(&mut f.file, f.pos.offset + want as u64, size)? {
+                        Some(len) => {
+                            let mut letter = DeadLetter::new(&buf, too_long());
+                            letter.len = want + len as usize;
+                            dead.push(letter);
+                            at = want + len as usize + 1;
+                        }
+                        None => break,
+                    }
                 }
                 f.pos.offset += at as u64;
                 if at == 0 {
@@ -372,7 +404,7 @@ impl Shipper {
             match crate::event::parse_line(line.as_bytes(), v) {
                 Ok(Some(_)) => valid.push(line.clone()),
                 Ok(None) => {} // blank
-                Err(e) => dead.push((line.clone(), e.to_string())),
+                Err(e) => dead.push(DeadLetter::new(line.as_bytes(), e.to_string())),
             }
         }
         let mut delay = Duration::from_millis(100);
@@ -413,7 +445,8 @@ impl Shipper {
                     let dead: Vec<_> = lines
                         .iter()
                         .map(|l| {
-                            (l.clone(), format!("the collector refused the batch: {status} {why}"))
+                            let why = format!("the collector refused the batch: {status} {why}");
+                            DeadLetter::new(l.as_bytes(), why)
                         })
                         .collect();
                     self.write_dead(&dead)?;
@@ -429,7 +462,8 @@ impl Shipper {
         for r in answer["rejected"].as_array().into_iter().flatten() {
             let i = r["line"].as_u64().unwrap_or(0) as usize;
             if let Some(line) = i.checked_sub(1).and_then(|i| lines.get(i)) {
-                dead.push((line.clone(), r["error"].as_str().unwrap_or("rejected").to_string()));
+                let why = r["error"].as_str().unwrap_or("rejected");
+                dead.push(DeadLetter::new(line.as_bytes(), why));
             }
         }
         let listed = dead.len() as u64;
@@ -449,8 +483,8 @@ impl Shipper {
             return Ok(());
         }
         let mut out = Vec::new();
-        for (line, error) in dead {
-            serde_json::to_writer(&mut out, &serde_json::json!({"line": line, "error": error}))?;
+        for letter in dead {
+            serde_json::to_writer(&mut out, &letter.json())?;
             out.push(b'\n');
         }
         self.dead_letters.write_all(&out)?;
@@ -476,8 +510,25 @@ fn find_inode(pos: &FilePos) -> Option<(PathBuf, File)> {
     ((m.dev(), m.ino()) == (pos.dev, pos.ino)).then_some((path, file))
 }
 
-fn lossy(b: &[u8], max: usize) -> String {
-    String::from_utf8_lossy(&b[..b.len().min(max)]).into_owned()
+fn too_long() -> String {
+    format!("line is longer than {MAX_LINE} bytes")
+}
+
+/// Bytes from `from` to the next newline of `file` (below `size`), or `None` when none is
+/// written yet.
+fn line_end(file: &mut File, from: u64, size: u64) -> anyhow::Result<Option<u64>> {
+    let mut at = from;
+    let mut buf = vec![0u8; READ_CHUNK];
+    file.seek(SeekFrom::Start(from))?;
+    while at < size {
+        let n = ((size - at) as usize).min(READ_CHUNK);
+        file.read_exact(&mut buf[..n])?;
+        if let Some(nl) = buf[..n].iter().position(|&b| b == b'\n') {
+            return Ok(Some(at + nl as u64 - from));
+        }
+        at += n as u64;
+    }
+    Ok(None)
 }
 
 /// Writes a file whole: temporary name, fsync, rename, directory fsync.

@@ -1,8 +1,8 @@
 //! The commands besides `serve` on the real binary: `generate` against a collector, the logs of
-//! `serve`, and `status`.
+//! `serve`, `status`, and what `ship` keeps of its dead letters.
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use adclick::event::{parse_line, EventTime, Validation};
 use serde_json::Value;
@@ -134,4 +134,58 @@ fn status_summarises_a_running_server() {
     let out = status(&["--url", &server.url]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
+
+/// `ship` keeps what a dead letter holds: a line over 64 KiB whole up to the 1 MiB bound, a
+/// longer one's first MiB with `"truncated": true` and its length, a line that is not UTF-8 byte
+/// for byte (base64); the valid line around them is sent.
+#[test]
+fn ship_dead_letters_keep_what_they_hold() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), CONFIG, &[]);
+    let at = now_ms();
+    let valid = format!("{{\"ad_id\":\"shipped\",\"click_timestamp\":{at},\"click_id\":\"s1\"}}");
+    let long = format!("{{\"ad_id\":\"{}\"}}", "é".repeat(50_000)); // 100 KiB of 2-byte chars
+    let longer = "x".repeat(3 << 20);
+    let binary: Vec<u8> = vec![b'{', 0xff, 0xfe, b'"', 0x80, b'}'];
+    let mut file = Vec::new();
+    for line in [long.as_bytes(), longer.as_bytes(), &binary, valid.as_bytes()] {
+        file.extend_from_slice(line);
+        file.push(b'\n');
+    }
+    std::fs::write(dir.path().join("clicks.ndjson"), &file).unwrap();
+    let state = dir.path().join("ship-state");
+    let out = Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .args(["ship", "--once", "--follow"])
+        .arg(dir.path().join("clicks.ndjson"))
+        .args(["--to", &server.url, "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let letters: Vec<Value> = std::fs::read_to_string(state.join("dead-letter.ndjson"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert_eq!(letters[0]["line"], long.as_str());
+    let bytes = letters[0]["bytes"].as_u64();
+    assert_eq!((bytes, letters[0]["truncated"].as_bool()), (Some(long.len() as u64), None));
+    assert_eq!(letters[1]["line"].as_str().map(str::len), Some(1 << 20));
+    assert_eq!(letters[1]["truncated"], true);
+    assert_eq!(letters[1]["bytes"], 3 << 20);
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(letters[2]["line_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(decoded, binary);
+    assert!(letters.iter().all(|l| !l["error"].as_str().unwrap().is_empty()), "{letters:?}");
+    let minute = at.div_euclid(60_000) * 60_000;
+    let path = format!("/v1/ads/shipped/aggregated_count?from={minute}&to={}", minute + 60_000);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.get(&path).1["count"] != 1 {
+        assert!(Instant::now() < deadline, "the valid line was not counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
