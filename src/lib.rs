@@ -13,6 +13,7 @@
 //! rank       the one top-N order: count descending, then ad_id bytes ascending (pure)
 //! engine     map → aggregate → reduce: watermarks, dedup, windows, corrections, top-N (pure)
 //! popular    exact popular ads over 1–1440 minutes; the index commits and queries share (pure)
+//! window     tumbling, hopping, sliding and session windows over per-minute counts (pure)
 //! generate   deterministic synthetic clicks for demos, tests and benchmarks
 //! telemetry  metric names, the Prometheus recorder, and the reports both deployments export
 //! log        the embedded click log: segmented, CRC-framed, group-committed partitions
@@ -41,6 +42,7 @@ pub mod engine;
 pub mod generate;
 pub mod popular;
 pub mod telemetry;
+pub mod window;
 
 pub mod archive;
 pub mod log;

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  POST /v1/clicks ───────────▶ ingest: body limits, decompression, validation ─▶ dyn Collector
-//!  GET /v1/ads/…, /v1/totals ─▶ query: parameters ──────────────────────────────▶ dyn Results
+//!  GET /v1/ads/…, /v1/totals ─▶ query: parameters, windows ─────────────────────▶ dyn Results
 //!  POST /v1/admin/{job} ──────▶ admin: bearer token, NDJSON progress ───────────▶ dyn Jobs
 //!  /healthz /metrics / /openapi.json /v1/filters ─▶ ops
 //! ```
@@ -305,6 +305,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ads/popular_ads", get(query::popular_ads))
         .route("/v1/ads/{ad_id}/aggregated_count", get(query::aggregated_count))
         .route("/v1/ads/{ad_id}/timeseries", get(query::timeseries))
+        .route("/v1/ads/{ad_id}/windows", get(query::windows))
         .route("/v1/admin/{job}", post(admin::admin_job))
         .route("/v1/filters", get(ops::filters))
         .route("/v1/totals", get(query::totals))

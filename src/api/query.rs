@@ -165,3 +165,141 @@ pub(super) async fn totals(
         .collect();
     Ok(window_answer(window, to, filter, watermark, "minutes", minutes))
 }
+
+/// Longest range `windows` answers over, in minutes (31 days), and most windows in one answer:
+/// a request costs at most a month of one ad's minutes and this many items.
+const MAX_WINDOW_RANGE: i64 = 31 * 1440;
+const MAX_WINDOWS: i64 = 10_000;
+
+/// A duration parameter in whole minutes (`10m`, `1h`, `2d`, or a number of minutes).
+fn minutes_param(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+    let Some(raw) = q.get(name) else { return Ok(None) };
+    let bad = |why: &str| ApiError::BadRequest(format!("{name}: {raw:?} {why}"));
+    let minutes = match raw.parse::<i64>() {
+        Ok(n) => n,
+        Err(_) => {
+            let d = humantime::parse_duration(raw)
+                .map_err(|_| bad("is not a duration like 10m, 1h or 1d"))?;
+            if d.as_secs() % 60 != 0 || d.subsec_nanos() != 0 {
+                return Err(bad("is not a whole number of minutes"));
+            }
+            i64::try_from(d.as_secs() / 60).map_err(|_| bad("is too long"))?
+        }
+    };
+    if !(1..=MAX_WINDOW_RANGE).contains(&minutes) {
+        return Err(bad(&format!("must be 1 to {MAX_WINDOW_RANGE} minutes")));
+    }
+    Ok(Some(minutes))
+}
+
+/// `GET /v1/ads/{ad_id}/windows?type=&size=&hop=&gap=&origin=&from=&to=&filter=`: the ad's
+/// clicks in tumbling, hopping, sliding or session windows over `[from, to)` (default: the hour
+/// before `to`), from the committed per-minute counts (see `window`).
+pub(super) async fn windows(
+    State(s): State<AppState>,
+    Path(ad): Path<String>,
+    q: RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    use crate::window::{Kind, Spec};
+    let q = query_map(q)?;
+    unknown_params(&q, &["type", "size", "hop", "gap", "origin", "from", "to", "filter"])?;
+    ad_param(&ad)?;
+    let to = minute_param(&q, "to")?.unwrap_or_else(current_minute);
+    let from = minute_param(&q, "from")?.unwrap_or(Minute(to.0 - 60));
+    if from >= to {
+        return Err(ApiError::BadRequest("from: must be before to".into()));
+    }
+    if to.0 - from.0 > MAX_WINDOW_RANGE {
+        return Err(ApiError::BadRequest(format!(
+            "from: the range may span at most {MAX_WINDOW_RANGE} minutes"
+        )));
+    }
+    let required = |name: &str| {
+        minutes_param(&q, name)?.ok_or_else(|| ApiError::BadRequest(format!("{name}: required")))
+    };
+    let origin = minute_param(&q, "origin")?.unwrap_or(Minute(0)).0;
+    let not_for = |names: &[&str], kind: &str| match names.iter().find(|n| q.contains_key(**n)) {
+        Some(n) => Err(ApiError::BadRequest(format!("{n}: not a parameter of {kind} windows"))),
+        None => Ok(()),
+    };
+    let kind_name = q.get("type").map(String::as_str).unwrap_or("");
+    let kind = match kind_name {
+        "tumbling" => {
+            not_for(&["hop", "gap"], "tumbling")?;
+            Kind::Tumbling { size: required("size")?, origin }
+        }
+        "hopping" => {
+            not_for(&["gap"], "hopping")?;
+            Kind::Hopping { size: required("size")?, hop: required("hop")?, origin }
+        }
+        "sliding" => {
+            not_for(&["hop", "gap", "origin"], "sliding")?;
+            Kind::Sliding { size: required("size")? }
+        }
+        "session" => {
+            not_for(&["size", "hop", "origin"], "session")?;
+            Kind::Session { gap: required("gap")? }
+        }
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "type: {other:?} is not tumbling, hopping, sliding or session"
+            )))
+        }
+    };
+    let spec = Spec { kind, from, to };
+    // Sessions are bounded by the range alone: at most one per two minutes of it.
+    if !matches!(kind, Kind::Session { .. }) && spec.windows() > MAX_WINDOWS {
+        return Err(ApiError::BadRequest(format!(
+            "the range holds {} windows, more than {MAX_WINDOWS}: narrow it or widen the hop",
+            spec.windows()
+        )));
+    }
+    let (slot, filter) = slot(&s, &q)?;
+    let (lo, hi) = spec.read();
+    let ad_id = ad.clone();
+    let (series, watermark) = read(&s, move |r| r.series(&ad_id, slot, lo, hi)).await?;
+    let windows = spec.compute(&series, watermark);
+    let all_final = windows.iter().all(|w| w.final_);
+    let items: Vec<Value> = windows
+        .iter()
+        .map(|w| {
+            let mut v = json!({
+                "start": format_rfc3339(w.start.start()),
+                "end": format_rfc3339(w.end.start()),
+                "start_ms": w.start.start().0,
+                "end_ms": w.end.start().0,
+                "count": w.count,
+                "final": w.final_,
+            });
+            if let Kind::Session { .. } = kind {
+                v["cut_start"] = w.cut_start.into();
+                v["cut_end"] = w.cut_end.into();
+            }
+            v
+        })
+        .collect();
+    let mut answer = json!({
+        "ad_id": ad,
+        "type": kind_name,
+        "from": format_rfc3339(from.start()),
+        "to": format_rfc3339(to.start()),
+        "from_ms": from.start().0,
+        "to_ms": to.start().0,
+        "filter": filter,
+        "final": all_final,
+        "windows": items,
+    });
+    match kind {
+        Kind::Tumbling { size, origin } | Kind::Hopping { size, origin, .. } => {
+            answer["size_minutes"] = size.into();
+            answer["origin"] = format_rfc3339(Minute(origin).start()).into();
+            answer["origin_ms"] = Minute(origin).start().0.into();
+            if let Kind::Hopping { hop, .. } = kind {
+                answer["hop_minutes"] = hop.into();
+            }
+        }
+        Kind::Sliding { size } => answer["size_minutes"] = size.into(),
+        Kind::Session { gap } => answer["gap_minutes"] = gap.into(),
+    }
+    Ok(Json(answer))
+}

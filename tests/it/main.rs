@@ -10,3 +10,4 @@ mod pgstore;
 mod scaleout;
 mod service;
 mod settings;
+mod windows;

@@ -321,6 +321,19 @@ fn answers_match_the_openapi_description() {
         ("get", "/v1/ads/{ad_id}/timeseries", "/v1/ads/ad-1/timeseries?to=12".into(), None),
         (
             "get",
+            "/v1/ads/{ad_id}/windows",
+            format!("/v1/ads/ad-1/windows?type=hopping&size=10m&hop=5m&to={}", minute + 60_000),
+            None,
+        ),
+        (
+            "get",
+            "/v1/ads/{ad_id}/windows",
+            format!("/v1/ads/ad-1/windows?type=session&gap=3&to={}", minute + 60_000),
+            None,
+        ),
+        ("get", "/v1/ads/{ad_id}/windows", "/v1/ads/ad-1/windows?type=weekly".into(), None),
+        (
+            "get",
             "/v1/ads/popular_ads",
             format!("/v1/ads/popular_ads?window=5&to={}", minute + 60_000),
             None,

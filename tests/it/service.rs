@@ -342,6 +342,7 @@ pub(crate) fn assert_matches_oracle(
             .collect();
         assert_eq!(got, want, "totals slot {name:?}");
     }
+    crate::windows::assert_windows_match_oracle(server, expected);
 }
 
 #[test]
