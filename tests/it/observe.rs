@@ -624,6 +624,21 @@ fn the_dashboard_shows_the_known_numbers_in_a_browser() {
         "return document.querySelectorAll('#chart g').length",
         &Value::from(2),
     );
+    // The chosen ad in windows: gamma's 7 clicks in the 5-minute tumbling window holding m3,
+    // and in one session.
+    browser.click(r#"#shape option[value="type=tumbling&size=5"]"#);
+    browser.await_value(
+        "the chosen ad in tumbling windows",
+        &series_script("gamma"),
+        &serde_json::json!([[m3 / 300_000 * 300_000, 7]]),
+    );
+    browser.click(r#"#shape option[value="type=session&gap=5"]"#);
+    browser.await_value(
+        "the chosen ad in sessions",
+        &series_script("gamma"),
+        &serde_json::json!([[m3, 7]]),
+    );
+    browser.click(r#"#shape option[value=""]"#);
     assert!(now_ms() - c < 60_000, "the minute turned during the test; its windows moved");
 
     // Back to the full view for the screenshot.
