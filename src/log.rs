@@ -23,7 +23,9 @@
 //! before their first record is called durable.
 //!
 //! If `fdatasync` fails the page cache can no longer be trusted: the writer is *poisoned* and
-//! refuses every later write; recovery is a restart, which re-reads the files.
+//! refuses every later write; recovery is a restart, which re-reads the files. A `write` that
+//! fails (a full disk) is different: what it wrote of its frames is cut off again, the error is
+//! returned, and the log takes appends again once there is space.
 //!
 //! # Recovery
 //!
@@ -63,6 +65,13 @@ pub enum LogError {
     NoPartition(u32, usize),
     #[error("{path}: {what}")]
     Corrupt { path: PathBuf, what: String },
+}
+
+impl LogError {
+    /// The disk is full: nothing is wrong but space.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, LogError::Io { source, .. } if source.kind() == io::ErrorKind::StorageFull)
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
@@ -199,6 +208,7 @@ impl Writer {
         let part = self.parts.get_mut(p.0 as usize).ok_or(LogError::NoPartition(p.0, n))?;
         let first = part.next;
         self.frame.clear();
+        let mut count = 0;
         for r in records {
             if r.len() > MAX_RECORD_BYTES {
                 return Err(LogError::TooLarge(r.len()));
@@ -208,25 +218,45 @@ impl Writer {
             self.frame.extend_from_slice(&len);
             self.frame.extend_from_slice(&crc.to_le_bytes());
             self.frame.extend_from_slice(r);
-            part.next += 1;
+            count += 1;
         }
-        if self.frame.is_empty() {
+        if count == 0 {
             return Ok(Offset(first));
         }
         if part.file_bytes >= self.segment_bytes {
+            let old = segment_path(&part.dir, *part.segments.last().expect("non-empty"));
+            if let Err(e) = part.file.sync_data() {
+                self.shared.poisoned.store(true, Ordering::Release);
+                return Err(LogError::Io { path: old, source: e });
+            }
+            // A new segment that cannot be created changes nothing: the next append retries.
             part.roll(first)?;
         }
-        self.shared.appended.fetch_add(self.frame.len() as u64, Ordering::Relaxed);
         let path =
             segment_path(&part.dir, *part.segments.last().expect("a partition has a segment"));
         if let Err(e) = part.file.write_all(&self.frame) {
-            // A partial write leaves a torn tail; recovery truncates it. Refuse to go on.
-            self.shared.poisoned.store(true, Ordering::Release);
+            // A write that fails (a full disk) may have written part of the frames: cut them
+            // off, so that the segment still ends with whole frames and the log can go on once
+            // there is space. If even that fails, the file is in a state recovery must repair.
+            let rolled_back = part
+                .file
+                .set_len(part.file_bytes)
+                .and_then(|()| part.file.seek(SeekFrom::Start(part.file_bytes)).map(drop));
+            if rolled_back.is_err() {
+                self.shared.poisoned.store(true, Ordering::Release);
+            }
             return Err(LogError::Io { path, source: e });
         }
+        self.shared.appended.fetch_add(self.frame.len() as u64, Ordering::Relaxed);
+        part.next += count;
         part.file_bytes += self.frame.len() as u64;
         part.dirty = true;
         Ok(Offset(first))
+    }
+
+    /// Whether the log refuses writes for good (an fsync failed): only a restart recovers.
+    pub fn poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
     }
 
     /// Makes every append so far durable, then publishes the durable ends.
@@ -331,9 +361,8 @@ impl Partition {
         })
     }
 
+    /// Starts the segment `base` (the current one is synced by the caller).
     fn roll(&mut self, base: u64) -> Result<(), LogError> {
-        let old = segment_path(&self.dir, *self.segments.last().expect("non-empty"));
-        self.file.sync_data().map_err(io_err(&old))?;
         let path = segment_path(&self.dir, base);
         self.file = OpenOptions::new()
             .create_new(true)

@@ -56,6 +56,7 @@ pub const OPEN_WINDOWS: &str = "adclick_open_windows";
 pub const LOG_WRITTEN: &str = "adclick_log_written_bytes_total";
 pub const LOG_DISK: &str = "adclick_log_disk_bytes";
 pub const STORE_DISK: &str = "adclick_store_disk_bytes";
+pub const STALLED: &str = "adclick_commits_stalled";
 pub const BUILD_INFO: &str = "adclick_build_info";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +102,7 @@ pub const DESCRIBED: &[(&str, Kind, &str)] = &[
     (LOG_WRITTEN, Kind::Counter, "Bytes appended to the click log since start."),
     (LOG_DISK, Kind::Gauge, "Bytes of click log segments on disk."),
     (STORE_DISK, Kind::Gauge, "Bytes of the store and its checkpoints on disk."),
+    (STALLED, Kind::Gauge, "1 while results cannot be committed (a full or failing disk) and the aggregator retries."),
     (BUILD_INFO, Kind::Gauge, "Always 1; the labels name the version."),
 ];
 

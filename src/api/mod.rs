@@ -267,6 +267,13 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Overloaded(_) => return retry_later(self.to_string()),
+            ApiError::Ingest(IngestError::Log(e)) if e.is_disk_full() => {
+                tracing::warn!("insufficient storage: {self}");
+                let msg = format!("insufficient storage: {self}; nothing of this request was acknowledged, retry later");
+                let body = Json(json!({ "error": msg }));
+                return (StatusCode::INSUFFICIENT_STORAGE, [(header::RETRY_AFTER, "5")], body)
+                    .into_response();
+            }
             ApiError::Ingest(IngestError::Log(e))
                 if !matches!(**e, LogError::Io { .. } | LogError::Poisoned) =>
             {

@@ -16,7 +16,9 @@ use crate::event::{wire, EventTime, Minute, MINUTE_MS};
 use crate::fault::fatal;
 use crate::log::{read_ranges, LogHandle, Reader, Records};
 use crate::popular::{Published, MAX_WINDOW_MINUTES};
-use crate::store::{BatchRecord, CheckpointError, CheckpointFile, CheckpointRecord, Store};
+use crate::store::{
+    BatchRecord, CheckpointError, CheckpointFile, CheckpointRecord, Store, StoreError,
+};
 use crate::telemetry::AggregatorReport;
 
 /// Most records one aggregator batch reads per partition.
@@ -46,12 +48,18 @@ pub(super) struct Aggregator {
     /// A checkpoint whose file is being written (one at a time), recorded by the first commit
     /// after its file is durable.
     pub(super) pending: Option<PendingCheckpoint>,
+    /// The next checkpoint holds the whole state (one before it was never written).
+    pub(super) full_next: bool,
+    /// Set when the service stops (a commit that cannot be made then is given up).
+    pub(super) shutdown: Arc<AtomicBool>,
 }
 
 /// A checkpoint taken, its file written on its own thread (encoding is on the aggregator
 /// thread and follows what changed; writing and fsync are not on the commit path).
 pub(super) struct PendingCheckpoint {
     taken: TakenCheckpoint,
+    /// The manifest before this checkpoint, restored if its file cannot be written.
+    previous_manifest: Vec<CheckpointFile>,
     writing: JoinHandle<Result<(), CheckpointError>>,
 }
 
@@ -63,11 +71,19 @@ pub(super) struct TakenCheckpoint {
 }
 
 impl PendingCheckpoint {
-    /// Waits for its file to be durable; a failed write stops the process (restart recovers).
-    fn written(self) -> TakenCheckpoint {
+    /// Waits for its file to be durable. A file that could not be written (a full disk) is
+    /// given up: nothing names it, the journal keeps what it would have covered, and the next
+    /// checkpoint is a full one (the engine counted this one's changes as written).
+    fn written(self, agg: &mut Aggregator) -> Option<TakenCheckpoint> {
         match self.writing.join().expect("the checkpoint thread does not panic") {
-            Ok(()) => self.taken,
-            Err(e) => fatal("writing a checkpoint", e),
+            Ok(()) => Some(self.taken),
+            Err(e) => {
+                tracing::warn!("writing a checkpoint: {e}; the next one is taken in full");
+                agg.store.discard_checkpoint(self.taken.record.seq);
+                agg.manifest = self.previous_manifest;
+                agg.full_next = true;
+                None
+            }
         }
     }
 }
@@ -127,13 +143,13 @@ impl Aggregator {
             };
             let mut record = None;
             if written {
-                record = self.pending.take().map(PendingCheckpoint::written);
+                record = self.pending.take().and_then(|p| p.written(self));
             }
             if checkpoint_due {
                 let taken = self.take_checkpoint();
                 if stopping {
                     // The last one is written here and recorded by this very commit.
-                    record = Some(taken.written());
+                    record = taken.written(self);
                 } else {
                     self.pending = Some(taken);
                 }
@@ -141,12 +157,22 @@ impl Aggregator {
             }
             let batch = BatchRecord { wall, ranges, assign: Vec::new() };
             if let Err(e) = self.commit(&batch, output, record) {
+                if e.is_io() && shutdown.load(Ordering::Acquire) {
+                    // The log holds the batch; a restart replays it.
+                    tracing::warn!("stopping with the last batch uncommitted: {e}");
+                    return;
+                }
                 fatal("committing results", e);
             }
             last_commit = Instant::now();
             if stopping {
                 // So that a process opening the store alone reads the open minutes too.
                 if let Err(e) = self.store.flush_open() {
+                    if e.is_io() {
+                        // A restart rebuilds them from the checkpoint and the journal.
+                        tracing::warn!("writing the open minutes' counts at the stop: {e}");
+                        return;
+                    }
                     fatal("writing the open minutes' counts", e);
                 }
                 return;
@@ -163,13 +189,18 @@ impl Aggregator {
     /// starts writing its file. Its manifest keeps the previous files the engine still retains.
     fn take_checkpoint(&mut self) -> PendingCheckpoint {
         let started = Instant::now();
-        let (bytes, extent) = self.engine.checkpoint();
+        let full = std::mem::take(&mut self.full_next);
+        let (bytes, extent) =
+            if full { self.engine.full_checkpoint() } else { self.engine.checkpoint() };
         let taking = started.elapsed();
         let seq = self.seq;
-        let mut files: Vec<CheckpointFile> =
-            self.manifest.iter().copied().filter(|f| self.engine.retains(f.extent)).collect();
+        let mut files: Vec<CheckpointFile> = if full {
+            Vec::new()
+        } else {
+            self.manifest.iter().copied().filter(|f| self.engine.retains(f.extent)).collect()
+        };
         files.push(CheckpointFile { seq, extent });
-        self.manifest = files.clone();
+        let previous_manifest = std::mem::replace(&mut self.manifest, files.clone());
         let store = self.store.clone();
         let len = bytes.len() as u64;
         let writing = std::thread::Builder::new()
@@ -188,6 +219,7 @@ impl Aggregator {
                 bytes: len,
             },
             writing,
+            previous_manifest,
         }
     }
 
@@ -200,7 +232,7 @@ impl Aggregator {
         checkpoint: Option<TakenCheckpoint>,
     ) -> Result<(), crate::store::StoreError> {
         let started = Instant::now();
-        self.store.commit(self.seq, batch, &output, checkpoint.as_ref().map(|c| &c.record))?;
+        self.store_commit(batch, &output, checkpoint.as_ref().map(|c| &c.record))?;
         crate::fault::point("store.after_commit");
         self.seq += 1;
         crate::telemetry::observe(crate::telemetry::COMMIT, started.elapsed());
@@ -229,6 +261,40 @@ impl Aggregator {
             }
         }
         Ok(())
+    }
+
+    /// Commits a batch, retrying while the disk refuses (a full disk): the same batch is
+    /// committed again, with backoff, while health and metrics say why. Gives up
+    /// on other failures, and on a disk failure once the service is stopping.
+    fn store_commit(
+        &mut self,
+        batch: &BatchRecord,
+        output: &crate::engine::Output,
+        checkpoint: Option<&CheckpointRecord>,
+    ) -> Result<(), StoreError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.store.commit(self.seq, batch, output, checkpoint) {
+                Ok(()) => {
+                    if self.query.set_stalled(None) {
+                        tracing::info!("results are committed again");
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.is_io() => {
+                    if !self.query.set_stalled(Some(format!("committing results: {e}"))) {
+                        tracing::warn!("committing results: {e}; retrying until the disk takes it");
+                    }
+                    if self.shutdown.load(Ordering::Acquire) {
+                        return Err(e);
+                    }
+                    // The next attempt reopens the store (see `Store::begin_write`).
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Makes a committed batch visible to queries.

@@ -96,6 +96,8 @@ pub struct QueryState {
     rows_written: AtomicU64,
     checkpoint_bytes: AtomicU64,
     checkpoint_written_bytes: AtomicU64,
+    /// Why results cannot be committed now (a full disk), while the aggregator retries.
+    stalled: Mutex<Option<String>>,
 }
 
 impl QueryState {
@@ -142,6 +144,19 @@ impl QueryState {
 
     fn job_running(&self) -> bool {
         self.jobs.try_lock().is_err()
+    }
+
+    /// Records why commits are refused (`None`: they are not); returns whether they were.
+    fn set_stalled(&self, why: Option<String>) -> bool {
+        let mut stalled = self.stalled.lock().expect("not poisoned");
+        let was = stalled.is_some();
+        *stalled = why;
+        was
+    }
+
+    /// Why results cannot be committed now, if they cannot.
+    pub fn stalled(&self) -> Option<String> {
+        self.stalled.lock().expect("not poisoned").clone()
     }
 
     /// Log records durable but not yet archived.
@@ -276,6 +291,7 @@ impl Pipeline {
             rows_written: AtomicU64::new(0),
             checkpoint_bytes: AtomicU64::new(0),
             checkpoint_written_bytes: AtomicU64::new(0),
+            stalled: Mutex::new(None),
         });
         let shutdown = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::sync_channel(1024);
@@ -287,6 +303,7 @@ impl Pipeline {
             log,
             query.clone(),
             tx.clone(),
+            shutdown.clone(),
         )?;
         let popular_thread = {
             let query = query.clone();

@@ -38,6 +38,7 @@ impl Aggregator {
         log: LogHandle,
         query: Arc<QueryState>,
         writer: SyncSender<ToWriter>,
+        shutdown: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Aggregator, StartError> {
         let started = Instant::now();
         let filters = query.filters.clone();
@@ -138,6 +139,8 @@ impl Aggregator {
             previous_checkpoint: None,
             manifest: restored.map(|c| c.files).unwrap_or_default(),
             pending: None,
+            full_next: false,
+            shutdown,
         };
         for (p, o) in agg.next.iter().enumerate() {
             agg.query.committed[p].store(*o, Ordering::Release);

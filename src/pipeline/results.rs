@@ -12,6 +12,15 @@ use crate::rank::Ranked;
 use crate::recalc::{Job, JobError, JobResult, Progress};
 use crate::telemetry::{self as t, set_counter, set_gauge, PartitionReport};
 
+/// A store that cannot be read while its disk fails is unavailable for now (503), not broken.
+fn read_error(e: crate::store::StoreError) -> ReadError {
+    if e.is_io() {
+        ReadError::Unavailable(Box::new(e))
+    } else {
+        ReadError::Store(e)
+    }
+}
+
 /// How long an admin job waits for the aggregator to catch up with the log.
 const JOB_CATCH_UP: Duration = Duration::from_secs(600);
 
@@ -23,7 +32,7 @@ impl Results for QueryState {
         from: Minute,
         to: Minute,
     ) -> Result<(Vec<(Minute, u64)>, Watermark), ReadError> {
-        Ok(self.store.series(ad, slot, from, to)?)
+        self.store.series(ad, slot, from, to).map_err(read_error)
     }
 
     fn popular(
@@ -40,7 +49,7 @@ impl Results for QueryState {
             return Ok((ads, live.watermark));
         }
         drop(live);
-        Ok(self.store.popular(slot, from, to, n)?)
+        self.store.popular(slot, from, to, n).map_err(read_error)
     }
 
     /// From the in-memory index for the last day (a step per minute); older windows are one
@@ -56,16 +65,23 @@ impl Results for QueryState {
             return Ok((live.slots[slot.index()].totals(from, to), live.watermark));
         }
         drop(live);
-        Ok(self.store.minute_totals(slot, from, to)?)
+        self.store.minute_totals(slot, from, to).map_err(read_error)
     }
 
     fn health(&self) -> Health {
         let ready = self.ready.load(Ordering::Acquire);
+        let stalled = self.stalled();
+        let status = match (ready, &stalled) {
+            (_, Some(_)) => HealthStatus::Unavailable,
+            (true, None) => HealthStatus::Ok,
+            (false, None) => HealthStatus::Starting,
+        };
         Health {
             watermark: Some(self.watermark.load()),
             lag_records: Some(self.lag()),
             archive_lag_records: Some(self.archive_lag()),
-            ..Health::new(if ready { HealthStatus::Ok } else { HealthStatus::Starting })
+            error: stalled,
+            ..Health::new(status)
         }
     }
 
@@ -90,6 +106,7 @@ impl Results for QueryState {
             })
             .collect();
         report.export();
+        set_gauge(t::STALLED, f64::from(u8::from(self.stalled().is_some())));
         set_counter(t::ROWS_WRITTEN, self.rows_written.load(Ordering::Relaxed));
         set_counter(t::CHECKPOINT_WRITTEN, self.checkpoint_written_bytes.load(Ordering::Relaxed));
         set_counter(t::LOG_WRITTEN, self.log.appended_bytes());

@@ -128,8 +128,13 @@ pub(super) fn write_loop(
             let _ = r.send(result.clone());
         }
         if let Err(e) = result {
-            // Later appends find the channel closed and are answered 503 meanwhile.
-            return fatal.raise("appending to the log", e);
+            if writer.poisoned() {
+                // Later appends find the channel closed and are answered 503 meanwhile.
+                return fatal.raise("appending to the log", e);
+            }
+            // A write refused (a full disk) was cut off: nothing of it is acknowledged, and the
+            // next group commit tries again.
+            tracing::warn!("appending to the log: {e}; answered, nothing acknowledged");
         }
     }
 }

@@ -64,9 +64,17 @@ impl Store {
             .map_err(io("sync the directory", &self.checkpoints))
     }
 
+    /// Removes what a checkpoint write that failed left (its temporary or final file), if it
+    /// can: no manifest names it, and the next cleanup would remove it anyway.
+    pub fn discard_checkpoint(&self, seq: u64) {
+        let path = self.checkpoint_path(seq);
+        let _ = std::fs::remove_file(path.with_extension("tmp"));
+        let _ = std::fs::remove_file(path);
+    }
+
     /// The committed checkpoints, newest first.
     pub(super) fn committed_checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError> {
-        let txn = self.db.begin_read().ctx("begin read")?;
+        let txn = self.db()?.begin_read().ctx("begin read")?;
         let meta = txn.open_table(META).ctx("open meta")?;
         let mut out = Vec::new();
         for (seq_key, files_key) in [
@@ -140,7 +148,7 @@ impl Store {
                 (c, files)
             })
             .collect();
-        let txn = self.db.begin_read().ctx("begin read")?;
+        let txn = self.db()?.begin_read().ctx("begin read")?;
         let watermark = read_watermark(&txn)?;
         let journal_table = txn.open_table(JOURNAL).ctx("open journal")?;
         let mut journal = Vec::new();

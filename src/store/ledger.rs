@@ -20,7 +20,7 @@ pub struct ArchiveState {
 
 impl Store {
     pub fn archive_state(&self) -> Result<ArchiveState, StoreError> {
-        let txn = self.db.begin_read().ctx("begin read")?;
+        let txn = self.db()?.begin_read().ctx("begin read")?;
         let t = txn.open_table(ARCHIVE_OFFSETS).ctx("open archive_offsets")?;
         let mut state = ArchiveState::default();
         for item in t.iter().ctx("read archive offsets")? {
@@ -47,7 +47,7 @@ impl Store {
         let mut e = Encoder::default();
         e.u(seq);
         encode_ranges(&mut e, ranges);
-        let txn = self.db.begin_write().ctx("begin")?;
+        let txn = self.begin_write()?;
         {
             let mut meta = txn.open_table(META).ctx("open meta")?;
             meta.insert("archive_pending", e.buf.as_slice()).ctx("write archive flush")?;
@@ -57,7 +57,7 @@ impl Store {
 
     /// Commits flush `seq`: its files are written; the archive offsets advance past `ranges`.
     pub fn archive_commit(&self, seq: u64, ranges: &[OffsetRange]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().ctx("begin")?;
+        let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(ARCHIVE_OFFSETS).ctx("open archive_offsets")?;
             for r in ranges {

@@ -74,7 +74,7 @@ use read::HourCache;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -118,12 +118,26 @@ pub enum StoreError {
     /// Something the store wrote does not read back (damage, or a bug).
     #[error("store: {what} is corrupt ({detail})")]
     Corrupt { what: &'static str, detail: String },
+    /// The database is closed after a failed write and could not be opened again yet.
+    #[error("store: closed after a failed write; it is opened again once that succeeds")]
+    Closed,
 }
 
 impl StoreError {
     /// Another process holds the database open (a running server).
     pub fn is_locked(&self) -> bool {
         matches!(self, StoreError::Db { source: redb::Error::DatabaseAlreadyOpen, .. })
+    }
+
+    /// A failure of the disk under the store (full, failing, or an earlier such failure the
+    /// database remembers): the store is consistent, and [`Store::reopen`] and a retry may
+    /// succeed once the disk does.
+    pub fn is_io(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db { source: redb::Error::Io(_) | redb::Error::PreviousIo, .. }
+                | StoreError::Closed
+        )
     }
 }
 
@@ -138,7 +152,9 @@ impl<T, E: Into<redb::Error>> Context<T> for Result<T, E> {
 }
 
 pub struct Store {
-    db: Database,
+    /// `None` while closed after a failed write (see [`Store::reopen`]).
+    db: RwLock<Option<Arc<Database>>>,
+    path: PathBuf,
     /// Where checkpoint files live: `checkpoints/` beside the database file.
     checkpoints: PathBuf,
     /// (day, ad) pairs already in `ad_days`, so a commit writes each once. Only the committing
@@ -188,6 +204,10 @@ impl Open {
     }
 }
 
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    redb::Builder::new().set_cache_size(STORE_CACHE_BYTES).create(path).ctx("open")
+}
+
 /// A read transaction, its watermark, the first minute read from memory, and those minutes.
 type View<'a> = (redb::ReadTransaction, Watermark, i64, Option<RwLockReadGuard<'a, Open>>);
 
@@ -209,7 +229,7 @@ impl Store {
             path: checkpoints.clone(),
             source,
         })?;
-        let db = redb::Builder::new().set_cache_size(STORE_CACHE_BYTES).create(path).ctx("open")?;
+        let db = open_db(path)?;
         let txn = db.begin_write().ctx("begin")?;
         {
             txn.open_table(COUNTS).ctx("create counts")?;
@@ -224,7 +244,8 @@ impl Store {
         }
         txn.commit().ctx("commit")?;
         let store = Store {
-            db,
+            db: RwLock::new(Some(Arc::new(db))),
+            path: path.to_path_buf(),
             checkpoints,
             ad_days_written: Mutex::default(),
             hours: Mutex::default(),
@@ -234,9 +255,55 @@ impl Store {
         Ok(store)
     }
 
+    /// The database, unless it is closed after a failed write.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.db.read().expect("not poisoned").clone().ok_or(StoreError::Closed)
+    }
+
+    /// A write transaction. After a failed write redb refuses every transaction until the
+    /// database is opened again, so this reopens it first (see [`Store::reopen`]).
+    fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        let db = self.db.read().expect("not poisoned").clone();
+        let failed = match db {
+            Some(db) => match db.begin_write() {
+                Ok(txn) => return Ok(txn),
+                Err(e) => {
+                    let e = StoreError::Db { what: "begin", source: e.into() };
+                    if !e.is_io() {
+                        return Err(e);
+                    }
+                    e
+                }
+            },
+            None => StoreError::Closed,
+        };
+        tracing::debug!("{failed}; reopening the store");
+        self.reopen()?;
+        self.db()?.begin_write().ctx("begin")
+    }
+
+    /// Closes the database and opens it again, after a write failed (redb then refuses every
+    /// transaction until it is reopened; opening repairs what the failed commit left). What is
+    /// committed is unchanged, and the rows of open minutes kept in memory stay at the last
+    /// commit. Fails, leaving the store closed (reads answer [`StoreError::Closed`]), while the
+    /// disk still refuses.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write().expect("not poisoned");
+        if let Some(old) = db.take() {
+            // Reads under way hold the database open; it cannot be opened twice.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            drop(old);
+        }
+        *db = Some(Arc::new(open_db(&self.path)?));
+        Ok(())
+    }
+
     /// Fills `ad_days` from `counts` once, for a store written before the index existed.
     fn build_ad_days(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().ctx("begin")?;
+        let txn = self.begin_write()?;
         {
             let mut meta = txn.open_table(META).ctx("open meta")?;
             if meta.get("ad_days_built").ctx("read meta")?.is_some() {
@@ -264,8 +331,15 @@ impl Store {
         output: &Output,
         checkpoint: Option<&CheckpointRecord>,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().ctx("begin commit")?;
-        let new_days;
+        let txn = self.begin_write()?;
+        // A commit retried after a failed one may find that one landed after all (the disk
+        // failed after it was written): it is not applied twice (too-late counts add up).
+        let landed = {
+            let meta = txn.open_table(META).ctx("open meta")?;
+            let committed = meta.get("commit_seq").ctx("read commit seq")?;
+            committed.is_some_and(|v| le_u64(v.value()) >= seq)
+        };
+        let mut new_days = Vec::new();
         // Rows and top-N lists of minutes this commit leaves unsealed stay in memory (see
         // `Open`); those of minutes it seals are written, the batch's newer ones first.
         let open = self.open.read().expect("not poisoned");
@@ -295,72 +369,13 @@ impl Store {
                 tops.push((m, slot, ads));
             }
         }
-        {
+        if landed {
+            txn.abort().ctx("abort")?;
+        } else {
             new_days = self.write_rows(&txn, rows)?;
-            write_tops(&txn, tops)?;
-            if !output.too_late.is_empty() {
-                let mut late = txn.open_table(TOO_LATE).ctx("open too_late")?;
-                for (minute, ad, c) in output.too_late.iter() {
-                    let mut sum: Vec<u64> =
-                        match late.get((minute.0, ad.as_str())).ctx("read too late")? {
-                            Some(v) => v.value().chunks_exact(8).map(le_u64).collect(),
-                            None => vec![0; c.len()],
-                        };
-                    sum.resize(c.len().max(sum.len()), 0);
-                    for (a, b) in sum.iter_mut().zip(c) {
-                        *a += b;
-                    }
-                    let bytes: Vec<u8> = sum.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    late.insert((minute.0, ad.as_str()), bytes.as_slice()).ctx("write too late")?;
-                }
-            }
-            let mut offsets = txn.open_table(OFFSETS).ctx("open offsets")?;
-            for (p, o) in &output.offsets {
-                offsets.insert(p.0, o.0).ctx("write offset")?;
-            }
-            crate::fault::point("store.mid_commit");
-            let mut journal = txn.open_table(JOURNAL).ctx("open journal")?;
-            let mut meta = txn.open_table(META).ctx("open meta")?;
-            meta.insert("watermark", output.watermark.to_raw().to_le_bytes().as_slice())
-                .ctx("write watermark")?;
-            meta.insert("commit_seq", seq.to_le_bytes().as_slice()).ctx("write commit seq")?;
-            let mut e = Encoder::default();
-            output.counters.encode(&mut e);
-            meta.insert("counters", e.buf.as_slice()).ctx("write counters")?;
-            journal.insert(seq, BatchRecord::encode(batch).as_slice()).ctx("write journal")?;
-            if let Some(checkpoint) = checkpoint {
-                let previous = meta
-                    .get("checkpoint_seq")
-                    .ctx("read checkpoint seq")?
-                    .map(|v| le_u64(v.value()));
-                let previous_files =
-                    meta.get("checkpoint_files").ctx("read manifest")?.map(|v| v.value().to_vec());
-                meta.insert("checkpoint_seq", checkpoint.seq.to_le_bytes().as_slice())
-                    .ctx("write checkpoint seq")?;
-                meta.insert("checkpoint_files", encode_manifest(&checkpoint.files).as_slice())
-                    .ctx("write manifest")?;
-                match previous {
-                    Some(previous) => {
-                        meta.insert("previous_checkpoint_seq", previous.to_le_bytes().as_slice())
-                            .ctx("write checkpoint seq")?;
-                        match previous_files {
-                            Some(files) => {
-                                meta.insert("previous_checkpoint_files", files.as_slice())
-                            }
-                            None => meta.remove("previous_checkpoint_files"),
-                        }
-                        .ctx("write manifest")?;
-                        // Keep what a fallback to the previous checkpoint replays.
-                        journal.retain(|k, _| k > previous).ctx("trim journal")?;
-                    }
-                    None => {
-                        meta.remove("previous_checkpoint_seq").ctx("write checkpoint seq")?;
-                        meta.remove("previous_checkpoint_files").ctx("write manifest")?;
-                    }
-                }
-            }
+            self.write_batch(&txn, seq, batch, output, checkpoint, tops)?;
+            txn.commit().ctx("commit")?;
         }
-        txn.commit().ctx("commit")?;
         drop(open);
         {
             let mut open = self.open.write().expect("not poisoned");
@@ -379,6 +394,78 @@ impl Store {
         self.remember_days(new_days);
         if checkpoint.is_some() {
             self.remove_old_checkpoints()?;
+        }
+        Ok(())
+    }
+
+    /// Writes a batch's top-N lists, too-late counts, offsets, watermark, counters, journal
+    /// entry and checkpoint record into the commit's transaction.
+    fn write_batch(
+        &self,
+        txn: &redb::WriteTransaction,
+        seq: u64,
+        batch: &BatchRecord,
+        output: &Output,
+        checkpoint: Option<&CheckpointRecord>,
+        tops: Vec<(i64, u32, &[Ranked])>,
+    ) -> Result<(), StoreError> {
+        write_tops(txn, tops)?;
+        if !output.too_late.is_empty() {
+            let mut late = txn.open_table(TOO_LATE).ctx("open too_late")?;
+            for (minute, ad, c) in output.too_late.iter() {
+                let mut sum: Vec<u64> =
+                    match late.get((minute.0, ad.as_str())).ctx("read too late")? {
+                        Some(v) => v.value().chunks_exact(8).map(le_u64).collect(),
+                        None => vec![0; c.len()],
+                    };
+                sum.resize(c.len().max(sum.len()), 0);
+                for (a, b) in sum.iter_mut().zip(c) {
+                    *a += b;
+                }
+                let bytes: Vec<u8> = sum.iter().flat_map(|v| v.to_le_bytes()).collect();
+                late.insert((minute.0, ad.as_str()), bytes.as_slice()).ctx("write too late")?;
+            }
+        }
+        let mut offsets = txn.open_table(OFFSETS).ctx("open offsets")?;
+        for (p, o) in &output.offsets {
+            offsets.insert(p.0, o.0).ctx("write offset")?;
+        }
+        crate::fault::point("store.mid_commit");
+        let mut journal = txn.open_table(JOURNAL).ctx("open journal")?;
+        let mut meta = txn.open_table(META).ctx("open meta")?;
+        meta.insert("watermark", output.watermark.to_raw().to_le_bytes().as_slice())
+            .ctx("write watermark")?;
+        meta.insert("commit_seq", seq.to_le_bytes().as_slice()).ctx("write commit seq")?;
+        let mut e = Encoder::default();
+        output.counters.encode(&mut e);
+        meta.insert("counters", e.buf.as_slice()).ctx("write counters")?;
+        journal.insert(seq, BatchRecord::encode(batch).as_slice()).ctx("write journal")?;
+        if let Some(checkpoint) = checkpoint {
+            let previous =
+                meta.get("checkpoint_seq").ctx("read checkpoint seq")?.map(|v| le_u64(v.value()));
+            let previous_files =
+                meta.get("checkpoint_files").ctx("read manifest")?.map(|v| v.value().to_vec());
+            meta.insert("checkpoint_seq", checkpoint.seq.to_le_bytes().as_slice())
+                .ctx("write checkpoint seq")?;
+            meta.insert("checkpoint_files", encode_manifest(&checkpoint.files).as_slice())
+                .ctx("write manifest")?;
+            match previous {
+                Some(previous) => {
+                    meta.insert("previous_checkpoint_seq", previous.to_le_bytes().as_slice())
+                        .ctx("write checkpoint seq")?;
+                    match previous_files {
+                        Some(files) => meta.insert("previous_checkpoint_files", files.as_slice()),
+                        None => meta.remove("previous_checkpoint_files"),
+                    }
+                    .ctx("write manifest")?;
+                    // Keep what a fallback to the previous checkpoint replays.
+                    journal.retain(|k, _| k > previous).ctx("trim journal")?;
+                }
+                None => {
+                    meta.remove("previous_checkpoint_seq").ctx("write checkpoint seq")?;
+                    meta.remove("previous_checkpoint_files").ctx("write manifest")?;
+                }
+            }
         }
         Ok(())
     }
@@ -455,7 +542,7 @@ impl Store {
         tops: &[crate::engine::TopUpdate],
         lateness_ms: i64,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_read().ctx("begin read")?;
+        let txn = self.db()?.begin_read().ctx("begin read")?;
         let seq = read_commit_seq(&txn)?;
         let watermark = read_watermark(&txn)?;
         let mut open = self.open.write().expect("not poisoned");
@@ -474,7 +561,7 @@ impl Store {
     /// the store alone reads every committed count), and stops keeping them.
     pub fn flush_open(&self) -> Result<(), StoreError> {
         let mut open = self.open.write().expect("not poisoned");
-        let txn = self.db.begin_write().ctx("begin")?;
+        let txn = self.begin_write()?;
         let rows = open
             .minutes
             .iter()
@@ -492,7 +579,7 @@ impl Store {
     /// keeps them, and the first minute to take from there (`i64::MAX`: none).
     fn read_view(&self) -> Result<View<'_>, StoreError> {
         loop {
-            let txn = self.db.begin_read().ctx("begin read")?;
+            let txn = self.db()?.begin_read().ctx("begin read")?;
             let seq = read_commit_seq(&txn)?;
             let watermark = read_watermark(&txn)?;
             // Tests widen the window in which a commit lands between the two reads.

@@ -55,7 +55,7 @@ impl HourCache {
 
 impl Store {
     pub fn offsets(&self) -> Result<Vec<(PartitionId, Offset)>, StoreError> {
-        let txn = self.db.begin_read().ctx("begin read")?;
+        let txn = self.db()?.begin_read().ctx("begin read")?;
         let t = txn.open_table(OFFSETS).ctx("open offsets")?;
         let mut out = Vec::new();
         for item in t.iter().ctx("read offsets")? {
@@ -67,12 +67,12 @@ impl Store {
 
     /// The committed watermark.
     pub fn watermark(&self) -> Result<Watermark, StoreError> {
-        let txn = self.db.begin_read().ctx("begin read")?;
+        let txn = self.db()?.begin_read().ctx("begin read")?;
         read_watermark(&txn)
     }
 
     pub fn counters(&self) -> Result<Counters, StoreError> {
-        let txn = self.db.begin_read().ctx("begin read")?;
+        let txn = self.db()?.begin_read().ctx("begin read")?;
         let meta = txn.open_table(META).ctx("open meta")?;
         Ok(meta
             .get("counters")

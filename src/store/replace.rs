@@ -132,7 +132,7 @@ impl Store {
         tops: &[crate::engine::TopUpdate],
         lateness_ms: i64,
     ) -> Result<Replaced, ReplaceError> {
-        let txn = self.db.begin_write().ctx("begin recalculation")?;
+        let txn = self.begin_write()?;
         let mut replaced = Replaced::default();
         {
             let meta = txn.open_table(META).ctx("open meta")?;

@@ -8,7 +8,7 @@ impl Store {
     /// Compares the settings that change results with those recorded with the data, and
     /// records them when there are none yet. Each entry is (key, value as written).
     pub fn check_settings(&self, settings: &[(String, String)]) -> Result<(), SettingsError> {
-        let txn = self.db.begin_write().ctx("begin")?;
+        let txn = self.begin_write()?;
         {
             let mut meta = txn.open_table(META).ctx("open meta")?;
             let stored: Option<Vec<(String, String)>> = meta

@@ -7,7 +7,7 @@ use crate::engine::{Extent, Offset, OffsetRange, PartitionId};
 
 /// Rows of `counts` as stored, without the minutes kept in memory.
 fn stored_rows(store: &Store) -> Vec<(i64, String, Vec<u64>)> {
-    let txn = store.db.begin_read().unwrap();
+    let txn = store.db().unwrap().begin_read().unwrap();
     let t = txn.open_table(COUNTS).unwrap();
     t.iter()
         .unwrap()
@@ -409,4 +409,28 @@ fn batch_records_round_trip() {
     };
     assert_eq!(BatchRecord::decode(&b.encode()), Some(b));
     assert_eq!(BatchRecord::decode(&[1, 2, 3]), None);
+}
+
+/// A commit retried after a failure that landed anyway is not applied twice, and the store
+/// reopened after a failed write reads what was committed.
+#[test]
+fn a_retried_commit_that_had_landed_is_not_applied_twice() {
+    use crate::engine::CountUpdates;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.redb")).unwrap();
+    let mut too_late = CountUpdates::new(1);
+    too_late.push(Minute(3), &AdId::new("a"), &[5]);
+    let out = Output { too_late, ..Output::default() };
+    store.commit(0, &BatchRecord::default(), &out, None).unwrap();
+    store.reopen().unwrap();
+    store.commit(0, &BatchRecord::default(), &out, None).unwrap();
+    let late = || {
+        let txn = store.db().unwrap().begin_read().unwrap();
+        let table = txn.open_table(TOO_LATE).unwrap();
+        let v = table.get((3, "a")).unwrap().map(|v| le_u64(&v.value()[..8]));
+        v
+    };
+    assert_eq!(late(), Some(5), "a retry of batch 0 adds nothing");
+    store.commit(1, &BatchRecord::default(), &out, None).unwrap();
+    assert_eq!(late(), Some(10), "batch 1 adds");
 }

@@ -1,9 +1,12 @@
 //! Refusals and damage on the real binary: what would lose or mix counts is refused with a
-//! message that says what to do; a half-written checkpoint, an undecodable log record and a
-//! failing fsync are handled as what they are; hostile requests cost what their size allows.
+//! message that says what to do; a half-written checkpoint, an undecodable log record, a
+//! failing fsync and a full disk are handled as what they are; hostile requests cost what their
+//! size allows.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -453,4 +456,176 @@ fn a_body_over_the_limit_sent_whole_is_answered_413() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("max_body_bytes"), "{answer}");
+}
+
+/// A tmpfs of `mib` MiB mounted (as root) at `dir`, unmounted on drop. `None` where mounting is
+/// not possible (not root, no tmpfs), unless `ADCLICK_REQUIRE_SERVICES` demands it.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, mib: u64) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallDisk(dir.to_owned())),
+            other => {
+                let why = format!("mounting a tmpfs (needs root): {other:?}");
+                assert!(std::env::var_os("ADCLICK_REQUIRE_SERVICES").is_none(), "{why}");
+                eprintln!("skipping: {why}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the filesystem of `path` with a file, then keeps taking any space freed on it (old
+/// checkpoints removed, a store compacted) until the returned flag is set; then removes it.
+fn fill(path: &Path) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    let stop = Arc::new(AtomicBool::new(false));
+    let (path, flag) = (path.to_owned(), stop.clone());
+    let filler = std::thread::spawn(move || {
+        while !flag.load(Ordering::Acquire) {
+            while f.write_all(&chunk[..4096]).is_ok() {}
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::fs::remove_file(path).unwrap();
+    });
+    (stop, filler)
+}
+
+/// A POST answered with its status, `Retry-After` and body.
+fn post_with_retry_after(url: &str, body: &[u8]) -> (u16, Option<String>, String) {
+    let mut r = agent().post(format!("{url}/v1/clicks")).send(body).expect("POST");
+    let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+    (r.status().as_u16(), retry, r.body_mut().read_to_string().unwrap())
+}
+
+/// The embedded node's disk fills up: ingest answers 507 and acknowledges nothing it could not
+/// keep; the aggregator stops committing, and `/healthz` and the metrics say why; once space
+/// returns everything resumes without a restart, and every acknowledged click is counted
+/// exactly once (a refused one never).
+#[test]
+fn a_full_disk_refuses_what_it_cannot_keep_and_resumes_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_disk) = SmallDisk::mount(&dir.path().join("data"), 48) else { return };
+    let config = "partitions = 1\nwatermark_delay = \"1s\"\nidle_timeout = \"1s\"\n\
+                  allowed_lateness = \"5s\"\ncheckpoint_interval = \"1s\"\n";
+    let mut server = Server::start(dir.path(), config, &[]);
+    let mut acknowledged: BTreeMap<String, u64> = BTreeMap::new();
+    let mut minutes = BTreeSet::new();
+    let mut next_id = 0u64;
+    // Clicks of `ads` distinct ads (one each) or of one ad, at the current wall time.
+    let mut batch = |ads: &str, n: u64| -> (String, Vec<String>) {
+        let t = now_ms();
+        minutes.insert(t / 60_000 * 60_000);
+        let mut body = String::new();
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let ad = if ads == "many" { format!("b{next_id}") } else { ads.to_owned() };
+            body.push_str(&format!(
+                "{{\"ad_id\":\"{ad}\",\"click_timestamp\":{t},\"click_id\":\"c{next_id}\"}}\n"
+            ));
+            ids.push(ad);
+            next_id += 1;
+        }
+        (body, ids)
+    };
+    // Many distinct ads, so that sealing their minute grows the store.
+    let bulk_minute = now_ms() / 60_000 * 60_000;
+    for _ in 0..20 {
+        let (body, ads) = batch("many", 2_000);
+        assert_eq!(server.post(body.as_bytes()).0, 200);
+        for ad in ads {
+            *acknowledged.entry(ad).or_default() += 1;
+        }
+    }
+    let (space, filler) = fill(&dir.path().join("data").join("filler"));
+    // The log cannot take more: 507, Retry-After, a message that says why. (Space the store
+    // frees may take a batch or two first: those are acknowledged and must be counted.)
+    let refused = (0..20).find_map(|_| {
+        let (body, ads) = batch("full", 1_000);
+        let (status, retry, answer) = post_with_retry_after(&server.url, body.as_bytes());
+        if status == 200 {
+            *acknowledged.entry("full".to_owned()).or_default() += ads.len() as u64;
+            return None;
+        }
+        Some((status, retry, answer))
+    });
+    let (status, retry, answer) = refused.expect("the log never refused");
+    assert_eq!(status, 507, "{answer}");
+    assert_eq!(retry.as_deref(), Some("5"));
+    assert!(answer.contains("No space left") && answer.contains("retry later"), "{answer}");
+    // Sealing the many ads' minute cannot be committed: the aggregator retries and says why.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, health) = server.get("/healthz");
+        let sealed = now_ms() > bulk_minute + 60_000 + 6_000;
+        if sealed && status == 503 && server.metrics().contains("adclick_commits_stalled 1") {
+            let error = health["error"].as_str().unwrap_or_default();
+            assert!(error.contains("No space left"), "{health}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "commits never stalled: {health}\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Queries go on answering what is committed; the stalled minute is not final.
+    let path =
+        format!("/v1/ads/b77/aggregated_count?from={bulk_minute}&to={}", bulk_minute + 60_000);
+    let (status, answer) = server.get(&path);
+    assert_eq!((status, &answer["final"]), (200, &Value::Bool(false)), "{answer}");
+    assert!(answer["count"].as_u64() <= Some(1), "{answer}");
+    assert!(server.child.try_wait().unwrap().is_none(), "the server kept running");
+    // Space returns: everything resumes without a restart.
+    space.store(true, Ordering::Release);
+    filler.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, health) = server.get("/healthz");
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never resumed: {health}\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(server.metrics().contains("adclick_commits_stalled 0"));
+    for _ in 0..3 {
+        let (body, ads) = batch("full", 1_000);
+        assert_eq!(server.post(body.as_bytes()).0, 200);
+        for ad in ads {
+            *acknowledged.entry(ad).or_default() += 1;
+        }
+    }
+    // Every minute final, every acknowledged click counted once and nothing refused counted.
+    let last = *minutes.last().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let totals = loop {
+        let (_, v) = server.get(&format!("/v1/totals?window=10&to={}", last + 60_000));
+        if v["minutes"].as_array().unwrap().iter().all(|m| m["final"] == true) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "minutes never turned final: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let total: u64 =
+        totals["minutes"].as_array().unwrap().iter().map(|m| m["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, acknowledged.values().sum::<u64>(), "{totals}");
+    let (first, to) = (*minutes.first().unwrap(), last + 60_000);
+    for (ad, n) in acknowledged.iter().filter(|(ad, _)| *ad == "full" || ad.ends_with("77")) {
+        let (_, v) = server.get(&format!("/v1/ads/{ad}/aggregated_count?from={first}&to={to}"));
+        assert_eq!(v["count"].as_u64(), Some(*n), "{ad}: {v}");
+    }
+    server.stop();
 }
