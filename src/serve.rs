@@ -90,6 +90,9 @@ fn embedded(
     result
 }
 
+/// How long a scaled-out start waits for a PostgreSQL that is down or restarting.
+const START_WAIT: Duration = Duration::from_secs(300);
+
 /// `serve` with Kafka and PostgreSQL: checks both (bounded waits, clear errors), applies the
 /// schema, then runs this process's roles until SIGTERM or SIGINT.
 async fn scaled_out(
@@ -100,12 +103,25 @@ async fn scaled_out(
     let (s2, sc2) = (settings.clone(), scale.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         kafka::ensure_topic(&sc2.brokers, &sc2.topic, s2.partitions)?;
-        let mut client = pg::connect(&sc2.postgres)?;
-        pg::migrate(&mut client)?;
         let mut recorded = s2.recorded();
         recorded.push(("topic".into(), sc2.topic.clone()));
-        pg::check_settings(&mut client, &recorded)?;
-        Ok(())
+        let check = || -> Result<(), pg::PgError> {
+            let mut client = pg::connect(&sc2.postgres)?;
+            pg::migrate(&mut client)?;
+            pg::check_settings(&mut client, &recorded)
+        };
+        // A database that is down or restarting is waited for, a while (a process started
+        // during an outage joins once it is back); anything else is an error at once.
+        let deadline = std::time::Instant::now() + START_WAIT;
+        loop {
+            match check() {
+                Err(e) if e.is_transient() && std::time::Instant::now() < deadline => {
+                    tracing::warn!("{e}; waiting for PostgreSQL (up to {START_WAIT:?})");
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                other => return Ok(other?),
+            }
+        }
     })
     .await
     .context("start-up checks")??;
@@ -130,7 +146,7 @@ async fn scaled_out(
     let aggregator = if scale.roles.aggregate {
         let (stop, sc, st) = (shutdown.clone(), scale.clone(), settings.clone());
         Some(spawn("aggregator", move || {
-            let run = aggregate::Aggregator::new(&st, &sc).and_then(|a| a.run(&sc, &stop));
+            let run = aggregate::Aggregator::new(&st, &sc, stop).and_then(|a| a.run(&sc));
             if let Err(e) = run {
                 fatal("aggregator", crate::fault::chain(&e));
             }

@@ -102,7 +102,7 @@ pub const DESCRIBED: &[(&str, Kind, &str)] = &[
     (LOG_WRITTEN, Kind::Counter, "Bytes appended to the click log since start."),
     (LOG_DISK, Kind::Gauge, "Bytes of click log segments on disk."),
     (STORE_DISK, Kind::Gauge, "Bytes of the store and its checkpoints on disk."),
-    (STALLED, Kind::Gauge, "1 while results cannot be committed (a full or failing disk) and the aggregator retries."),
+    (STALLED, Kind::Gauge, "1 while results cannot be committed (a full or failing disk; scaled out, PostgreSQL unreachable) and the aggregator retries."),
     (BUILD_INFO, Kind::Gauge, "Always 1; the labels name the version."),
 ];
 
@@ -203,6 +203,21 @@ pub fn set_counter(name: &'static str, v: u64) {
 
 pub fn set_gauge(name: &'static str, v: f64) {
     metrics::gauge!(name).set(v);
+}
+
+/// Why this process cannot commit results now (its database unreachable), if it cannot.
+static STALLED_BECAUSE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Records why this process cannot commit results (`None`: it can again), for `/healthz` and
+/// [`STALLED`].
+pub fn set_stalled(why: Option<String>) {
+    set_gauge(STALLED, f64::from(u8::from(why.is_some())));
+    *STALLED_BECAUSE.lock().expect("not poisoned") = why;
+}
+
+/// Why this process cannot commit results now, if it cannot (see [`set_stalled`]).
+pub fn stalled() -> Option<String> {
+    STALLED_BECAUSE.lock().expect("not poisoned").clone()
 }
 
 /// A per-partition gauge.

@@ -28,7 +28,11 @@ pub(super) async fn filters(State(s): State<AppState>) -> Json<serde_json::Value
 /// 200 once this process serves (recovered, its database reachable), 503 before or while not.
 pub(super) async fn healthz(State(s): State<AppState>) -> Response {
     let health = match s.results.clone() {
-        None => Health::new(HealthStatus::Ok),
+        // A process without results of its own: whether it can commit (an aggregator).
+        None => match crate::telemetry::stalled() {
+            None => Health::new(HealthStatus::Ok),
+            Some(why) => Health { error: Some(why), ..Health::new(HealthStatus::Unavailable) },
+        },
         Some(results) => match tokio::task::spawn_blocking(move || results.health()).await {
             Ok(h) => h,
             Err(e) => {

@@ -72,6 +72,8 @@ pub fn run(url: Option<String>, data_dir: Option<PathBuf>, json: bool) -> anyhow
     let summary = serde_json::json!({
         "url": url,
         "status": health["status"],
+        "error": health["error"],
+        "commits_stalled": metric(crate::telemetry::STALLED, &[]),
         "watermark": watermark,
         "watermark_behind_seconds": behind,
         "lag_records": health["lag_records"],
@@ -93,6 +95,12 @@ pub fn run(url: Option<String>, data_dir: Option<PathBuf>, json: bool) -> anyhow
             other => other.to_string(),
         };
         println!("adclick at {url}: {}", show(&summary["status"]));
+        if let Some(error) = summary["error"].as_str() {
+            println!("  error            {error}");
+        }
+        if summary["commits_stalled"] == 1 {
+            println!("  commits          stalled, retrying");
+        }
         println!(
             "  watermark        {} ({} s behind the clock)",
             show(&summary["watermark"]),

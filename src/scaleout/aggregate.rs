@@ -70,8 +70,11 @@ pub struct Aggregator {
     config: EngineConfig,
     filters: Arc<Filters>,
     owned: BTreeMap<PartitionId, Owned>,
-    client: postgres::Client,
+    /// Commits and watermarks; reconnected after an outage (see [`pg::Conn`]).
+    client: pg::Conn,
     days: pg::Days,
+    /// Set when the process stops: a commit waiting for PostgreSQL then gives up.
+    shutdown: Arc<AtomicBool>,
     /// When the owned partitions' end offsets were last asked of the broker (for metrics).
     ends_read: Option<Instant>,
 }
@@ -80,28 +83,36 @@ pub struct Aggregator {
 const ENDS_EVERY: Duration = Duration::from_secs(5);
 
 impl Aggregator {
-    pub fn new(settings: &Settings, scale: &ScaleOut) -> Result<Aggregator, RoleError> {
+    /// Connects to PostgreSQL lazily: an aggregator started while the database is down waits
+    /// for it instead of exiting.
+    pub fn new(
+        settings: &Settings,
+        scale: &ScaleOut,
+        shutdown: Arc<AtomicBool>,
+    ) -> Result<Aggregator, RoleError> {
         let config = EngineConfig { shards: 1, ..settings.engine.clone() };
         Ok(Aggregator {
             settings: settings.clone(),
             config,
             filters: Arc::new(settings.filters.clone()),
             owned: BTreeMap::new(),
-            client: pg::connect(&scale.postgres)?,
+            client: pg::Conn::lazy(&scale.postgres, shutdown.clone()),
             days: pg::Days::new(),
+            shutdown,
             ends_read: None,
         })
     }
 
     /// Consumes until `shutdown`, then commits what it holds.
-    pub fn run(mut self, scale: &ScaleOut, shutdown: &AtomicBool) -> Result<(), RoleError> {
+    pub fn run(mut self, scale: &ScaleOut) -> Result<(), RoleError> {
+        let shutdown = self.shutdown.clone();
         let owner = format!(
             "{}:{}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "adclick".into()),
             std::process::id()
         );
         let ctx = GroupContext {
-            claims: Mutex::new(pg::connect(&scale.postgres)?),
+            claims: Mutex::new(pg::Conn::lazy(&scale.postgres, shutdown.clone())),
             owner,
             changes: Mutex::new(Vec::new()),
         };
@@ -297,9 +308,14 @@ impl Aggregator {
                 continue;
             }
             let w = crate::engine::Watermark::at(EventTime::now().0 - delay);
-            match pg::empty_watermark(&mut self.client, p, o.epoch, w) {
+            let epoch = o.epoch;
+            let stored = self
+                .client
+                .retry("committing a watermark", |c| pg::empty_watermark(c, p, epoch, w));
+            match stored {
                 Ok(()) => o.last_commit = Instant::now(),
                 Err(pg::PgError::Fenced(..)) => fenced.push(p),
+                Err(e) if e.is_transient() => {} // stopping; the next owner idles it again
                 Err(e) => fatal("committing a watermark", e),
             }
         }
@@ -386,7 +402,7 @@ impl Owned {
     /// `Fenced` means another process claimed it.
     pub fn commit(
         &mut self,
-        client: &mut postgres::Client,
+        client: &mut impl pg::Committer,
         days: &mut pg::Days,
         wall: i64,
     ) -> Result<(), pg::PgError> {
@@ -438,7 +454,7 @@ impl Owned {
             crate::fault::pause("aggregator.before_commit");
         }
         let committing = Instant::now();
-        pg::commit(client, days, &commit)?;
+        client.commit(days, &commit)?;
         crate::telemetry::observe(crate::telemetry::COMMIT, committing.elapsed());
         metrics::counter!(crate::telemetry::ROWS_WRITTEN).increment(output.counts.len() as u64);
         metrics::counter!(crate::telemetry::CHECKPOINT_WRITTEN).increment(bytes.len() as u64);
@@ -457,11 +473,16 @@ impl Owned {
     }
 }
 
-/// True when committed; false when fenced off (the caller drops the partition); other errors
-/// stop the process, whose restart resumes from what is committed.
+/// True when committed; false when fenced off, or PostgreSQL is still unreachable as the
+/// process stops (the caller drops the partition; its next owner resumes from what is
+/// committed); other errors stop the process, whose restart resumes from there.
 fn committed_or_fenced(p: PartitionId, committed: Result<(), pg::PgError>) -> bool {
     match committed {
         Ok(()) => true,
+        Err(e) if e.is_transient() => {
+            tracing::warn!(partition = p.0, "stopping with this partition uncommitted: {e}");
+            false
+        }
         Err(pg::PgError::Fenced(_, epoch)) => {
             tracing::warn!(
                 partition = p.0,

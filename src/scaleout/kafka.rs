@@ -292,7 +292,8 @@ pub enum Change {
 /// The consumer's context: on assignment it claims each partition in PostgreSQL (bumping its
 /// epoch) and starts fetching at the offset stored there; on revocation it reports the loss.
 pub struct GroupContext {
-    pub claims: Mutex<postgres::Client>,
+    /// Claims wait out a PostgreSQL outage (see [`pg::Conn`]).
+    pub claims: Mutex<pg::Conn>,
     pub owner: String,
     pub changes: Mutex<Vec<Change>>,
 }
@@ -310,12 +311,20 @@ impl ConsumerContext for GroupContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut client = self.claims.lock().expect("not poisoned");
+                let mut claimed = Vec::new();
                 let elems: Vec<(String, i32)> =
                     tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
                 for (topic, p) in elems {
                     let id = PartitionId(p as u32);
-                    let claim = match pg::claim(&mut client, id, &self.owner) {
+                    let claim = match client
+                        .retry("claiming a partition", |c| pg::claim(c, id, &self.owner))
+                    {
                         Ok(c) => c,
+                        Err(e) if e.is_transient() => {
+                            // Stopping during an outage: take nothing.
+                            tracing::warn!(partition = p, "not claimed: {e}");
+                            return;
+                        }
                         Err(e) => crate::fault::fatal("claiming a partition", e),
                     };
                     tracing::info!(
@@ -330,11 +339,12 @@ impl ConsumerContext for GroupContext {
                     {
                         crate::fault::fatal("positioning a partition", e);
                     }
-                    changes.push(Change::Assigned(id, claim));
+                    claimed.push(Change::Assigned(id, claim));
                 }
                 if let Err(e) = consumer.assign(tpl) {
                     crate::fault::fatal("taking the assignment", e);
                 }
+                changes.extend(claimed);
             }
             _ => {
                 for e in tpl.elements() {

@@ -107,6 +107,110 @@ pub enum PgError {
     Fenced(u32, i64),
     #[error("{0}")]
     Refused(String),
+    /// The server could not be reached (down, restarting, refusing connections).
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+impl PgError {
+    /// The database is down, restarting, refusing connections or cut the connection: nothing
+    /// is wrong with the request, and trying again once it is back may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PgError::Db(e) => transient(e),
+            PgError::Unreachable(_) => true,
+            PgError::Fenced(..) | PgError::Refused(_) => false,
+        }
+    }
+}
+
+/// Connection failures (SQLSTATE classes 08, 57P: shutting down, starting up; 53300: too many
+/// connections) and client-side I/O errors, not errors of the statement.
+fn transient(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }
+        None => {
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                if c.is::<std::io::Error>() {
+                    return true;
+                }
+                cause = c.source();
+            }
+            false
+        }
+    }
+}
+
+/// A connection that is opened again when the database went away: [`Conn::retry`] runs a
+/// transaction until it succeeds, waiting with backoff while the database is unreachable, and
+/// reports the outage (log, `adclick_commits_stalled`).
+pub struct Conn {
+    url: String,
+    client: Option<Client>,
+    /// Set when the process stops: a retry then gives up.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Longest wait between two attempts while the database is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Conn {
+    /// Not connected yet: the first use connects.
+    pub fn lazy(url: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Conn {
+        Conn { url: url.to_owned(), client: None, stop }
+    }
+
+    /// Runs `f` on a connection. While the database is unreachable (see
+    /// [`PgError::is_transient`]) it reconnects and runs `f` again, with backoff, until it
+    /// succeeds, fails otherwise, or the process stops (then the error is returned). `f` must
+    /// be safe to run again after a failure whose commit may have landed.
+    pub fn retry<T>(
+        &mut self,
+        what: &str,
+        mut f: impl FnMut(&mut Client) -> Result<T, PgError>,
+    ) -> Result<T, PgError> {
+        let mut backoff = Duration::from_millis(100);
+        let mut failing = false;
+        loop {
+            let result = match self.client.as_mut().filter(|c| !c.is_closed()) {
+                Some(client) => f(client),
+                None => connect(&self.url).and_then(|mut client| {
+                    let out = f(&mut client);
+                    self.client = Some(client);
+                    out
+                }),
+            };
+            match result {
+                Err(e) if e.is_transient() => {
+                    if !failing {
+                        tracing::warn!("{what}: {e}; retrying until PostgreSQL is back");
+                        crate::telemetry::set_stalled(Some(format!("{what}: {e}")));
+                        failing = true;
+                    }
+                    self.client = None;
+                    if self.stop.load(std::sync::atomic::Ordering::Acquire) {
+                        return Err(e);
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                other => {
+                    if failing {
+                        tracing::info!("{what}: PostgreSQL is back");
+                        crate::telemetry::set_stalled(None);
+                    }
+                    return other;
+                }
+            }
+        }
+    }
 }
 
 /// Connects with a bounded wait and an error that names the server.
@@ -117,7 +221,12 @@ pub fn connect(url: &str) -> Result<Client, PgError> {
     config.connect_timeout(CONNECT_TIMEOUT);
     config.application_name("adclick");
     config.connect(NoTls).map_err(|e| {
-        PgError::Refused(format!("postgres: cannot connect to {}: {}", redact(url), describe(&e)))
+        let msg = format!("postgres: cannot connect to {}: {}", redact(url), describe(&e));
+        if transient(&e) {
+            PgError::Unreachable(msg)
+        } else {
+            PgError::Refused(msg)
+        }
     })
 }
 
@@ -312,6 +421,24 @@ impl Default for Days {
     }
 }
 
+/// Where a partition's batch is committed: a connection as it is, or a [`Conn`] that waits
+/// out an outage (a commit that landed before the connection was cut is not applied twice).
+pub trait Committer {
+    fn commit(&mut self, days: &mut Days, c: &Commit<'_>) -> Result<(), PgError>;
+}
+
+impl Committer for Client {
+    fn commit(&mut self, days: &mut Days, c: &Commit<'_>) -> Result<(), PgError> {
+        commit(self, days, c)
+    }
+}
+
+impl Committer for Conn {
+    fn commit(&mut self, days: &mut Days, c: &Commit<'_>) -> Result<(), PgError> {
+        self.retry("committing results", |client| commit(client, days, c))
+    }
+}
+
 /// Commits one partition's batch atomically, or refuses it when the epoch is stale.
 pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<(), PgError> {
     let out = c.output;
@@ -328,14 +455,17 @@ pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<()
     days.ensure(client, "adclick_tops", MINUTES_PER_DAY, out.top.iter().map(|t| t.minute.0))?;
     let part = c.partition.0 as i32;
     let mut tx = client.transaction()?;
-    let epoch: i64 = tx
-        .query_one(
-            "SELECT epoch FROM adclick_partitions WHERE partition = $1 FOR UPDATE",
-            &[&part],
-        )?
-        .get(0);
+    let row = tx.query_one(
+        "SELECT epoch, seq FROM adclick_partitions WHERE partition = $1 FOR UPDATE",
+        &[&part],
+    )?;
+    let (epoch, seq): (i64, i64) = (row.get(0), row.get(1));
     if epoch != c.epoch {
         return Err(PgError::Fenced(c.partition.0, c.epoch));
+    }
+    if seq >= c.checkpoint.0 as i64 {
+        // A retry of a commit that landed before its connection was cut (hour sums add up).
+        return Ok(());
     }
     let (mut minutes, mut slots, mut ads, mut counts) = (vec![], vec![], vec![], vec![]);
     for (minute, ad, row) in out.counts.iter() {

@@ -22,9 +22,18 @@ pub struct PgResults {
 }
 
 impl PgResults {
+    /// Connects once to check the URL; a database that is down only makes queries answer 503
+    /// until it is back.
     pub fn new(url: &str, partitions: u32, top_n: usize) -> Result<PgResults, PgError> {
-        let first = Self::connect(url)?;
-        Ok(PgResults { url: url.into(), pool: Mutex::new(vec![first]), partitions, top_n })
+        let pool = match Self::connect(url) {
+            Ok(first) => vec![first],
+            Err(e) if e.is_transient() => {
+                tracing::warn!("{e}; queries answer 503 until PostgreSQL is back");
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(PgResults { url: url.into(), pool: Mutex::new(pool), partitions, top_n })
     }
 
     fn with<T>(

@@ -6,6 +6,7 @@ mod faults;
 mod layers;
 mod model;
 mod observe;
+mod outages;
 mod pgstore;
 mod scaleout;
 mod service;

@@ -433,3 +433,41 @@ fn a_commit_that_seals_its_own_minutes_rolls_them_even_after_a_jump() {
         assert_eq!(got[0].1, n, "popular over [{from}, {to})");
     }
 }
+
+/// Commits every batch twice, as a retry does after a connection cut once the commit had landed.
+struct Twice<'a>(&'a mut postgres::Client);
+
+impl pg::Committer for Twice<'_> {
+    fn commit(&mut self, days: &mut pg::Days, c: &pg::Commit<'_>) -> Result<(), pg::PgError> {
+        pg::commit(self.0, days, c)?;
+        pg::commit(self.0, days, c)
+    }
+}
+
+/// A commit retried after it landed (its answer lost with the connection) changes nothing: hour
+/// sums, which add up, are not added twice.
+#[test]
+fn a_commit_retried_after_it_landed_is_not_applied_twice() {
+    let Some((_, pg_url)) = services() else { return };
+    let (url, _) = fresh(&pg_url, "pgretry");
+    let mut client = pg::connect(&url).expect("connect");
+    pg::migrate(&mut client).expect("migrate");
+    let mut days = pg::Days::new();
+    let cfg = small_config(1);
+    let base = 1_796_000_000_000i64 / 60_000 * 60_000;
+    let wall = base + 86_400_000;
+    let claim = pg::claim(&mut client, PartitionId(0), "test").expect("claim");
+    let mut owned = Owned::restore(&cfg, &filters(), PartitionId(0), claim, wall).expect("restore");
+    for i in 0..11 {
+        let t = base + i * 60_000;
+        let line = format!(r#"{{"ad_id":"a","click_timestamp":{t},"click_id":"c{i}"}}"#);
+        owned.push(i, line.into_bytes());
+    }
+    owned.commit(&mut Twice(&mut client), &mut days, wall).expect("commit, twice");
+    let (rolled, _) = check_hours(&url, "a commit applied twice");
+    assert!(rolled > 0, "the commit rolled minutes into hour sums");
+    let results = PgResults::new(&url, 1, cfg.top_n).expect("query connection");
+    let m = base / 60_000;
+    let (got, _) = results.popular(Slot::from_index(0), Minute(m), Minute(m + 11), 5).unwrap();
+    assert_eq!(got[0].1, 11, "{got:?}");
+}

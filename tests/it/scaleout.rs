@@ -68,7 +68,7 @@ ip = ["10.0.0.0/8", "2001:db8::/32"]
 }
 
 /// What every role process of one deployment shares.
-struct Deployment {
+pub(crate) struct Deployment {
     kafka: String,
     pg: String,
     topic: String,
@@ -78,7 +78,7 @@ struct Deployment {
 }
 
 impl Deployment {
-    fn new(kafka: &str, pg: &str, name: &str, partitions: u32) -> Deployment {
+    pub(crate) fn new(kafka: &str, pg: &str, name: &str, partitions: u32) -> Deployment {
         let (pg, topic) = fresh(pg, name);
         let pg_db = pg.rsplit_once('/').unwrap().1.to_string();
         // A group of its own: members killed by other tests must not hold up its assignments.
@@ -92,7 +92,11 @@ impl Deployment {
         }
     }
 
-    fn command(&mut self, roles: &str, env: &[(&str, &str)]) -> (Command, std::path::PathBuf) {
+    pub(crate) fn command(
+        &mut self,
+        roles: &str,
+        env: &[(&str, &str)],
+    ) -> (Command, std::path::PathBuf) {
         let (kafka, pg) = (self.kafka.clone(), self.pg.clone());
         self.command_with(roles, env, &kafka, &pg)
     }
@@ -121,7 +125,7 @@ impl Deployment {
     }
 
     /// Starts a process running `roles` and waits until it listens.
-    fn start(&mut self, roles: &str, env: &[(&str, &str)]) -> Server {
+    pub(crate) fn start(&mut self, roles: &str, env: &[(&str, &str)]) -> Server {
         let (mut cmd, dir) = self.command(roles, env);
         let mut child = cmd.spawn().expect("spawn adclick");
         let mut line = String::new();
@@ -135,7 +139,7 @@ impl Deployment {
         Server { child, url, dir }
     }
 
-    fn client(&self) -> postgres::Client {
+    pub(crate) fn client(&self) -> postgres::Client {
         postgres::Client::connect(&self.pg, postgres::NoTls).unwrap()
     }
 }
@@ -180,7 +184,7 @@ impl Drop for Deployment {
 
 /// Posts one batch, retrying (the same lines: duplicates are deduplicated) until acknowledged.
 /// Returns how many lines the collector accepted.
-fn post_acked(url: &str, body: &[u8]) -> i64 {
+pub(crate) fn post_acked(url: &str, body: &[u8]) -> i64 {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match post(url, body) {
@@ -192,7 +196,7 @@ fn post_acked(url: &str, body: &[u8]) -> i64 {
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after `secs`.
-fn await_cond(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) fn await_cond(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");

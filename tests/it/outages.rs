@@ -1,0 +1,232 @@
+//! The services the scaled-out deployment depends on going away under load: PostgreSQL stopped
+//! abruptly and started again, then cutting every adclick connection for a while. Each test
+//! runs its own PostgreSQL cluster (initdb + pg_ctl, as `scripts/services` does), so that
+//! stopping it disturbs no other test. Every answer afterwards must equal the oracle's.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use adclick::event::EventTime;
+
+use crate::scaleout::{await_cond, services, Deployment};
+use crate::service::{agent, assert_matches_oracle, generator, now_ms, oracle, post, Server};
+
+/// A PostgreSQL cluster of the test's own, stopped on drop.
+struct OwnPostgres {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl OwnPostgres {
+    /// Creates and starts a cluster; `None` (skip) where PostgreSQL is not installed and the
+    /// services are not required.
+    fn start() -> Option<OwnPostgres> {
+        let version = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|d| {
+            d.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).max()
+        });
+        let Some(version) = version else {
+            let required = std::env::var_os("ADCLICK_REQUIRE_SERVICES").is_some();
+            assert!(!required, "PostgreSQL is not installed (scripts/install-services)");
+            eprintln!("skipped: PostgreSQL is not installed");
+            return None;
+        };
+        let bin = PathBuf::from(format!("/usr/lib/postgresql/{version}/bin"));
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let pg = OwnPostgres { bin, dir, port };
+        Command::new("chmod").arg("755").arg(pg.dir.path()).status().unwrap();
+        if pg.root() {
+            Command::new("chown").arg("postgres").arg(pg.dir.path()).status().unwrap();
+        }
+        let data = pg.dir.path().join("data");
+        pg.run("initdb", &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust"]);
+        pg.up();
+        Some(pg)
+    }
+
+    fn root(&self) -> bool {
+        let out = Command::new("id").arg("-u").output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "0"
+    }
+
+    /// Runs a PostgreSQL tool, as the postgres user when root (initdb refuses root).
+    fn run(&self, tool: &str, args: &[&str]) {
+        let path = self.bin.join(tool);
+        let mut cmd = if self.root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&path);
+            c
+        } else {
+            Command::new(&path)
+        };
+        let out = cmd.args(args).output().unwrap();
+        assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn up(&self) {
+        let dir = self.dir.path();
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            self.port,
+            dir.display()
+        );
+        let (data, log) = (dir.join("data"), dir.join("log"));
+        let (data, log) = (data.to_str().unwrap(), log.to_str().unwrap());
+        self.run("pg_ctl", &["-D", data, "-l", log, "-w", "-t", "60", "-o", &options, "start"]);
+    }
+
+    /// As a crash or a power cut: no shutdown checkpoint, every connection dropped.
+    fn stop_immediate(&self) {
+        let data = self.dir.path().join("data");
+        self.run("pg_ctl", &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"]);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = Command::new(self.bin.join("pg_ctl"))
+            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .output();
+        if self.root() {
+            let data = data.to_str().unwrap();
+            let _ = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"))
+                .args(["-D", data, "-m", "immediate", "stop"])
+                .output();
+        }
+    }
+}
+
+/// An endpoint's status and `Retry-After`.
+fn status_of(url: &str, path: &str) -> (u16, Option<String>) {
+    match agent().get(format!("{url}{path}")).call() {
+        Ok(r) => {
+            let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            (r.status().as_u16(), retry)
+        }
+        Err(_) => (0, None),
+    }
+}
+
+fn metrics(url: &str) -> String {
+    agent().get(format!("{url}/metrics")).call().unwrap().body_mut().read_to_string().unwrap()
+}
+
+/// PostgreSQL stopped abruptly (`pg_ctl stop -m immediate`) during ingest and started again a
+/// minute later, then every adclick connection cut for 10 s. Aggregators wait with backoff
+/// (none exits; one started during the outage joins once it is back), the query role answers
+/// 503 with `Retry-After` meanwhile, the collector keeps acknowledging into Kafka, metrics and
+/// `/healthz` show the outage, and afterwards every answer equals the oracle's.
+#[test]
+fn a_postgres_outage_stops_no_aggregator_and_loses_nothing() {
+    let Some((kafka, _)) = services() else { return };
+    let Some(pg) = OwnPostgres::start() else { return };
+    let mut d = Deployment::new(&kafka, &pg.url(), "pgdown", 4);
+    let query = d.start("query", &[]);
+    let collector = d.start("collect", &[]);
+    let mut aggregators = vec![d.start("aggregate", &[]), d.start("aggregate", &[])];
+    let mut g = generator(23);
+    let mut sent = Vec::new();
+    let mut send = |sent: &mut Vec<(String, i64)>| {
+        let at = now_ms();
+        let lines: Vec<String> = (0..300).map(|_| g.line(EventTime(at))).collect();
+        // Acknowledged at once: the collector needs only the broker.
+        let (status, answer) = post(&collector.url, lines.join("\n").as_bytes()).unwrap();
+        assert_eq!(status, 200, "{answer}");
+        sent.extend(lines.into_iter().map(|l| (l, at)));
+    };
+    for _ in 0..8 {
+        send(&mut sent);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut client = d.client();
+    await_cond(60, "both aggregators to commit", || {
+        let row = client
+            .query_one(
+                "SELECT count(*), count(DISTINCT owner) FROM adclick_partitions WHERE seq > 0",
+                &[],
+            )
+            .unwrap();
+        row.get::<_, i64>(0) == 4 && row.get::<_, i64>(1) == 2
+    });
+    drop(client);
+    pg.stop_immediate();
+    let down = Instant::now();
+    // One more aggregator, started while the database is down: it waits instead of exiting.
+    let (mut cmd, late_dir) = d.command("aggregate", &[]);
+    let mut late = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut stalled_seen = false;
+    let mut refused_seen = false;
+    while down.elapsed() < Duration::from_secs(60) {
+        send(&mut sent);
+        if !refused_seen {
+            let path = "/v1/ads/ad-1/aggregated_count?from=0&to=60000";
+            let (status, retry) = status_of(&query.url, path);
+            let (health, _) = status_of(&query.url, "/healthz");
+            refused_seen = status == 503 && retry.is_some() && health == 503;
+        }
+        if !stalled_seen {
+            stalled_seen = aggregators.iter().all(|a| {
+                metrics(&a.url).contains("adclick_commits_stalled 1")
+                    && status_of(&a.url, "/healthz").0 == 503
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        refused_seen,
+        "the query role answered 503 with Retry-After while the database was down"
+    );
+    assert!(stalled_seen, "every aggregator's metrics and /healthz showed the outage");
+    for a in &mut aggregators {
+        assert!(a.child.try_wait().unwrap().is_none(), "an aggregator exited:\n{}", a.log());
+    }
+    assert!(late.try_wait().unwrap().is_none(), "the aggregator started during the outage exited");
+    pg.up();
+    let mut line = String::new();
+    BufReader::new(late.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let late_url =
+        line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| {
+            panic!("{line:?}\n{}", std::fs::read_to_string(late_dir.join("server.log")).unwrap())
+        });
+    aggregators.push(Server { child: late, url: late_url.to_owned(), dir: late_dir });
+    for _ in 0..8 {
+        send(&mut sent);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every adclick connection cut, again and again, for 10 s.
+    let mut admin = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let cutting = Instant::now();
+    while cutting.elapsed() < Duration::from_secs(10) {
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = 'adclick' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .unwrap();
+        send(&mut sent);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for _ in 0..4 {
+        send(&mut sent);
+    }
+    let (expected, invalid) = oracle(&sent);
+    assert!(invalid > 50 && expected.len() > 50, "{invalid} invalid, {} rows", expected.len());
+    assert_matches_oracle(&query, &expected);
+    for (i, a) in aggregators.iter_mut().enumerate() {
+        assert!(a.child.try_wait().unwrap().is_none(), "an aggregator exited:\n{}", a.log());
+        if i < 2 {
+            assert!(metrics(&a.url).contains("adclick_commits_stalled 0"), "{}", a.log());
+        }
+    }
+}
