@@ -90,9 +90,6 @@ fn embedded(
     result
 }
 
-/// How long a scaled-out start waits for a PostgreSQL that is down or restarting.
-const START_WAIT: Duration = Duration::from_secs(300);
-
 /// `serve` with Kafka and PostgreSQL: checks both (bounded waits, clear errors), applies the
 /// schema, then runs this process's roles until SIGTERM or SIGINT.
 async fn scaled_out(
@@ -110,13 +107,14 @@ async fn scaled_out(
             pg::migrate(&mut client)?;
             pg::check_settings(&mut client, &recorded)
         };
-        // A database that is down or restarting is waited for, a while (a process started
-        // during an outage joins once it is back); anything else is an error at once.
-        let deadline = std::time::Instant::now() + START_WAIT;
+        // A database that is down or restarting is waited for, `postgres_wait` (a process
+        // started during an outage joins once it is back); anything else is an error at once.
+        let wait = sc2.postgres_wait;
+        let deadline = std::time::Instant::now() + wait;
         loop {
             match check() {
                 Err(e) if e.is_transient() && std::time::Instant::now() < deadline => {
-                    tracing::warn!("{e}; waiting for PostgreSQL (up to {START_WAIT:?})");
+                    tracing::warn!("{e}; waiting for PostgreSQL (postgres_wait {wait:?})");
                     std::thread::sleep(Duration::from_secs(2));
                 }
                 other => return Ok(other?),

@@ -167,6 +167,7 @@ impl Config {
                     group: self.consumer_group.clone(),
                     roles: Roles::parse(&self.roles).map_err(|e| invalid("roles", e))?,
                     session_timeout: duration("session_timeout", &self.session_timeout)?,
+                    postgres_wait: duration("postgres_wait", &self.postgres_wait)?,
                 })
             }
             (Some(_), None) => {
@@ -385,6 +386,8 @@ pub struct ScaleOut {
     pub group: String,
     pub roles: Roles,
     pub session_timeout: Duration,
+    /// How long a start waits for a PostgreSQL that is down or restarting.
+    pub postgres_wait: Duration,
 }
 
 #[cfg(test)]

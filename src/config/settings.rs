@@ -126,6 +126,8 @@ settings! {
     roles: String = "collect,aggregate,query,archive",
     /// Scale-out: how long an aggregator may stay silent before its partitions move.
     session_timeout: String = "10s",
+    /// Scale-out: how long a start waits for a PostgreSQL that is down or restarting; 0s: none.
+    postgres_wait: String = "2m",
 }
 
 /// The first line of a doc comment (the macro's `concat!` of them).

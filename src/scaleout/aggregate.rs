@@ -61,8 +61,35 @@ pub struct Owned {
     full_bytes: usize,
     compactions: u64,
     buf: Vec<(i64, Vec<u8>)>,
+    /// One past the newest end marker read (markers are not records of the engine).
+    skipped_to: i64,
+    /// The end marker sent to this partition while it has delivered no valid click: whether it
+    /// was read back (see [`Aggregator::empty_partitions`]).
+    marker: Option<Marker>,
     last_commit: Instant,
     assigned_at: Instant,
+}
+
+/// An end marker sent: its nonce, the wall time it was sent, and whether it was read back.
+#[derive(Clone, Copy)]
+struct Marker {
+    nonce: u64,
+    sent: i64,
+    seen: bool,
+}
+
+/// An end marker not read back within this long is sent again (one may be lost).
+pub const MARKER_RESEND_MS: i64 = 10_000;
+
+/// What the idle rule does next for a partition (see [`Owned::idle_step`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum IdleStep {
+    Wait,
+    /// Append an end marker with this nonce to the partition.
+    SendMarker(u64),
+    /// Everything before the marker is read and committed: store this watermark for the
+    /// partition, and this next offset (past the marker).
+    Advance(crate::engine::Watermark, i64),
 }
 
 pub struct Aggregator {
@@ -75,6 +102,8 @@ pub struct Aggregator {
     days: pg::Days,
     /// Set when the process stops: a commit waiting for PostgreSQL then gives up.
     shutdown: Arc<AtomicBool>,
+    /// End markers for partitions that have delivered no valid click.
+    markers: kafka::Markers,
     /// When the owned partitions' end offsets were last asked of the broker (for metrics).
     ends_read: Option<Instant>,
 }
@@ -99,6 +128,7 @@ impl Aggregator {
             client: pg::Conn::lazy(&scale.postgres, shutdown.clone()),
             days: pg::Days::new(),
             shutdown,
+            markers: kafka::Markers::new(&scale.brokers, &scale.topic)?,
             ends_read: None,
         })
     }
@@ -167,7 +197,7 @@ impl Aggregator {
                 }
             }
             self.commit_round(stopping);
-            self.empty_partitions(&consumer, &scale.topic);
+            self.empty_partitions();
             self.export_ends(&consumer, &scale.topic);
             if stopping {
                 return Ok(());
@@ -277,46 +307,41 @@ impl Aggregator {
 impl Aggregator {
     /// A partition that never delivered a valid click keeps its engine's watermark at none (a
     /// first click may be history of any age). Once it has been quiet for `idle_timeout` since
-    /// its assignment and nothing is left to read from Kafka, its stored watermark follows the
-    /// wall clock (minus `watermark_delay`), so that it does not hold every minute of the other
-    /// partitions back from final. A click arriving later for such a partition is still counted
-    /// (its engine judges nothing too late), correcting minutes already reported final.
-    fn empty_partitions(
-        &mut self,
-        consumer: &rdkafka::consumer::BaseConsumer<GroupContext>,
-        topic: &str,
-    ) {
+    /// its assignment and everything in it has been read, its stored watermark follows the wall
+    /// clock (minus `watermark_delay`), so that it does not hold every minute of the other
+    /// partitions back from final. "Everything read" does not come from the broker's end
+    /// offsets (some brokers count record batches there): the aggregator appends an end marker
+    /// to the partition and waits to read it back. Every record before it has then been read
+    /// and committed, and the watermark may follow the clock as of when the marker was sent. A
+    /// click arriving later for such a partition is still counted (its engine judges nothing
+    /// too late), correcting minutes already reported final.
+    fn empty_partitions(&mut self) {
         let idle = Duration::from_millis(self.config.idle_timeout_ms as u64);
         let delay = self.config.watermark_delay_ms;
+        let wall = EventTime::now().0;
         let mut fenced = Vec::new();
         for (&p, o) in self.owned.iter_mut() {
-            if o.engine.watermark() != crate::engine::Watermark::NONE
-                || !o.buf.is_empty()
-                || o.assigned_at.elapsed() < idle
-                || o.last_commit.elapsed() < Duration::from_secs(1)
-            {
+            if o.assigned_at.elapsed() < idle || o.last_commit.elapsed() < Duration::from_secs(1) {
                 continue;
             }
-            let high = match consumer.fetch_watermarks(topic, p.0 as i32, Duration::from_secs(5)) {
-                Ok((_, high)) => high,
-                Err(e) => {
-                    tracing::warn!(partition = p.0, "kafka: reading the end offset: {e}");
-                    continue;
+            match o.idle_step(wall, delay) {
+                IdleStep::Wait => {}
+                IdleStep::SendMarker(nonce) => self.markers.send(p, nonce, wall),
+                IdleStep::Advance(w, next) => {
+                    let epoch = o.epoch;
+                    let stored = self.client.retry("committing a watermark", |c| {
+                        pg::empty_watermark(c, p, epoch, w, next)
+                    });
+                    match stored {
+                        Ok(()) => {
+                            o.last_commit = Instant::now();
+                            o.next = next;
+                        }
+                        Err(pg::PgError::Fenced(..)) => fenced.push(p),
+                        Err(e) if e.is_transient() => {} // stopping; the next owner idles it again
+                        Err(e) => fatal("committing a watermark", e),
+                    }
                 }
-            };
-            if high > o.next {
-                continue;
-            }
-            let w = crate::engine::Watermark::at(EventTime::now().0 - delay);
-            let epoch = o.epoch;
-            let stored = self
-                .client
-                .retry("committing a watermark", |c| pg::empty_watermark(c, p, epoch, w));
-            match stored {
-                Ok(()) => o.last_commit = Instant::now(),
-                Err(pg::PgError::Fenced(..)) => fenced.push(p),
-                Err(e) if e.is_transient() => {} // stopping; the next owner idles it again
-                Err(e) => fatal("committing a watermark", e),
             }
         }
         for p in fenced {
@@ -375,15 +400,51 @@ impl Owned {
             full_bytes: 0,
             compactions: 0,
             buf: Vec::new(),
+            skipped_to: claim.next_offset,
+            marker: None,
             last_commit: Instant::now(),
             assigned_at: Instant::now(),
         })
     }
 
-    /// Buffers a record read from the source; those below the next offset are ignored.
+    /// Buffers a record read from the source; those below the next offset are ignored, and
+    /// end markers only move the position (and are noted when they are this owner's).
     pub fn push(&mut self, offset: i64, bytes: Vec<u8>) {
-        if offset >= self.buf.last().map_or(self.next, |(o, _)| o + 1) {
-            self.buf.push((offset, bytes));
+        if offset < self.next_offset() {
+            return;
+        }
+        if let Some((nonce, _)) = crate::scaleout::read_marker(&bytes) {
+            if let Some(m) = self.marker.as_mut().filter(|m| m.nonce == nonce) {
+                m.seen = true;
+            }
+            self.skipped_to = offset + 1;
+            return;
+        }
+        self.buf.push((offset, bytes));
+    }
+
+    /// The idle rule's next step at `wall` for a partition that has delivered no valid click
+    /// (see [`Aggregator::empty_partitions`]): send an end marker, wait for it, then advance
+    /// the stored watermark to when it was sent, less `delay_ms`. A partition that has
+    /// delivered a click, or holds records not committed yet, waits.
+    pub fn idle_step(&mut self, wall: i64, delay_ms: i64) -> IdleStep {
+        if self.engine.watermark() != crate::engine::Watermark::NONE || !self.buf.is_empty() {
+            return IdleStep::Wait;
+        }
+        match self.marker {
+            Some(m) if m.seen => {
+                self.marker = None;
+                IdleStep::Advance(
+                    crate::engine::Watermark::at(m.sent - delay_ms),
+                    self.next_offset(),
+                )
+            }
+            Some(m) if wall - m.sent < MARKER_RESEND_MS => IdleStep::Wait,
+            _ => {
+                let nonce = (u64::from(std::process::id()) << 44) ^ (wall as u64 & ((1 << 44) - 1));
+                self.marker = Some(Marker { nonce, sent: wall, seen: false });
+                IdleStep::SendMarker(nonce)
+            }
         }
     }
 
@@ -394,7 +455,7 @@ impl Owned {
 
     /// The offset of the first record not yet committed or buffered.
     pub fn next_offset(&self) -> i64 {
-        self.buf.last().map_or(self.next, |(o, _)| o + 1)
+        self.buf.last().map_or(self.next, |(o, _)| o + 1).max(self.skipped_to)
     }
 
     /// Processes the buffered records at `wall` and commits them with a checkpoint, in one
@@ -417,7 +478,7 @@ impl Owned {
             })
             .collect();
         let output = o.engine.process(EventTime(wall), &records);
-        let next = buf.last().map_or(o.next, |(off, _)| off + 1);
+        let next = buf.last().map_or(o.next, |(off, _)| off + 1).max(o.skipped_to);
         let chain: usize = o.manifest.iter().map(|(_, _, b)| b).sum();
         let compact = o.manifest.len() >= COMPACT_FILES && chain >= 2 * o.full_bytes;
         let mut dropped = Vec::new();

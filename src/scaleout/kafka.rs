@@ -212,6 +212,30 @@ fn topic_partitions(
 /// `adclick ship` to `kafka://…`): keyed by their `ad_id` and sent to the partition the collector
 /// would choose (lines without one to partition 0). The aggregator validates them; invalid ones
 /// are counted as such.
+/// Sends the aggregators' end markers (see `aggregate`), without waiting for them.
+pub struct Markers {
+    producer: rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    topic: String,
+}
+
+impl Markers {
+    pub fn new(brokers: &str, topic: &str) -> Result<Markers, KafkaError> {
+        let producer = producer_config(brokers).create().map_err(client("marker producer"))?;
+        Ok(Markers { producer, topic: topic.to_string() })
+    }
+
+    /// Queues a marker for partition `p`; one lost is sent again by the caller.
+    pub fn send(&self, p: PartitionId, nonce: u64, wall: i64) {
+        let bytes = crate::scaleout::marker(nonce, wall);
+        let rec = rdkafka::producer::BaseRecord::<(), [u8]>::to(&self.topic)
+            .partition(p.0 as i32)
+            .payload(bytes.as_slice());
+        if let Err((e, _)) = self.producer.send(rec) {
+            tracing::debug!(partition = p.0, "kafka: queueing an end marker: {e}");
+        }
+    }
+}
+
 pub struct LineProducer {
     producer: rdkafka::producer::BaseProducer,
     topic: String,

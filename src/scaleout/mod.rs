@@ -24,6 +24,27 @@ pub use results::PgResults;
 /// follows. NDJSON lines never start with it.
 pub const WIRE_MAGIC: u8 = 0;
 
+/// The first byte of an aggregator's end marker (see `aggregate::Owned::marker`): a nonce and
+/// the wall time it was sent follow. Neither collector records nor NDJSON lines start with it;
+/// the aggregators and the archiver skip it.
+pub const MARKER_MAGIC: u8 = 1;
+
+/// An end marker's bytes.
+pub fn marker(nonce: u64, wall: i64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(17);
+    v.push(MARKER_MAGIC);
+    v.extend_from_slice(&nonce.to_le_bytes());
+    v.extend_from_slice(&wall.to_le_bytes());
+    v
+}
+
+/// An end marker's nonce and wall time, if `bytes` is one.
+pub fn read_marker(bytes: &[u8]) -> Option<(u64, i64)> {
+    let rest = bytes.strip_prefix(&[MARKER_MAGIC])?;
+    let (nonce, wall) = rest.split_at_checked(8)?;
+    Some((u64::from_le_bytes(nonce.try_into().ok()?), i64::from_le_bytes(wall.try_into().ok()?)))
+}
+
 /// Why a scale-out role cannot start or go on.
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {

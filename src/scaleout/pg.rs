@@ -574,18 +574,21 @@ fn rolled_days(
 }
 
 /// Advances the stored watermark of a partition that has never delivered a valid click and has
-/// nothing left to read, so that it does not hold every minute back from final (the idle rule
-/// of SPEC §2 across partitions; see `aggregate`). Refused like a commit when `epoch` is stale.
+/// been read to an end marker (and its offset past the marker), so that it does not hold every
+/// minute back from final (the idle rule of SPEC §2 across partitions; see `aggregate`).
+/// Refused like a commit when `epoch` is stale.
 pub fn empty_watermark(
     client: &mut Client,
     p: PartitionId,
     epoch: i64,
     watermark: Watermark,
+    next_offset: i64,
 ) -> Result<(), PgError> {
     let n = client.execute(
-        "UPDATE adclick_partitions SET watermark = GREATEST(watermark, $3), updated_at = now() \
+        "UPDATE adclick_partitions SET watermark = GREATEST(watermark, $3), \
+         next_offset = GREATEST(next_offset, $4), updated_at = now() \
          WHERE partition = $1 AND epoch = $2",
-        &[&(p.0 as i32), &epoch, &watermark.to_raw()],
+        &[&(p.0 as i32), &epoch, &watermark.to_raw(), &next_offset],
     )?;
     if n == 0 {
         return Err(PgError::Fenced(p.0, epoch));

@@ -471,3 +471,66 @@ fn a_commit_retried_after_it_landed_is_not_applied_twice() {
     let (got, _) = results.popular(Slot::from_index(0), Minute(m), Minute(m + 11), 5).unwrap();
     assert_eq!(got[0].1, 11, "{got:?}");
 }
+
+/// Accepts every commit (the idle rule's steps need no database).
+struct Accepting;
+
+impl pg::Committer for Accepting {
+    fn commit(&mut self, _: &mut pg::Days, _: &pg::Commit<'_>) -> Result<(), pg::PgError> {
+        Ok(())
+    }
+}
+
+/// The idle rule of a partition that has delivered no valid click trusts no end offset: its
+/// watermark advances only once the end marker it sent is read back with nothing uncommitted
+/// before it, and only to when the marker was sent; a valid click read before the marker (a
+/// record that was in the broker, unread) stops the rule for good.
+#[test]
+fn an_empty_partition_advances_only_after_reading_its_own_end_marker() {
+    use adclick::scaleout::aggregate::{IdleStep, MARKER_RESEND_MS};
+    use adclick::scaleout::marker;
+    let cfg = small_config(1);
+    let wall = 1_796_000_000_000i64;
+    let claim =
+        || pg::Claim { epoch: 1, next_offset: 0, files: Vec::new(), rolled_through: i64::MIN };
+    let restore = || Owned::restore(&cfg, &filters(), PartitionId(0), claim(), wall).unwrap();
+    let invalid = |i: i64| format!(r#"{{"click_id":"x{i}"}}"#).into_bytes();
+    let delay = cfg.watermark_delay_ms;
+    let mut days = pg::Days::new();
+
+    // Only invalid lines before the marker: the watermark follows the marker's send time.
+    let mut o = restore();
+    for i in 0..3 {
+        o.push(i, invalid(i));
+    }
+    assert_eq!(o.idle_step(wall, delay), IdleStep::Wait, "records not committed yet");
+    o.commit(&mut Accepting, &mut days, wall).unwrap();
+    let IdleStep::SendMarker(nonce) = o.idle_step(wall, delay) else { panic!("a marker") };
+    assert_eq!(o.idle_step(wall + 500, delay), IdleStep::Wait, "waiting for it");
+    o.push(3, marker(nonce ^ 1, wall)); // another owner's marker
+    assert_eq!(o.idle_step(wall + 600, delay), IdleStep::Wait, "not its own marker");
+    o.push(4, invalid(4));
+    o.push(5, marker(nonce, wall));
+    assert_eq!(o.idle_step(wall + 700, delay), IdleStep::Wait, "offset 4 is not committed yet");
+    o.commit(&mut Accepting, &mut days, wall + 700).unwrap();
+    let want = IdleStep::Advance(adclick::engine::Watermark::at(wall - delay), 6);
+    assert_eq!(o.idle_step(wall + 800, delay), want);
+    assert_eq!(o.next_offset(), 6, "the marker is passed, not processed");
+    // A marker lost: sent again after a while.
+    let IdleStep::SendMarker(_) = o.idle_step(wall + 900, delay) else { panic!("the next one") };
+    assert_eq!(o.idle_step(wall + 900 + MARKER_RESEND_MS - 1, delay), IdleStep::Wait);
+    assert!(matches!(o.idle_step(wall + 900 + MARKER_RESEND_MS, delay), IdleStep::SendMarker(_)));
+
+    // A valid click that was in the broker before the marker, read only now: never advanced.
+    let mut o = restore();
+    o.push(0, invalid(0));
+    o.commit(&mut Accepting, &mut days, wall).unwrap();
+    let IdleStep::SendMarker(nonce) = o.idle_step(wall, delay) else { panic!("a marker") };
+    let t = wall - 600_000;
+    o.push(1, format!(r#"{{"ad_id":"a","click_timestamp":{t},"click_id":"c"}}"#).into_bytes());
+    o.push(2, marker(nonce, wall));
+    o.commit(&mut Accepting, &mut days, wall + 100).unwrap();
+    for later in [200, 60_000, 3_600_000] {
+        assert_eq!(o.idle_step(wall + later, delay), IdleStep::Wait, "the partition delivered");
+    }
+}

@@ -204,10 +204,16 @@ pub(crate) fn await_cond(secs: u64, what: &str, mut cond: impl FnMut() -> bool) 
     }
 }
 
-/// The committed offsets summed over partitions: the records reflected in the results.
-fn committed_offsets(client: &mut postgres::Client) -> i64 {
+/// The records reflected in the committed results, summed over partitions: every one is
+/// counted, a duplicate, too late or invalid. (Not the committed offsets: those also pass the
+/// aggregators' end markers.)
+fn committed_records(client: &mut postgres::Client) -> i64 {
     client
-        .query_one("SELECT coalesce(sum(next_offset), 0)::bigint FROM adclick_partitions", &[])
+        .query_one(
+            "SELECT coalesce(sum(counted + duplicates + too_late + invalid), 0)::bigint \
+             FROM adclick_partitions",
+            &[],
+        )
         .unwrap()
         .get(0)
 }
@@ -360,7 +366,7 @@ fn a_zombie_aggregator_is_fenced_off() {
     // Everything sent is committed by the survivor before the zombie wakes up.
     // Only one collector, no failed request: the topic holds exactly the accepted clicks.
     let total: i64 = accepted;
-    await_cond(60, "the survivor to commit everything", || committed_offsets(&mut client) == total);
+    await_cond(60, "the survivor to commit everything", || committed_records(&mut client) == total);
     let pid = zombie.child.id().to_string();
     Command::new("kill").args(["-CONT", &pid]).status().unwrap();
     await_cond(30, "the zombie's commit to be refused", || zombie.log().contains("fenced off"));
@@ -409,7 +415,7 @@ fn bad_scale_out_configuration_is_a_clear_error_not_a_hang() {
         &mut d,
         &kafka,
         nowhere,
-        &[],
+        &["--postgres-wait", "0s"],
         "cannot connect to postgres://postgres@127.0.0.1:1/x",
     );
     let wrong_user = db.replace("postgres@", "nobody:secret@");
@@ -486,7 +492,7 @@ fn an_empty_partition_then_a_backfill_into_it_stay_exact() {
     // backfill's minutes read final before it is aggregated (it then corrects them, as late
     // clicks do). So wait for its commit, then compare.
     let mut client = d.client();
-    await_cond(60, "the backfill to be committed", || committed_offsets(&mut client) == accepted);
+    await_cond(60, "the backfill to be committed", || committed_records(&mut client) == accepted);
     let (all, _) = oracle(&sent);
     let history: std::collections::BTreeMap<_, _> = all
         .iter()
@@ -561,7 +567,7 @@ fn raw_lines_from_another_producer_are_validated_and_counted_exactly() {
     assert!(invalid > 30 && expected.len() > 50);
     let mut client = d.client();
     await_cond(60, "every line to be committed", || {
-        committed_offsets(&mut client) == sent.len() as i64
+        committed_records(&mut client) == sent.len() as i64
     });
     assert_matches_oracle(&query, &expected);
     let counted: i64 = client
@@ -581,7 +587,7 @@ fn raw_lines_from_another_producer_are_validated_and_counted_exactly() {
             .unwrap();
     producer.send(&twice).unwrap();
     let total = sent.len() as i64 + 2;
-    await_cond(60, "the two lines to be committed", || committed_offsets(&mut client) == total);
+    await_cond(60, "the two lines to be committed", || committed_records(&mut client) == total);
     let minute = t / 60_000 * 60_000;
     let (_, v) =
         query.get(&format!("/v1/ads/987654/aggregated_count?from={minute}&to={}", minute + 60_000));
@@ -621,7 +627,7 @@ fn ship_to_kafka_dead_letters_invalid_lines_and_counts_the_rest_exactly() {
         .is_some_and(|e| !e.is_empty())));
     let mut client = d.client();
     let valid = (sent.len() - invalid) as i64;
-    await_cond(60, "the shipped lines to be committed", || committed_offsets(&mut client) == valid);
+    await_cond(60, "the shipped lines to be committed", || committed_records(&mut client) == valid);
     assert_matches_oracle(&query, &expected);
 }
 

@@ -168,6 +168,7 @@ fn other_values() -> Vec<(&'static str, Value)> {
         ("consumer_group", json!("g2")),
         ("roles", json!("collect,query")),
         ("session_timeout", json!("11s")),
+        ("postgres_wait", json!("45s")),
     ]
 }
 

@@ -3,8 +3,8 @@
 //! aggregators as child processes against a fresh topic and a fresh database, and reports:
 //!
 //! 1. **Throughput**: `--events` historical clicks posted to the collector by `--clients`
-//!    threads; events/s from the first send until PostgreSQL holds offsets covering every
-//!    accepted click (all of it aggregated and committed), and the ingest rate alone.
+//!    threads; events/s from the first send until PostgreSQL's results reflect every accepted
+//!    click (all of it aggregated and committed), and the ingest rate alone.
 //! 2. **Freshness** (`--live-seconds`, at `--live-rate`): clicks stamped with the clock; for each
 //!    minute, the delay from its end + watermark delay until the query role reports it final.
 //! 3. **Rebalance** (with 2 or more aggregators): one is killed with SIGKILL during the live
@@ -37,10 +37,12 @@ fn pg(url: &str) -> anyhow::Result<postgres::Client> {
     crate::scaleout::pg::connect(url).map_err(anyhow::Error::from)
 }
 
-/// Sum of committed offsets, partitions present, distinct owners.
+/// Records reflected in the committed results (not the offsets: those also pass end
+/// markers), partitions present, distinct owners.
 fn progress(c: &mut postgres::Client) -> anyhow::Result<(i64, i64, i64)> {
     let r = c.query_one(
-        "SELECT coalesce(sum(next_offset), 0)::bigint, count(*), count(DISTINCT owner) \
+        "SELECT coalesce(sum(counted + duplicates + too_late + invalid), 0)::bigint, count(*), \
+         count(DISTINCT owner) \
          FROM adclick_partitions",
         &[],
     )?;
