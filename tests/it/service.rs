@@ -698,3 +698,45 @@ ip = ["10.0.0.0/8", "2001:db8::/32"]
         "{total}: {metrics}"
     );
 }
+
+/// A local S3-compatible emulator (moto's server, which scripts/test installs) with one bucket,
+/// stopped on drop.
+pub(crate) struct S3Emulator {
+    child: Child,
+    pub(crate) endpoint: String,
+}
+
+impl S3Emulator {
+    pub(crate) fn start(bucket: &str) -> S3Emulator {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m moto.server (scripts/test installs moto)");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // CreateBucket: PUT /bucket.
+            if let Ok(r) = agent().put(format!("{endpoint}/{bucket}")).send_empty() {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the S3 emulator exited: {status} (scripts/test installs moto[server])");
+            }
+            assert!(Instant::now() < deadline, "the S3 emulator did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        S3Emulator { child, endpoint }
+    }
+}
+
+impl Drop for S3Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
