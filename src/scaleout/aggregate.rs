@@ -97,8 +97,8 @@ pub struct Aggregator {
     config: EngineConfig,
     filters: Arc<Filters>,
     owned: BTreeMap<PartitionId, Owned>,
-    /// Commits and watermarks; reconnected after an outage (see [`pg::Conn`]).
-    client: pg::Conn,
+    /// Commits and watermarks; reconnected after an outage (see [`crate::scaleout::conn::Conn`]).
+    client: crate::scaleout::conn::Conn,
     days: pg::Days,
     /// Set when the process stops: a commit waiting for PostgreSQL then gives up.
     shutdown: Arc<AtomicBool>,
@@ -125,7 +125,7 @@ impl Aggregator {
             config,
             filters: Arc::new(settings.filters.clone()),
             owned: BTreeMap::new(),
-            client: pg::Conn::lazy(&scale.postgres, shutdown.clone()),
+            client: crate::scaleout::conn::Conn::lazy(&scale.postgres, shutdown.clone()),
             days: pg::Days::new(),
             shutdown,
             markers: kafka::Markers::new(&scale.brokers, &scale.topic)?,
@@ -142,7 +142,10 @@ impl Aggregator {
             std::process::id()
         );
         let ctx = GroupContext {
-            claims: Mutex::new(pg::Conn::lazy(&scale.postgres, shutdown.clone())),
+            claims: Mutex::new(crate::scaleout::conn::Conn::lazy(
+                &scale.postgres,
+                shutdown.clone(),
+            )),
             owner,
             changes: Mutex::new(Vec::new()),
         };

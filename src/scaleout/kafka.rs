@@ -455,8 +455,8 @@ pub enum Change {
 /// The consumer's context: on assignment it claims each partition in PostgreSQL (bumping its
 /// epoch) and starts fetching at the offset stored there; on revocation it reports the loss.
 pub struct GroupContext {
-    /// Claims wait out a PostgreSQL outage (see [`pg::Conn`]).
-    pub claims: Mutex<pg::Conn>,
+    /// Claims wait out a PostgreSQL outage (see [`crate::scaleout::conn::Conn`]).
+    pub claims: Mutex<crate::scaleout::conn::Conn>,
     pub owner: String,
     pub changes: Mutex<Vec<Change>>,
 }

@@ -14,6 +14,7 @@
 
 pub mod aggregate;
 pub mod archive;
+pub mod conn;
 pub mod kafka;
 pub mod pg;
 mod results;
