@@ -12,6 +12,10 @@
 //!     → pg::commit: epoch check, counts, tops, checkpoint file, next offset, watermark
 //! ```
 //!
+//! A commit that PostgreSQL cannot take (an outage) is kept as processed and tried again, with
+//! backoff, before the partition processes anything newer; fetching that partition pauses
+//! meanwhile, while polling goes on, so the process stays in the group.
+//!
 //! A partition's state depends only on its own records and on the decisions its owners
 //! committed, never on which process owns which other partitions, so a rebalance cannot change
 //! an answer. A checkpoint goes with every commit, so a new owner restores the state exactly as
@@ -66,8 +70,22 @@ pub struct Owned {
     /// The end marker sent to this partition while it has delivered no valid click: whether it
     /// was read back (see [`Aggregator::empty_partitions`]).
     marker: Option<Marker>,
+    /// A batch processed and checkpointed but not committed yet (PostgreSQL unreachable): it is
+    /// committed as it is before the partition processes anything else.
+    prepared: Option<Prepared>,
     last_commit: Instant,
     assigned_at: Instant,
+}
+
+/// A processed batch waiting for its commit: everything [`pg::Commit`] refers to.
+struct Prepared {
+    output: crate::engine::Output,
+    next: i64,
+    bytes: Vec<u8>,
+    extent: Extent,
+    dropped: Vec<u64>,
+    roll: Option<(i64, i64)>,
+    compact: bool,
 }
 
 /// An end marker sent: its nonce, the wall time it was sent, and whether it was read back.
@@ -104,6 +122,8 @@ pub struct Aggregator {
     shutdown: Arc<AtomicBool>,
     /// End markers for partitions that have delivered no valid click.
     markers: kafka::Markers,
+    /// Partitions not fetched while a commit of theirs waits (see `pause_while_pending`).
+    paused: std::collections::BTreeSet<PartitionId>,
     /// When the owned partitions' end offsets were last asked of the broker (for metrics).
     ends_read: Option<Instant>,
 }
@@ -129,6 +149,7 @@ impl Aggregator {
             days: pg::Days::new(),
             shutdown,
             markers: kafka::Markers::new(&scale.brokers, &scale.topic)?,
+            paused: Default::default(),
             ends_read: None,
         })
     }
@@ -200,6 +221,7 @@ impl Aggregator {
                 }
             }
             self.commit_round(stopping);
+            self.pause_while_pending(&consumer, &scale.topic);
             self.empty_partitions();
             self.export_ends(&consumer, &scale.topic);
             if stopping {
@@ -216,11 +238,12 @@ impl Aggregator {
                     // What is buffered is committed now, so that the next owner need not read
                     // it again (if it has claimed the partition already, this is fenced off and
                     // it reads from the committed offset: correct either way).
+                    self.paused.remove(&p);
                     if let Some(mut o) = self.owned.remove(&p) {
-                        if !o.buf.is_empty() {
+                        if !o.buf.is_empty() || o.commit_pending() {
                             let committed =
                                 o.commit(&mut self.client, &mut self.days, EventTime::now().0);
-                            committed_or_fenced(p, committed);
+                            committed_or_fenced(p, committed, true);
                         }
                     }
                 }
@@ -242,7 +265,7 @@ impl Aggregator {
         let wall = EventTime::now().0;
         let mut fenced = Vec::new();
         for (&p, o) in self.owned.iter_mut() {
-            if o.buf.is_empty() && !stopping {
+            if o.buf.is_empty() && !stopping && !o.commit_pending() {
                 let current = o.engine.watermark();
                 let next = o.engine.peek_watermark(EventTime(wall));
                 let minute = |w: crate::engine::Watermark| w.ms().map(|w| w.div_euclid(60_000));
@@ -253,7 +276,8 @@ impl Aggregator {
                     continue;
                 }
             }
-            if !committed_or_fenced(p, o.commit(&mut self.client, &mut self.days, wall)) {
+            let committed = o.commit(&mut self.client, &mut self.days, wall);
+            if !committed_or_fenced(p, committed, stopping) {
                 fenced.push(p);
             }
         }
@@ -261,6 +285,35 @@ impl Aggregator {
             self.owned.remove(&p);
         }
         self.export_metrics();
+    }
+
+    /// Stops fetching a partition while a commit of it waits for PostgreSQL (what was read
+    /// stays buffered, bounded), and fetches again once it is made. Polling goes on meanwhile,
+    /// so the process stays in the consumer group through an outage.
+    fn pause_while_pending(
+        &mut self,
+        consumer: &rdkafka::consumer::BaseConsumer<GroupContext>,
+        topic: &str,
+    ) {
+        for (&p, o) in &self.owned {
+            let pending = o.commit_pending();
+            if pending == self.paused.contains(&p) {
+                continue;
+            }
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition(topic, p.0 as i32);
+            let done = if pending { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+            match done {
+                Ok(()) if pending => {
+                    self.paused.insert(p);
+                }
+                Ok(()) => {
+                    self.paused.remove(&p);
+                }
+                Err(e) => tracing::warn!(partition = p.0, "kafka: pausing or resuming: {e}"),
+            }
+        }
+        self.paused.retain(|p| self.owned.contains_key(p));
     }
 
     /// Every [`ENDS_EVERY`]: each owned partition's end offset as the broker reports it, and the
@@ -332,7 +385,7 @@ impl Aggregator {
                 IdleStep::SendMarker(nonce) => self.markers.send(p, nonce, wall),
                 IdleStep::Advance(w, next) => {
                     let epoch = o.epoch;
-                    let stored = self.client.retry("committing a watermark", |c| {
+                    let stored = self.client.attempt("committing a watermark", |c| {
                         pg::empty_watermark(c, p, epoch, w, next)
                     });
                     match stored {
@@ -341,7 +394,7 @@ impl Aggregator {
                             o.next = next;
                         }
                         Err(pg::PgError::Fenced(..)) => fenced.push(p),
-                        Err(e) if e.is_transient() => {} // stopping; the next owner idles it again
+                        Err(e) if e.is_transient() => {} // a later marker tries again
                         Err(e) => fatal("committing a watermark", e),
                     }
                 }
@@ -405,6 +458,7 @@ impl Owned {
             buf: Vec::new(),
             skipped_to: claim.next_offset,
             marker: None,
+            prepared: None,
             last_commit: Instant::now(),
             assigned_at: Instant::now(),
         })
@@ -462,14 +516,56 @@ impl Owned {
     }
 
     /// Processes the buffered records at `wall` and commits them with a checkpoint, in one
-    /// transaction. On any error the partition must be dropped (its engine has moved on);
-    /// `Fenced` means another process claimed it.
+    /// transaction. A commit the database cannot take now (see
+    /// [`PgError::is_transient`](pg::PgError::is_transient)) is kept and made, unchanged, by
+    /// the next call, before anything newer; `Fenced` means another process claimed the
+    /// partition, which must then be dropped (its engine has moved on), as after other errors.
     pub fn commit(
         &mut self,
         client: &mut impl pg::Committer,
         days: &mut pg::Days,
         wall: i64,
     ) -> Result<(), pg::PgError> {
+        if self.prepared.is_none() {
+            self.prepared = Some(self.prepare(wall));
+        }
+        let pr = self.prepared.as_ref().expect("prepared above");
+        let commit = pg::Commit {
+            partition: self.id,
+            epoch: self.epoch,
+            next_offset: pr.next,
+            output: &pr.output,
+            checkpoint: (self.seq, pr.extent, &pr.bytes),
+            dropped: &pr.dropped,
+            roll: pr.roll,
+        };
+        let committing = Instant::now();
+        client.commit(days, &commit)?;
+        crate::telemetry::observe(crate::telemetry::COMMIT, committing.elapsed());
+        let pr = self.prepared.take().expect("prepared above");
+        metrics::counter!(crate::telemetry::ROWS_WRITTEN).increment(pr.output.counts.len() as u64);
+        metrics::counter!(crate::telemetry::CHECKPOINT_WRITTEN).increment(pr.bytes.len() as u64);
+        if let Some((_, to)) = pr.roll {
+            self.rolled_through = to;
+        }
+        if pr.compact {
+            self.full_bytes = pr.bytes.len();
+            self.compactions += 1;
+        }
+        self.manifest.push((self.seq, pr.extent, pr.bytes.len()));
+        self.seq += 1;
+        self.next = pr.next;
+        self.last_commit = Instant::now();
+        Ok(())
+    }
+
+    /// Whether a processed batch waits for its commit.
+    pub fn commit_pending(&self) -> bool {
+        self.prepared.is_some()
+    }
+
+    /// Processes the buffered records at `wall` and takes the checkpoint that goes with them.
+    fn prepare(&mut self, wall: i64) -> Prepared {
         let (p, o) = (self.id, self);
         let buf = std::mem::take(&mut o.buf);
         let records: Vec<Record<'_>> = buf
@@ -505,44 +601,22 @@ impl Owned {
             .oldest_countable(o.lateness_ms)
             .map(|ms| ms.div_euclid(crate::event::MINUTE_MS));
         let roll = sealed.filter(|&to| to > o.rolled_through).map(|to| (o.rolled_through, to));
-        let commit = pg::Commit {
-            partition: p,
-            epoch: o.epoch,
-            next_offset: next,
-            output: &output,
-            checkpoint: (o.seq, extent, &bytes),
-            dropped: &dropped,
-            roll,
-        };
         if !buf.is_empty() {
             crate::fault::pause("aggregator.before_commit");
         }
-        let committing = Instant::now();
-        client.commit(days, &commit)?;
-        crate::telemetry::observe(crate::telemetry::COMMIT, committing.elapsed());
-        metrics::counter!(crate::telemetry::ROWS_WRITTEN).increment(output.counts.len() as u64);
-        metrics::counter!(crate::telemetry::CHECKPOINT_WRITTEN).increment(bytes.len() as u64);
-        if let Some((_, to)) = roll {
-            o.rolled_through = to;
-        }
-        if compact {
-            o.full_bytes = bytes.len();
-            o.compactions += 1;
-        }
-        o.manifest.push((o.seq, extent, bytes.len()));
-        o.seq += 1;
-        o.next = next;
-        o.last_commit = Instant::now();
-        Ok(())
+        Prepared { output, next, bytes, extent, dropped, roll, compact }
     }
 }
 
-/// True when committed; false when fenced off, or PostgreSQL is still unreachable as the
-/// process stops (the caller drops the partition; its next owner resumes from what is
-/// committed); other errors stop the process, whose restart resumes from there.
-fn committed_or_fenced(p: PartitionId, committed: Result<(), pg::PgError>) -> bool {
+/// Whether to keep the partition after a commit: yes when committed, or when PostgreSQL cannot
+/// take it now (the commit is kept and made later), unless the process is stopping. No when
+/// fenced off, or unreachable as the process stops: the caller drops the partition and its next
+/// owner resumes from what is committed. Other errors stop the process, whose restart resumes
+/// from there.
+fn committed_or_fenced(p: PartitionId, committed: Result<(), pg::PgError>, stopping: bool) -> bool {
     match committed {
         Ok(()) => true,
+        Err(e) if e.is_transient() && !stopping => true,
         Err(e) if e.is_transient() => {
             tracing::warn!(partition = p.0, "stopping with this partition uncommitted: {e}");
             false

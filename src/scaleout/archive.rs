@@ -29,7 +29,6 @@ use crate::archive::{Archive, ArchiveError, Archiver, Ledger, Source};
 use crate::config::{ScaleOut, Settings};
 use crate::engine::{Offset, OffsetRange, PartitionId};
 use crate::event::{parse_line, wire, Click, EventTime, Validation};
-use crate::fault::fatal;
 use crate::scaleout::{pg, RoleError, WIRE_MAGIC};
 use crate::store::ArchiveState;
 
@@ -245,6 +244,8 @@ impl Source for KafkaSource {
 /// The archiver's offsets and flush intent in PostgreSQL, on the connection that holds the lock.
 pub struct PgLedger {
     client: Mutex<postgres::Client>,
+    /// Set once that connection has ended (and with it the lock).
+    lost: Arc<AtomicBool>,
 }
 
 impl PgLedger {
@@ -255,7 +256,11 @@ impl PgLedger {
         let mut client = self.client.lock().expect("not poisoned");
         if client.is_closed() {
             // The session, and with it the lock, is gone: another archiver may hold it now.
-            fatal("archive", "the PostgreSQL session holding the archiver's lock ended");
+            // This one stops writing and takes the lock again (see `run`).
+            self.lost.store(true, Ordering::Release);
+            return Err(ArchiveError::Backend(Box::new(pg::PgError::Unreachable(
+                "the PostgreSQL session holding the archiver's lock ended".into(),
+            ))));
         }
         f(&mut client).map_err(|e| ArchiveError::Backend(Box::new(pg::PgError::from(e))))
     }
@@ -327,45 +332,87 @@ impl Ledger for PgLedger {
 }
 
 /// The archive role: waits for the lock, then archives the topic until `shutdown`, archiving
-/// everything read so far before it returns.
+/// everything read so far before it returns. When the session holding the lock ends (PostgreSQL
+/// restarted, the connection cut) it stops writing and starts over: the lock taken again on a
+/// new session (another archiver may have it by then), the flush in progress redone from the
+/// ledger, as after a restart of the process.
 pub fn run(settings: &Settings, scale: &ScaleOut, shutdown: &AtomicBool) -> Result<(), RoleError> {
-    let mut client = pg::connect(&scale.postgres)?;
-    let mut waiting_since: Option<Instant> = None;
     loop {
-        let locked: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK])
-            .map_err(pg::PgError::from)?
-            .get(0);
-        if locked {
-            break;
-        }
-        if waiting_since.is_none() {
-            tracing::info!("archive: another process archives this topic; standing by");
-            waiting_since = Some(Instant::now());
+        let Some(client) = take_lock(&scale.postgres, shutdown)? else { return Ok(()) };
+        let archive = Archive::open(&settings.archive, &settings.data_dir)?;
+        tracing::info!(archive = archive.display(), "archive: archiving the topic");
+        let source = KafkaSource::new(
+            &scale.brokers,
+            &scale.topic,
+            settings.partitions,
+            settings.engine.max_clock_skew_ms,
+            settings.archive.file_rows,
+        )?;
+        let lost = Arc::new(AtomicBool::new(false));
+        let ledger = PgLedger { client: Mutex::new(client), lost: lost.clone() };
+        let recovered = Archiver::recover_from(
+            Arc::new(archive),
+            Box::new(source),
+            Box::new(ledger),
+            &settings.archive,
+        );
+        match recovered {
+            Ok(archiver) => {
+                // No one asks this archiver to flush; the sender keeps the channel open.
+                let (_requests, rx) = std::sync::mpsc::channel();
+                let stop = AtomicBool::new(false);
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        while !stop.load(Ordering::Acquire) {
+                            if shutdown.load(Ordering::Acquire) || lost.load(Ordering::Acquire) {
+                                stop.store(true, Ordering::Release);
+                            }
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    });
+                    archiver.run(rx, &stop);
+                    stop.store(true, Ordering::Release);
+                });
+            }
+            Err(e) if lost.load(Ordering::Acquire) => tracing::warn!("archive: {e}"),
+            Err(e) => return Err(e.into()),
         }
         if shutdown.load(Ordering::Acquire) {
             return Ok(());
         }
+        tracing::warn!("archive: the session holding the lock ended; taking the lock again");
+    }
+}
+
+/// A session holding the archiver's lock: waits while another process holds it, and while
+/// PostgreSQL is unreachable. `None` if the process stops first.
+fn take_lock(url: &str, shutdown: &AtomicBool) -> Result<Option<postgres::Client>, RoleError> {
+    let mut standing_by = false;
+    let mut unreachable = false;
+    loop {
+        if shutdown.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let attempt = pg::connect(url).and_then(|mut client| {
+            let locked: bool =
+                client.query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK])?.get(0);
+            Ok(locked.then_some(client))
+        });
+        match attempt {
+            Ok(Some(client)) => return Ok(Some(client)),
+            Ok(None) if !standing_by => {
+                tracing::info!("archive: another process archives this topic; standing by");
+                standing_by = true;
+            }
+            Ok(None) => {}
+            Err(e) if e.is_transient() => {
+                if !unreachable {
+                    tracing::warn!("archive: {e}; waiting for PostgreSQL");
+                    unreachable = true;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
-    let archive = Archive::open(&settings.archive, &settings.data_dir)?;
-    tracing::info!(archive = archive.display(), "archive: archiving the topic");
-    let source = KafkaSource::new(
-        &scale.brokers,
-        &scale.topic,
-        settings.partitions,
-        settings.engine.max_clock_skew_ms,
-        settings.archive.file_rows,
-    )?;
-    let ledger = PgLedger { client: Mutex::new(client) };
-    let archiver = Archiver::recover_from(
-        Arc::new(archive),
-        Box::new(source),
-        Box::new(ledger),
-        &settings.archive,
-    )?;
-    // No one asks this archiver to flush; the sender is kept so that the channel stays open.
-    let (_requests, rx) = std::sync::mpsc::channel();
-    archiver.run(rx, shutdown);
-    Ok(())
 }

@@ -702,7 +702,7 @@ fn assert_deploy_names_exist(text: &str) {
 }
 
 /// `promtool` accepts the alert rules and their unit tests pass (they fire on lag growing, a
-/// stalled watermark, 503s and slow fsyncs, and not before their time); every Grafana query
+/// stalled watermark, 503s, slow fsyncs and stalled commits, and not before their time); every Grafana query
 /// parses (checked as a recording rule).
 #[test]
 fn alert_rules_and_grafana_queries_pass_promtool() {
@@ -716,7 +716,7 @@ fn alert_rules_and_grafana_queries_pass_promtool() {
     else {
         return;
     };
-    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
     let out =
         run(&["test", "rules", &format!("{root}/deploy/prometheus/alerts_test.yml")]).unwrap();
     assert!(out.contains("SUCCESS"), "{out}");

@@ -127,15 +127,24 @@ fn metrics(url: &str) -> String {
 /// minute later, then every adclick connection cut for 10 s. Aggregators wait with backoff
 /// (none exits; one started during the outage joins once it is back), the query role answers
 /// 503 with `Retry-After` meanwhile, the collector keeps acknowledging into Kafka, metrics and
-/// `/healthz` show the outage, and afterwards every answer equals the oracle's.
+/// `/healthz` show the outage, the archive role takes its lock again, and afterwards every
+/// answer equals the oracle's and the archive holds exactly the accepted clicks.
 #[test]
 fn a_postgres_outage_stops_no_aggregator_and_loses_nothing() {
     let Some((kafka, _)) = services() else { return };
     let Some(pg) = OwnPostgres::start() else { return };
     let mut d = Deployment::new(&kafka, &pg.url(), "pgdown", 4);
+    let archive_dir = d.root.path().join("archive");
+    d.config = format!(
+        "archive = {:?}\narchive_flush_interval = \"300ms\"\n{}",
+        archive_dir.to_str().unwrap(),
+        d.config
+    );
     let query = d.start("query", &[]);
     let collector = d.start("collect", &[]);
     let mut aggregators = vec![d.start("aggregate", &[]), d.start("aggregate", &[])];
+    // The archive role holds its lock in a database session, which the outage ends.
+    let mut archiver = d.start("archive", &[]);
     let mut g = generator(23);
     let mut sent = Vec::new();
     let mut send = |sent: &mut Vec<(String, i64)>| {
@@ -225,6 +234,44 @@ fn a_postgres_outage_stops_no_aggregator_and_loses_nothing() {
     let (expected, invalid) = oracle(&sent);
     assert!(invalid > 50 && expected.len() > 50, "{invalid} invalid, {} rows", expected.len());
     assert_matches_oracle(&query, &expected);
+    // The archiver took its lock again and holds exactly the accepted clicks, each once.
+    assert!(
+        archiver.child.try_wait().unwrap().is_none(),
+        "the archiver exited:\n{}",
+        archiver.log()
+    );
+    let expected_clicks: Vec<String> = {
+        let mut v: Vec<String> = sent
+            .iter()
+            .filter_map(|(l, at)| {
+                let v = adclick::event::Validation { now: EventTime(*at), max_skew_ms: 300_000 };
+                adclick::event::parse_line(l.as_bytes(), v)
+                    .ok()
+                    .flatten()
+                    .map(|c| crate::archive::click_key(&c))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut got: Vec<String> =
+            crate::archive::read_archive(&archive_dir).into_values().collect();
+        got.sort();
+        if got == expected_clicks {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "archived {} clicks, accepted {}:\n{}",
+            got.len(),
+            expected_clicks.len(),
+            archiver.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(archiver.log().contains("taking the lock again"), "{}", archiver.log());
     for (i, a) in aggregators.iter_mut().enumerate() {
         assert!(a.child.try_wait().unwrap().is_none(), "an aggregator exited:\n{}", a.log());
         if i < 2 {

@@ -69,11 +69,11 @@ ip = ["10.0.0.0/8", "2001:db8::/32"]
 
 /// What every role process of one deployment shares.
 pub(crate) struct Deployment {
-    kafka: String,
-    pg: String,
-    topic: String,
-    config: String,
-    root: tempfile::TempDir,
+    pub(crate) kafka: String,
+    pub(crate) pg: String,
+    pub(crate) topic: String,
+    pub(crate) config: String,
+    pub(crate) root: tempfile::TempDir,
     started: usize,
 }
 
