@@ -205,19 +205,26 @@ pub fn set_gauge(name: &'static str, v: f64) {
     metrics::gauge!(name).set(v);
 }
 
-/// Why this process cannot commit results now (its database unreachable), if it cannot.
-static STALLED_BECAUSE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+/// Why this process cannot commit results now (its database unreachable), by the connection
+/// that cannot (see [`set_stalled`]).
+static STALLED_BECAUSE: std::sync::Mutex<std::collections::BTreeMap<u64, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
 
-/// Records why this process cannot commit results (`None`: it can again), for `/healthz` and
-/// [`STALLED`].
-pub fn set_stalled(why: Option<String>) {
-    set_gauge(STALLED, f64::from(u8::from(why.is_some())));
-    *STALLED_BECAUSE.lock().expect("not poisoned") = why;
+/// Records why connection `key` of this process cannot commit results (`None`: it can again),
+/// for `/healthz` and [`STALLED`] (1 while any cannot).
+pub fn set_stalled(key: u64, why: Option<String>) {
+    let mut stalled = STALLED_BECAUSE.lock().expect("not poisoned");
+    match why {
+        Some(why) => stalled.insert(key, why),
+        None => stalled.remove(&key),
+    };
+    set_gauge(STALLED, f64::from(u8::from(!stalled.is_empty())));
 }
 
 /// Why this process cannot commit results now, if it cannot (see [`set_stalled`]).
 pub fn stalled() -> Option<String> {
-    STALLED_BECAUSE.lock().expect("not poisoned").clone()
+    let stalled = STALLED_BECAUSE.lock().expect("not poisoned");
+    (!stalled.is_empty()).then(|| stalled.values().cloned().collect::<Vec<_>>().join("; "))
 }
 
 /// A per-partition gauge.

@@ -30,7 +30,12 @@ pub struct Conn {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// While the database is unreachable: the current backoff and when to try next.
     failing: Option<(Duration, Instant)>,
+    /// This connection's entry in the process's stalled reasons.
+    key: u64,
 }
+
+/// Numbers the connections of a process (see `telemetry::set_stalled`).
+static NEXT_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// First and longest wait between two attempts while the database is unreachable.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -39,7 +44,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 impl Conn {
     /// Not connected yet: the first use connects.
     pub fn lazy(url: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Conn {
-        Conn { url: url.to_owned(), client: None, stop, failing: None }
+        let key = NEXT_KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Conn { url: url.to_owned(), client: None, stop, failing: None, key }
     }
 
     /// Runs `f` once on a connection (opened first if need be). While the database has been
@@ -70,7 +76,7 @@ impl Conn {
                     Some((backoff, _)) => (backoff * 2).min(MAX_BACKOFF),
                     None => {
                         tracing::warn!("{what}: {e}; retrying until PostgreSQL is back");
-                        crate::telemetry::set_stalled(Some(format!("{what}: {e}")));
+                        crate::telemetry::set_stalled(self.key, Some(format!("{what}: {e}")));
                         FIRST_BACKOFF
                     }
                 };
@@ -81,7 +87,7 @@ impl Conn {
             other => {
                 if self.failing.take().is_some() {
                     tracing::info!("{what}: PostgreSQL is back");
-                    crate::telemetry::set_stalled(None);
+                    crate::telemetry::set_stalled(self.key, None);
                 }
                 other
             }
