@@ -32,15 +32,25 @@ pub(super) fn current_minute() -> Minute {
     EventTime::now().minute()
 }
 
-/// `from`/`to` with SPEC defaults: `to` = the current minute's start, `from` = `to` − 1 min.
-pub(super) fn range(q: &HashMap<String, String>) -> Result<(Minute, Minute), ApiError> {
+/// `from`/`to`: `to` defaults to the current minute's start, `from` to `default_span` minutes
+/// before it (SPEC: 1); a range over `max_span` minutes is refused.
+pub(super) fn range(
+    q: &HashMap<String, String>,
+    default_span: i64,
+    max_span: Option<i64>,
+) -> Result<(Minute, Minute), ApiError> {
     let to = minute_param(q, "to")?.unwrap_or_else(current_minute);
-    let from = minute_param(q, "from")?.unwrap_or(Minute(to.0 - 1));
+    let from = minute_param(q, "from")?.unwrap_or(Minute(to.0 - default_span));
     if from >= to {
         return Err(ApiError::BadRequest(format!(
             "from: {} must be before to ({})",
             format_rfc3339(from.start()),
             format_rfc3339(to.start())
+        )));
+    }
+    if let Some(max) = max_span.filter(|&max| to.0 - from.0 > max) {
+        return Err(ApiError::BadRequest(format!(
+            "from: the range may span at most {max} minutes"
         )));
     }
     Ok((from, to))

@@ -36,12 +36,7 @@ async fn ad_series(
 ) -> Result<(Minute, Minute, Value, Vec<(Minute, u64)>, Watermark), ApiError> {
     unknown_params(q, &["from", "to", "filter"])?;
     ad_param(ad)?;
-    let (from, to) = range(q)?;
-    if let Some(max) = max_minutes.filter(|&max| to.0 - from.0 > max) {
-        return Err(ApiError::BadRequest(format!(
-            "from: the range may span at most {max} minutes"
-        )));
-    }
+    let (from, to) = range(q, 1, max_minutes)?;
     let (slot, filter) = slot(s, q)?;
     let ad_id = ad.to_owned();
     let (series, watermark) = read(s, move |r| r.series(&ad_id, slot, from, to)).await?;
@@ -204,16 +199,7 @@ pub(super) async fn windows(
     let q = query_map(q)?;
     unknown_params(&q, &["type", "size", "hop", "gap", "origin", "from", "to", "filter"])?;
     ad_param(&ad)?;
-    let to = minute_param(&q, "to")?.unwrap_or_else(current_minute);
-    let from = minute_param(&q, "from")?.unwrap_or(Minute(to.0 - 60));
-    if from >= to {
-        return Err(ApiError::BadRequest("from: must be before to".into()));
-    }
-    if to.0 - from.0 > MAX_WINDOW_RANGE {
-        return Err(ApiError::BadRequest(format!(
-            "from: the range may span at most {MAX_WINDOW_RANGE} minutes"
-        )));
-    }
+    let (from, to) = range(&q, 60, Some(MAX_WINDOW_RANGE))?;
     let required = |name: &str| {
         minutes_param(&q, name)?.ok_or_else(|| ApiError::BadRequest(format!("{name}: required")))
     };

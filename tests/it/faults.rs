@@ -506,13 +506,6 @@ fn fill(path: &Path) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     (stop, filler)
 }
 
-/// A POST answered with its status, `Retry-After` and body.
-fn post_with_retry_after(url: &str, body: &[u8]) -> (u16, Option<String>, String) {
-    let mut r = agent().post(format!("{url}/v1/clicks")).send(body).expect("POST");
-    let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
-    (r.status().as_u16(), retry, r.body_mut().read_to_string().unwrap())
-}
-
 /// The embedded node's disk fills up: ingest answers 507 and acknowledges nothing it could not
 /// keep; the aggregator stops committing, and `/healthz` and the metrics say why; once space
 /// returns everything resumes without a restart, and every acknowledged click is counted

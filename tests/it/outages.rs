@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use adclick::event::EventTime;
 
 use crate::scaleout::{await_cond, services, Deployment};
-use crate::service::{agent, assert_matches_oracle, generator, now_ms, oracle, post, Server};
+use crate::service::{
+    agent, assert_matches_oracle, generator, now_ms, oracle, post, post_with_retry_after, Server,
+};
 
 /// A PostgreSQL cluster of the test's own, stopped on drop.
 struct OwnPostgres {
@@ -342,14 +344,6 @@ impl Drop for OwnBroker {
     }
 }
 
-/// A POST's status and whether it carried `Retry-After`.
-fn post_status(url: &str, body: &[u8]) -> (u16, bool) {
-    match agent().post(format!("{url}/v1/clicks")).send(body) {
-        Ok(r) => (r.status().as_u16(), r.headers().contains_key("retry-after")),
-        Err(_) => (0, false),
-    }
-}
-
 /// The broker killed with SIGKILL during ingest and started again 15 s later (its data is on
 /// durable storage). The collector answers 503 with `Retry-After` while it is down and
 /// acknowledges nothing it could not write; the client resends what was refused; aggregators
@@ -382,10 +376,10 @@ fn a_broker_restart_loses_nothing_acknowledged() {
         let body = lines.join("\n");
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            match post_status(&collector.url, body.as_bytes()) {
-                (200, _) => break,
-                (503, retry_after) => {
-                    assert!(retry_after, "a 503 says when to retry");
+            match post_with_retry_after(&collector.url, body.as_bytes()) {
+                (200, ..) => break,
+                (503, retry_after, _) => {
+                    assert!(retry_after.is_some(), "a 503 says when to retry");
                     refused += 1;
                 }
                 other => panic!("batch {batch}: {other:?}\n{}", collector.log()),

@@ -740,3 +740,10 @@ impl Drop for S3Emulator {
         let _ = self.child.wait();
     }
 }
+
+/// A POST answered with its status, `Retry-After` and body.
+pub(crate) fn post_with_retry_after(url: &str, body: &[u8]) -> (u16, Option<String>, String) {
+    let mut r = agent().post(format!("{url}/v1/clicks")).send(body).expect("POST");
+    let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+    (r.status().as_u16(), retry, r.body_mut().read_to_string().unwrap())
+}
