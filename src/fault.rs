@@ -11,7 +11,8 @@
 //! durable, while commits go on), `archive.after_begin` (an archive flush recorded, no file
 //! written), `archive.mid_flush` (some of a flush's files written), `store.mid_replace` (a
 //! recalculation's transaction half written), `pg.before_commit` (a scale-out partition commit
-//! written, not committed). `aggregator.before_commit` pauses (SIGSTOP) a scale-out aggregator
+//! written, not committed), `pg.mid_replace` (a scaled-out recalculation's transaction written,
+//! not committed). `aggregator.before_commit` pauses (SIGSTOP) a scale-out aggregator
 //! holding a processed batch. And one that stalls instead of aborting: `aggregator.stall`
 //! (the aggregator stops consuming, to test backpressure). And one that fails an operation:
 //! `log.sync_fails` (an fsync of the click log returns an error, as a failing disk does).

@@ -26,7 +26,7 @@ use crate::engine::Watermark;
 use crate::event::EventTime;
 use crate::fault::fatal;
 use crate::pipeline::{Pipeline, QueryState};
-use crate::scaleout::{aggregate, kafka, pg, PgResults};
+use crate::scaleout::{aggregate, kafka, PgResults};
 
 /// Called once the listener is bound, with its address (the demo starts its generator there).
 pub type OnListening = Box<dyn FnOnce(SocketAddr) + Send>;
@@ -100,13 +100,7 @@ async fn scaled_out(
     let (s2, sc2) = (settings.clone(), scale.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         kafka::ensure_topic(&sc2.brokers, &sc2.topic, s2.partitions)?;
-        let mut recorded = s2.recorded();
-        recorded.push(("topic".into(), sc2.topic.clone()));
-        let check = || -> Result<(), pg::PgError> {
-            let mut client = pg::connect(&sc2.postgres)?;
-            pg::migrate(&mut client)?;
-            pg::check_settings(&mut client, &recorded)
-        };
+        let check = || crate::scaleout::prepare_database(&s2, &sc2).map(drop);
         // A database that is down or restarting is waited for, `postgres_wait` (a process
         // started during an outage joins once it is back); anything else is an error at once.
         let wait = sc2.postgres_wait;

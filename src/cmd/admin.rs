@@ -10,6 +10,9 @@
 //!   `/v1/admin/{job}` endpoint and reads the NDJSON progress and result it streams back.
 //!
 //! Either way the same code (`QueryState::run_job`) does the work, and the output is the same.
+//!
+//! Scaled out (with `kafka` and `postgres` set), the command reads the archive role's files and
+//! replaces the results in PostgreSQL itself (`scaleout::recalc`), with the same output.
 
 use std::io::{BufRead, IsTerminal, Read};
 
@@ -30,13 +33,20 @@ pub fn run(
     json: bool,
 ) -> anyhow::Result<bool> {
     anyhow::ensure!(from < to, "--from must be before --to");
+    let mut bar = Bar::new();
+    if let Some(scale) = &settings.scaleout {
+        // Scaled out: the archive role's files against the results in PostgreSQL.
+        let result =
+            crate::scaleout::recalc::run_job(settings, scale, job, from, to, &mut |p| bar.show(p));
+        bar.done();
+        return report(job, &result?, json);
+    }
     let store_path = settings.data_dir.join("store.redb");
     anyhow::ensure!(
         store_path.exists(),
         "{} holds no adclick data (no store.redb); use --data-dir or --config",
         settings.data_dir.display()
     );
-    let mut bar = Bar::new();
     let result = match crate::store::Store::open(&store_path) {
         Ok(store) => {
             drop(store);
@@ -46,10 +56,15 @@ pub fn run(
         Err(e) => return Err(e).context("opening the store"),
     };
     bar.done();
+    report(job, &result, json)
+}
+
+/// Prints the result; whether the stored results matched (reconcile) or the job succeeded.
+fn report(job: Job, result: &JobResult, json: bool) -> anyhow::Result<bool> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        println!("{}", serde_json::to_string_pretty(result)?);
     } else {
-        print_table(&result);
+        print_table(result);
     }
     Ok(match job {
         Job::Reconcile => result.report.matches,

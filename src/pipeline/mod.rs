@@ -139,7 +139,7 @@ impl QueryState {
         let Ok(_running) = self.jobs.try_lock() else { return Err(JobError::Busy) };
         self.await_aggregated(timeout)?;
         self.flush_archive()?;
-        crate::recalc::run_job(&self.recalc, Some(&self.live), job, from, to, progress)
+        crate::recalc::run_job(&self.recalc, &self.store, Some(&self.live), job, from, to, progress)
     }
 
     fn job_running(&self) -> bool {
@@ -271,7 +271,6 @@ impl Pipeline {
         let query = Arc::new(QueryState {
             archived: archiver.archived(),
             recalc: crate::recalc::Context {
-                store: store.clone(),
                 archive,
                 engine: engine_config.clone(),
                 filters: filters.clone(),

@@ -17,6 +17,7 @@ pub mod archive;
 pub mod conn;
 pub mod kafka;
 pub mod pg;
+pub mod recalc;
 mod results;
 
 pub use results::PgResults;
@@ -58,4 +59,18 @@ pub enum RoleError {
     /// A partition's committed state cannot be resumed; the message says why.
     #[error("{0}")]
     State(String),
+}
+
+/// Connects to the results database, applies the schema and checks that `settings` are those
+/// the results were made with (recorded by the first start).
+pub fn prepare_database(
+    settings: &crate::config::Settings,
+    scale: &crate::config::ScaleOut,
+) -> Result<postgres::Client, pg::PgError> {
+    let mut recorded = settings.recorded();
+    recorded.push(("topic".into(), scale.topic.clone()));
+    let mut client = pg::connect(&scale.postgres)?;
+    pg::migrate(&mut client)?;
+    pg::check_settings(&mut client, &recorded)?;
+    Ok(client)
 }

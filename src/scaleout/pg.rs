@@ -28,6 +28,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// per-hour sums of sealed minutes (see [`Commit::roll`]), so that popular ads over many
 /// minutes read hour rows, and minute rows only at either end and for the newest minutes.
 /// Version 3 adds the raw archiver's offsets and flush in progress (see `scaleout::archive`).
+/// Version 4 adds the clicks found too late, per minute, ad, slot and partition: reconciliation
+/// explains differences with them (see `scaleout::recalc`).
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE adclick_settings (key text PRIMARY KEY, value text NOT NULL);
@@ -94,10 +96,20 @@ CREATE TABLE adclick_archive (
 );
 INSERT INTO adclick_archive (id, next_seq) VALUES (1, 0);
 "#,
+    r#"
+CREATE TABLE adclick_too_late (
+    minute bigint NOT NULL,
+    slot smallint NOT NULL,
+    ad_id text COLLATE "C" NOT NULL,
+    partition int NOT NULL,
+    count bigint NOT NULL,
+    PRIMARY KEY (minute, slot, ad_id, partition)
+);
+"#,
 ];
 
-const MINUTES_PER_DAY: i64 = 1440;
-const HOURS_PER_DAY: i64 = 24;
+pub(super) const MINUTES_PER_DAY: i64 = 1440;
+pub(super) const HOURS_PER_DAY: i64 = 24;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -304,7 +316,7 @@ impl Days {
         Days { created: HashSet::new() }
     }
 
-    fn ensure(
+    pub(super) fn ensure(
         &mut self,
         client: &mut Client,
         table: &'static str,
@@ -401,6 +413,23 @@ pub fn commit(client: &mut Client, days: &mut Days, c: &Commit<'_>) -> Result<()
             "INSERT INTO adclick_counts (minute, slot, ad_id, partition, count) \
              SELECT m, s, a, $5, c FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::bigint[]) AS t(m, s, a, c) \
              ON CONFLICT (minute, slot, ad_id, partition) DO UPDATE SET count = EXCLUDED.count",
+            &[&minutes, &slots, &ads, &counts, &part],
+        )?;
+    }
+    if !out.too_late.is_empty() {
+        let (mut minutes, mut slots, mut ads, mut counts) = (vec![], vec![], vec![], vec![]);
+        for (minute, ad, row) in out.too_late.iter() {
+            for (slot, &n) in row.iter().enumerate().filter(|(_, &n)| n > 0) {
+                minutes.push(minute.0);
+                slots.push(slot as i16);
+                ads.push(ad.as_str());
+                counts.push(n as i64);
+            }
+        }
+        tx.execute(
+            "INSERT INTO adclick_too_late AS l (minute, slot, ad_id, partition, count) \
+             SELECT m, s, a, $5, c FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::bigint[]) AS t(m, s, a, c) \
+             ON CONFLICT (minute, slot, ad_id, partition) DO UPDATE SET count = l.count + EXCLUDED.count",
             &[&minutes, &slots, &ads, &counts, &part],
         )?;
     }

@@ -66,7 +66,7 @@ mod tests;
 pub use checkpoint::{CheckpointBytes, CheckpointError, Recovery};
 pub use codec::{BatchRecord, CheckpointFile, CheckpointRecord};
 pub use ledger::ArchiveState;
-pub use replace::{CountRows, RangeRows, ReplaceError, Replaced};
+pub use replace::{sealed, CountRows, RangeRows, ReplaceError, Replaced};
 pub use settings::SettingsError;
 
 use codec::{encode_manifest, encode_top};

@@ -50,8 +50,9 @@ pub enum ReplaceError {
     Store(#[from] StoreError),
 }
 
-/// Refuses a range that reaches minutes the live path can still write (before `to`).
-fn sealed(watermark: Watermark, to: Minute, lateness_ms: i64) -> Result<(), ReplaceError> {
+/// Refuses a range that reaches minutes the live path can still write (before `to`), given the
+/// committed `watermark` (which only grows).
+pub fn sealed(watermark: Watermark, to: Minute, lateness_ms: i64) -> Result<(), ReplaceError> {
     if watermark.is_too_late(Minute(to.0 - 1), lateness_ms) {
         return Ok(());
     }

@@ -68,7 +68,7 @@ pub(crate) fn click_key(c: &adclick::event::Click<'_>) -> String {
 }
 
 /// Runs `adclick recalc|reconcile --json` on the test's data dir; (exit code, result).
-fn job(dir: &Path, args: &[&str]) -> (i32, Value) {
+pub(crate) fn job(dir: &Path, args: &[&str]) -> (i32, Value) {
     job_with(dir, args, &[])
 }
 
@@ -192,7 +192,7 @@ print(json.dumps(rows))
 /// Clicks of the last minutes, sent in time order so none is late; then too-late copies and
 /// new clicks for the older minutes. Returns (all lines with their send time, the minute where
 /// too-late clicks stop).
-fn on_time_then_too_late(server: &Server) -> (Vec<(String, i64)>, i64) {
+pub(crate) fn on_time_then_too_late(server: &Server) -> (Vec<(String, i64)>, i64) {
     let now = now_ms();
     let m0 = now.div_euclid(60_000) - 7;
     let mut g = generator(77);
@@ -249,7 +249,12 @@ fn live_only(sent: &[(String, i64)], late_from: usize) -> BTreeMap<(i64, String,
 
 /// Checks reconcile's report of the too-late clicks against the oracle, then recalc, then a
 /// clean reconcile; returns nothing, asserts everything.
-fn reconcile_recalc_reconcile(dir: &Path, sent: &[(String, i64)], on_time: usize, sealed_to: i64) {
+pub(crate) fn reconcile_recalc_reconcile(
+    dir: &Path,
+    sent: &[(String, i64)],
+    on_time: usize,
+    sealed_to: i64,
+) {
     let m0 = sealed_to - 5;
     let (from, to) = ((m0 - 1) * 60_000, sealed_to * 60_000);
     let (from, to) = (from.to_string(), to.to_string());

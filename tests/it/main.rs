@@ -9,6 +9,7 @@ mod observe;
 mod outages;
 mod pgstore;
 mod scaleout;
+mod scaleout_jobs;
 mod service;
 mod settings;
 mod windows;

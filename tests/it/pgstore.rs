@@ -374,7 +374,7 @@ fn the_commit_path_matches_the_model_across_crashes_and_zombies() {
             let mut client = pg::connect(&url).expect("connect");
             client
                 .batch_execute(
-                    "DROP TABLE adclick_hours, adclick_archive, adclick_archive_offsets; \
+                    "DROP TABLE adclick_hours, adclick_archive, adclick_archive_offsets, adclick_too_late; \
                      ALTER TABLE adclick_partitions DROP COLUMN rolled_through; \
                      UPDATE adclick_schema SET version = 1",
                 )

@@ -207,7 +207,7 @@ pub(crate) fn await_cond(secs: u64, what: &str, mut cond: impl FnMut() -> bool) 
 /// The records reflected in the committed results, summed over partitions: every one is
 /// counted, a duplicate, too late or invalid. (Not the committed offsets: those also pass the
 /// aggregators' end markers.)
-fn committed_records(client: &mut postgres::Client) -> i64 {
+pub(crate) fn committed_records(client: &mut postgres::Client) -> i64 {
     client
         .query_one(
             "SELECT coalesce(sum(counted + duplicates + too_late + invalid), 0)::bigint \
