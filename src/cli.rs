@@ -76,6 +76,25 @@ pub enum Command {
         #[command(flatten)]
         range: RangeArgs,
     },
+    /// Every archived click of one ad and minute with its fate: counted, a duplicate of which
+    /// click, too late (and whether a recalculation has counted it since), or outside the
+    /// filter. Exit 0 when the counted clicks add up to the stored count, 1 when not.
+    Explain {
+        /// The ad.
+        ad_id: String,
+        /// The minute: RFC 3339 or epoch ms, minute-aligned.
+        #[arg(long)]
+        minute: String,
+        /// Explain this filter's count instead of the total.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Data directory (default ./adclick-data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Follow NDJSON files through rotation and send their lines to a collector (SPEC §4).
     Ship(crate::cmd::ship::ShipArgs),
     /// The health of a running server: status, watermark and its delay, lag, clicks accepted
@@ -155,6 +174,19 @@ pub fn main() -> anyhow::Result<()> {
             job(cli.config.as_deref(), range, crate::recalc::Job::Reconcile)
         }
         Command::Ship(args) => crate::cmd::ship::run(args),
+        Command::Explain { ad_id, minute, filter, data_dir, json } => {
+            let mut args = SettingFlags::default();
+            if let Some(dir) = &data_dir {
+                args = args.or("data_dir", dir.display().to_string());
+            }
+            let settings = settings(cli.config.as_deref(), &args, None)?;
+            let minute = parse_minute("--minute", &minute)?;
+            let q = crate::recalc::Question { ad: ad_id, minute, filter };
+            if !crate::cmd::admin::explain(&settings, &q, json)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! `POST /v1/admin/{recalc|reconcile}?from=&to=[&dry_run=true]`: runs a job on this server's
 //! store and archive (after archiving everything durable), answering NDJSON as it goes:
 //! `{"progress":…}` lines, then `{"result":…}` or `{"error":…}`.
+//!
+//! `POST /v1/admin/explain?ad_id=&minute=[&filter=]`: the audit of one stored count, as JSON.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -24,6 +26,9 @@ pub(super) async fn admin_job(
         return Err(ApiError::Unauthorized);
     }
     let q = query_map(q)?;
+    if job == "explain" {
+        return explain(s, &q).await;
+    }
     let job = match job.as_str() {
         "recalc" => {
             unknown_params(&q, &["from", "to", "dry_run"])?;
@@ -42,7 +47,11 @@ pub(super) async fn admin_job(
             unknown_params(&q, &["from", "to"])?;
             Job::Reconcile
         }
-        _ => return Err(ApiError::NotFound(format!("no admin job {job:?} (recalc, reconcile)"))),
+        _ => {
+            return Err(ApiError::NotFound(format!(
+                "no admin job {job:?} (recalc, reconcile, explain)"
+            )))
+        }
     };
     let required = |name| {
         minute_param(&q, name)?.ok_or_else(|| ApiError::BadRequest(format!("{name}: required")))
@@ -84,4 +93,30 @@ pub(super) async fn admin_job(
     });
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream))
         .into_response())
+}
+
+async fn explain(
+    s: AppState,
+    q: &std::collections::HashMap<String, String>,
+) -> Result<Response, ApiError> {
+    unknown_params(q, &["ad_id", "minute", "filter"])?;
+    let ad = q
+        .get("ad_id")
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("ad_id: required".into()))?
+        .clone();
+    let minute = minute_param(q, "minute")?
+        .ok_or_else(|| ApiError::BadRequest("minute: required".into()))?;
+    let question = crate::recalc::Question { ad, minute, filter: q.get("filter").cloned() };
+    let Some(jobs) = s.jobs.clone() else {
+        return Err(ApiError::NotFound("explain runs on an embedded server only".into()));
+    };
+    let answer = tokio::task::spawn_blocking(move || jobs.explain(&question))
+        .await
+        .map_err(|e| ApiError::Internal(format!("explain: {e}")))?;
+    match answer {
+        Ok(e) => Ok(axum::Json(e).into_response()),
+        Err(crate::recalc::JobError::Invalid(why)) => Err(ApiError::BadRequest(why)),
+        Err(e) => Err(ApiError::Internal(crate::fault::chain(&e))),
+    }
 }

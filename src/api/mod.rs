@@ -106,6 +106,9 @@ pub trait Jobs: Send + Sync + 'static {
         to: Minute,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<JobResult, JobError>;
+    /// The audit of one stored count (`adclick explain`), once everything durable is
+    /// aggregated and archived.
+    fn explain(&self, q: &crate::recalc::Question) -> Result<crate::recalc::Explained, JobError>;
 }
 
 /// Why clicks could not be made durable; nothing of the request was acknowledged.

@@ -209,6 +209,27 @@ pub fn decode_parquet(bytes: bytes::Bytes) -> Result<Vec<RecordBatch>, ArchiveEr
 /// The clicks of a decoded batch, borrowing its strings: (partition, offset, click). A row
 /// that does not hold a valid click (a file edited by hand) is an error naming the row.
 pub fn clicks(b: &RecordBatch) -> Result<Vec<(PartitionId, Offset, Click<'_>)>, ArchiveError> {
+    let mut out = Vec::with_capacity(b.num_rows());
+    decode_rows(b, |_, _| true, &mut out)?;
+    Ok(out)
+}
+
+/// The clicks of a decoded batch whose `ad_id` and event time (ms) `keep` accepts; only those
+/// rows are decoded further.
+pub fn clicks_where(
+    b: &RecordBatch,
+    keep: impl Fn(&str, i64) -> bool,
+) -> Result<Vec<(PartitionId, Offset, Click<'_>)>, ArchiveError> {
+    let mut out = Vec::new();
+    decode_rows(b, keep, &mut out)?;
+    Ok(out)
+}
+
+fn decode_rows<'b>(
+    b: &'b RecordBatch,
+    keep: impl Fn(&str, i64) -> bool,
+    out: &mut Vec<(PartitionId, Offset, Click<'b>)>,
+) -> Result<(), ArchiveError> {
     let ad = b.column(0).as_string::<i32>();
     let time = b.column(1).as_primitive::<TimestampMillisecondType>();
     let user = b.column(2).as_string::<i32>();
@@ -220,8 +241,10 @@ pub fn clicks(b: &RecordBatch) -> Result<Vec<(PartitionId, Offset, Click<'_>)>, 
     fn opt(a: &arrow_array::StringArray, i: usize) -> Option<&str> {
         (!a.is_null(i)).then(|| a.value(i))
     }
-    let mut out = Vec::with_capacity(b.num_rows());
     for i in 0..b.num_rows() {
+        if !keep(ad.value(i), time.value(i)) {
+            continue;
+        }
         let bad = |what: &str| {
             ArchiveError::Format(format!(
                 "row of partition {} offset {}: {what}",
@@ -250,7 +273,7 @@ pub fn clicks(b: &RecordBatch) -> Result<Vec<(PartitionId, Offset, Click<'_>)>, 
             },
         ));
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

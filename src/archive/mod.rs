@@ -38,7 +38,7 @@ pub use archiver::{Archiver, FlushRequest, Ledger, LogSource, Source};
 
 use crate::log::LogError;
 use crate::store::StoreError;
-pub use format::{clicks, decode_parquet, encode_parquet, schema, FileWriter, Row};
+pub use format::{clicks, clicks_where, decode_parquet, encode_parquet, schema, FileWriter, Row};
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
-//! `adclick recalc` and `adclick reconcile` on a data directory, whether or not a server runs on
-//! it.
+//! `adclick recalc`, `adclick reconcile` and `adclick explain` on a data directory, whether or
+//! not a server runs on it.
 //!
 //! The store is single-process (redb locks its file), so the command first tries to open it:
 //! - it opens: no server runs. The command starts the pipeline without its HTTP side, lets the
@@ -20,7 +20,7 @@ use anyhow::Context;
 
 use crate::config::Settings;
 use crate::event::Minute;
-use crate::recalc::{Job, JobResult, Progress};
+use crate::recalc::{Explained, Fate, Job, JobResult, Progress, Question};
 use crate::serve::{server_file_path, ServerFile};
 
 /// Runs a job and prints its result (a table, or JSON with `json`). Returns whether the stored
@@ -72,6 +72,141 @@ fn report(job: Job, result: &JobResult, json: bool) -> anyhow::Result<bool> {
     })
 }
 
+/// Explains one stored count and prints it (a table, or JSON with `json`). Returns whether the
+/// counted clicks add up to the stored count.
+pub fn explain(settings: &Settings, q: &Question, json: bool) -> anyhow::Result<bool> {
+    let result = if let Some(scale) = &settings.scaleout {
+        crate::scaleout::recalc::explain(settings, scale, q)?
+    } else {
+        let store_path = settings.data_dir.join("store.redb");
+        anyhow::ensure!(
+            store_path.exists(),
+            "{} holds no adclick data (no store.redb); use --data-dir or --config",
+            settings.data_dir.display()
+        );
+        match crate::store::Store::open(&store_path) {
+            Ok(store) => {
+                drop(store);
+                let pipeline = crate::pipeline::Pipeline::start(settings)?;
+                let result = pipeline.query.explain(q, std::time::Duration::from_secs(3600));
+                pipeline.stop();
+                result?
+            }
+            Err(e) if e.is_locked() => explain_on_server(settings, q)?,
+            Err(e) => return Err(e).context("opening the store"),
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        print_explained(&result);
+    }
+    Ok(result.matches)
+}
+
+fn explain_on_server(settings: &Settings, q: &Question) -> anyhow::Result<Explained> {
+    let (server, agent) = server(settings)?;
+    let mut req = agent
+        .post(format!("{}/v1/admin/explain", server.url))
+        .query("ad_id", &q.ad)
+        .query("minute", q.minute.start().0.to_string());
+    if let Some(f) = &q.filter {
+        req = req.query("filter", f);
+    }
+    let response = req
+        .header("authorization", &format!("Bearer {}", server.token))
+        .send_empty()
+        .with_context(|| format!("asking the server at {}", server.url))?;
+    let status = response.status();
+    let body = response.into_body().read_to_string().context("reading the server's answer")?;
+    if !status.is_success() {
+        let error = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(String::from))
+            .unwrap_or(body);
+        anyhow::bail!("the server answered {status}: {error}");
+    }
+    serde_json::from_str(&body).context("the server's answer")
+}
+
+/// The server running on the data directory (from `server.json`), and an agent to ask it.
+fn server(settings: &Settings) -> anyhow::Result<(ServerFile, ureq::Agent)> {
+    let path = server_file_path(&settings.data_dir);
+    let server: ServerFile = serde_json::from_slice(&std::fs::read(&path).with_context(|| {
+        format!("a server holds the store, but {} cannot be read", path.display())
+    })?)
+    .with_context(|| format!("{} is not a server file", path.display()))?;
+    eprintln!(
+        "adclick: a server (pid {}) holds {}; running there",
+        server.pid,
+        settings.data_dir.display()
+    );
+    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    Ok((server, agent))
+}
+
+fn print_explained(e: &Explained) {
+    println!(
+        "{:>9} {:>12} {:<24} {:<16} {:<39} {:<7} {:<20} {:<13} detail",
+        "partition", "offset", "click_timestamp", "user_id", "ip", "country", "click_id", "fate"
+    );
+    for c in &e.clicks {
+        let fate = serde_json::to_value(c.fate)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let repeats =
+            c.duplicate_of.map(|d| format!("of partition {} offset {}", d.partition, d.offset));
+        let detail = match (c.fate, c.recalculated, repeats) {
+            (Fate::Duplicate, _, Some(r)) => r,
+            (Fate::TooLate, Some(true), _) => "counted by a recalculation since".to_string(),
+            (Fate::TooLate, _, Some(r)) => {
+                format!("not counted; a recalculation would not either: a duplicate {r}")
+            }
+            (Fate::TooLate, _, None) => "not counted yet; a recalculation counts it".to_string(),
+            _ => String::new(),
+        };
+        let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        println!(
+            "{:>9} {:>12} {:<24} {:<16} {:<39} {:<7} {:<20} {:<13} {detail}",
+            c.partition,
+            c.offset,
+            c.click_timestamp,
+            dash(&c.user_id),
+            dash(&c.ip),
+            dash(&c.country),
+            dash(&c.click_id),
+            fate
+        );
+    }
+    println!();
+    let fates: Vec<String> = e.fates.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    println!(
+        "{} minute {} ({}): {} clicks in the archive ({}); {} counted, {} stored",
+        e.ad_id,
+        e.minute,
+        e.filter.as_deref().unwrap_or("total"),
+        e.clicks.len(),
+        if fates.is_empty() { "none".to_string() } else { fates.join(", ") },
+        e.counted,
+        e.stored
+    );
+    match e.difference {
+        None => println!("the counted clicks add up to the stored count"),
+        Some(kind) => println!(
+            "they differ by {:+}: {}",
+            e.counted as i64 - e.stored as i64,
+            serde_json::to_value(kind)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        ),
+    }
+    if let Some(fix) = &e.fix {
+        println!("{} too-late clicks are counted by: {fix}", e.recalc_would_count);
+    }
+}
+
 fn run_here(
     settings: &Settings,
     job: Job,
@@ -96,24 +231,13 @@ fn run_on_server(
     to: Minute,
     bar: &mut Bar,
 ) -> anyhow::Result<JobResult> {
-    let path = server_file_path(&settings.data_dir);
-    let server: ServerFile = serde_json::from_slice(&std::fs::read(&path).with_context(|| {
-        format!("a server holds the store, but {} cannot be read", path.display())
-    })?)
-    .with_context(|| format!("{} is not a server file", path.display()))?;
+    let (server, agent) = server(settings)?;
     let (name, dry) = match job {
         Job::Recalc { dry_run } => ("recalc", format!("&dry_run={dry_run}")),
         Job::Reconcile => ("reconcile", String::new()),
     };
     let url =
         format!("{}/v1/admin/{name}?from={}&to={}{dry}", server.url, from.start().0, to.start().0);
-    eprintln!(
-        "adclick: a server (pid {}) holds {}; running there",
-        server.pid,
-        settings.data_dir.display()
-    );
-    let agent: ureq::Agent =
-        ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let response = agent
         .post(&url)
         .header("authorization", &format!("Bearer {}", server.token))

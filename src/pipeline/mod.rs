@@ -142,6 +142,22 @@ impl QueryState {
         crate::recalc::run_job(&self.recalc, &self.store, Some(&self.live), job, from, to, progress)
     }
 
+    /// The audit of one stored count, once the aggregator and the archiver have caught up with
+    /// the log (within `timeout`).
+    pub fn explain(
+        &self,
+        q: &crate::recalc::Question,
+        timeout: Duration,
+    ) -> Result<crate::recalc::Explained, JobError> {
+        self.await_aggregated(timeout)?;
+        self.flush_archive()?;
+        let horizon = self.recalc.engine.dedup_horizon_ms.div_euclid(crate::event::MINUTE_MS) + 1;
+        let window = (q.minute.0 - horizon, q.minute.0 + 1 + horizon);
+        let window = (crate::event::Minute(window.0), crate::event::Minute(window.1));
+        let stored = self.store.ad_minute(&q.ad, q.minute, window, self.filters.len() + 1)?;
+        crate::recalc::explain(&self.recalc, &Default::default(), q, &stored)
+    }
+
     fn job_running(&self) -> bool {
         self.jobs.try_lock().is_err()
     }

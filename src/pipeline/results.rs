@@ -137,4 +137,8 @@ impl Jobs for QueryState {
     ) -> Result<JobResult, JobError> {
         self.run_job(job, from, to, JOB_CATCH_UP, progress)
     }
+
+    fn explain(&self, q: &crate::recalc::Question) -> Result<crate::recalc::Explained, JobError> {
+        QueryState::explain(self, q, JOB_CATCH_UP)
+    }
 }

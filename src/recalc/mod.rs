@@ -42,9 +42,11 @@ use crate::popular::LiveIndex;
 use crate::store::{ReplaceError, Replaced, Store, StoreError};
 
 mod compare;
+mod explain;
 mod recompute;
 
 pub use compare::{compare, Difference, Kind, Report};
+pub use explain::{explain, Explained, ExplainedClick, Fate, Question};
 pub use recompute::{recompute, Recomputed, Scope};
 
 /// Why a recalc or reconcile failed.
@@ -72,6 +74,9 @@ pub enum JobError {
     /// The archive does not hold every click the results reflect yet; the message says why.
     #[error("{0}")]
     NotArchived(String),
+    /// The question is wrong (an unknown filter, say).
+    #[error("{0}")]
+    Invalid(String),
     /// The scaled-out results store failed.
     #[error("{0}")]
     Results(Box<dyn std::error::Error + Send + Sync>),

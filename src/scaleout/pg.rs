@@ -29,7 +29,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// minutes read hour rows, and minute rows only at either end and for the newest minutes.
 /// Version 3 adds the raw archiver's offsets and flush in progress (see `scaleout::archive`).
 /// Version 4 adds the clicks found too late, per minute, ad, slot and partition: reconciliation
-/// explains differences with them (see `scaleout::recalc`).
+/// explains differences with them, and `explain` which clicks a recalculation counted since
+/// (`recounted`; see `scaleout::recalc`).
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE adclick_settings (key text PRIMARY KEY, value text NOT NULL);
@@ -103,6 +104,7 @@ CREATE TABLE adclick_too_late (
     ad_id text COLLATE "C" NOT NULL,
     partition int NOT NULL,
     count bigint NOT NULL,
+    recounted bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (minute, slot, ad_id, partition)
 );
 "#,

@@ -1,4 +1,4 @@
-//! `recalc` and `reconcile` on the scaled-out deployment (SPEC §3.4, §3.5): the Parquet archive
+//! `recalc`, `reconcile` and `explain` on the scaled-out deployment (SPEC §3.4, §3.5): the Parquet archive
 //! the archive role writes (a directory or S3), against the results in PostgreSQL.
 //!
 //! ```text
@@ -12,7 +12,7 @@
 //!     ├── reconcile: recalc::compare
 //!     └── recalc: one transaction that locks every partition's row (a live commit waits for
 //!         it), checks again that the range is sealed, replaces each partition's counts and
-//!         top-N lists, takes the snapshot's too-late counts off (they are counted now), and
+//!         top-N lists, moves the snapshot's too-late counts to `recounted` (they are counted now), and
 //!         sums the hours already rolled again
 //! ```
 //!
@@ -29,9 +29,10 @@ use super::pg::{Days, PgError, HOURS_PER_DAY, MINUTES_PER_DAY};
 use crate::archive::Archive;
 use crate::config::{ScaleOut, Settings};
 use crate::engine::{PartitionId, Watermark};
-use crate::event::Minute;
-use crate::recalc::{compare, recompute, Context, Job, JobError, JobResult, Progress, Recomputed};
-use crate::store::{CountRows, RangeRows, ReplaceError, Replaced};
+use crate::event::{Minute, MINUTE_MS};
+use crate::recalc::{compare, recompute, Context, Explained, Job, JobError, JobResult, Progress};
+use crate::recalc::{Question, Recomputed};
+use crate::store::{AdMinute, CountRows, RangeRows, ReplaceError, Replaced};
 
 /// The advisory lock a running job holds: one recalc or reconcile at a time.
 const JOB_LOCK: i64 = 7_367_283;
@@ -78,11 +79,7 @@ pub fn run_job(
         return Err(open.into());
     }
     await_archived(&mut client, &snap.next, archive_wait(settings))?;
-    let ctx = Context {
-        archive: Arc::new(Archive::open(&settings.archive, &settings.data_dir)?),
-        engine: settings.engine.clone(),
-        filters: Arc::new(settings.filters.clone()),
-    };
+    let ctx = context(settings)?;
     let scope = crate::recalc::Scope { per_partition: true, below: Some(snap.next.clone()) };
     let rec = recompute(&ctx, &scope, from, to, progress)?;
     let report = compare(&ctx, &rec, &snap.rows);
@@ -93,6 +90,54 @@ pub fn run_job(
         _ => None,
     };
     Ok(JobResult::new(job, report, replaced, &rec, started))
+}
+
+/// The audit of one stored count (`adclick explain`): the results as one snapshot holds them,
+/// against the archived clicks below its offsets.
+pub fn explain(settings: &Settings, scale: &ScaleOut, q: &Question) -> Result<Explained, JobError> {
+    let mut client = super::prepare_database(settings, scale)?;
+    let horizon = settings.engine.dedup_horizon_ms.div_euclid(MINUTE_MS) + 1;
+    let (from, to) = (q.minute.0 - horizon, q.minute.0 + 1 + horizon);
+    let mut tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()?;
+    let next: BTreeMap<PartitionId, u64> = part_rows(&tx.query(PARTITIONS, &[])?)
+        .into_iter()
+        .map(|(p, r)| (p, r.next_offset.max(0) as u64))
+        .collect();
+    let mut stored = AdMinute { counts: vec![0; settings.filters.len() + 1], ..Default::default() };
+    for r in tx.query(
+        "SELECT slot, sum(count)::bigint FROM adclick_counts WHERE minute = $1 AND ad_id = $2 \
+         GROUP BY slot",
+        &[&q.minute.0, &q.ad],
+    )? {
+        if let Some(c) = stored.counts.get_mut(r.get::<_, i16>(0) as usize) {
+            *c = r.get::<_, i64>(1) as u64;
+        }
+    }
+    for r in tx.query(
+        "SELECT minute, sum(count)::bigint, sum(recounted)::bigint FROM adclick_too_late \
+         WHERE ad_id = $1 AND slot = 0 AND minute >= $2 AND minute < $3 GROUP BY minute",
+        &[&q.ad, &from, &to],
+    )? {
+        let (pending, recounted): (i64, i64) = (r.get(1), r.get(2));
+        stored.too_late.insert(r.get(0), (pending as u64, recounted as u64));
+    }
+    tx.commit()?;
+    await_archived(&mut client, &next, archive_wait(settings))?;
+    let scope = crate::recalc::Scope { per_partition: true, below: Some(next) };
+    crate::recalc::explain(&context(settings)?, &scope, q, &stored)
+}
+
+/// What recomputation reads: the archive the archive role writes, the settings of the results.
+fn context(settings: &Settings) -> Result<Context, JobError> {
+    Ok(Context {
+        archive: Arc::new(Archive::open(&settings.archive, &settings.data_dir)?),
+        engine: settings.engine.clone(),
+        filters: Arc::new(settings.filters.clone()),
+    })
 }
 
 /// How long a job waits for the archive role: a few of its flush intervals.
@@ -302,7 +347,8 @@ fn replace(
             replaced.tops += 1;
         }
     }
-    // The snapshot's too-late clicks are counted now; any found too late since keep theirs.
+    // The snapshot's too-late clicks are counted now (remembered as such, for `explain`); any
+    // found too late since keep theirs.
     for chunk in snap.too_late.chunks(WRITE_ROWS) {
         let col = |f: fn(&(i64, i16, String, i32, i64)) -> i64| -> Vec<i64> {
             chunk.iter().map(f).collect()
@@ -311,16 +357,12 @@ fn replace(
         let ads: Vec<&str> = chunk.iter().map(|r| r.2.as_str()).collect();
         let parts: Vec<i32> = chunk.iter().map(|r| r.3).collect();
         tx.execute(
-            "UPDATE adclick_too_late l SET count = l.count - s.c \
+            "UPDATE adclick_too_late l SET count = l.count - s.c, recounted = l.recounted + s.c \
              FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::int[], $5::bigint[]) AS s(m, sl, a, p, c) \
              WHERE l.minute = s.m AND l.slot = s.sl AND l.ad_id = s.a AND l.partition = s.p",
             &[&col(|r| r.0), &slots, &ads, &parts, &col(|r| r.4)],
         )?;
     }
-    tx.execute(
-        "DELETE FROM adclick_too_late WHERE minute >= $1 AND minute < $2 AND count <= 0",
-        &[&from, &to],
-    )?;
     // Hours already rolled hold the old counts of their minutes: summed again from the new.
     for (p, row) in &parts {
         if row.rolled_through <= from {

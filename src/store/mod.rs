@@ -66,7 +66,7 @@ mod tests;
 pub use checkpoint::{CheckpointBytes, CheckpointError, Recovery};
 pub use codec::{BatchRecord, CheckpointFile, CheckpointRecord};
 pub use ledger::ArchiveState;
-pub use replace::{sealed, CountRows, RangeRows, ReplaceError, Replaced};
+pub use replace::{sealed, AdMinute, CountRows, RangeRows, ReplaceError, Replaced};
 pub use settings::SettingsError;
 
 use codec::{encode_manifest, encode_top};
@@ -100,6 +100,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// (minute, ad) → u64 LE per slot: clicks the live path found too late (added, not absolute),
 /// so that reconciliation can explain the differences they make until a recalculation.
 const TOO_LATE: TableDefinition<(i64, &str), &[u8]> = TableDefinition::new("too_late");
+/// (minute, ad) → u64 LE per slot: too-late clicks a recalculation has counted since (moved
+/// from `too_late`), so that `explain` can say so.
+const RECOUNTED: TableDefinition<(i64, &str), &[u8]> = TableDefinition::new("recounted");
 /// partition → the next offset the archiver has archived.
 const ARCHIVE_OFFSETS: TableDefinition<u32, u64> = TableDefinition::new("archive_offsets");
 
@@ -240,6 +243,7 @@ impl Store {
             txn.open_table(AD_DAYS).ctx("create ad_days")?;
             txn.open_table(HOUR_VERSIONS).ctx("create hour_versions")?;
             txn.open_table(TOO_LATE).ctx("create too_late")?;
+            txn.open_table(RECOUNTED).ctx("create recounted")?;
             txn.open_table(ARCHIVE_OFFSETS).ctx("create archive_offsets")?;
         }
         txn.commit().ctx("commit")?;

@@ -1,14 +1,14 @@
 //! Recalculation's side of the store: every row of a range in one read, and the atomic
 //! replacement of a range's counts and top-N lists.
 
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::engine::{Offset, PartitionId, Watermark};
 use crate::event::{AdId, EventTime, Minute};
 
 use super::codec::encode_top;
 use super::{day_of, encode_counts, le_u64, Context as _, Store, StoreError};
-use super::{AD_DAYS, COUNTS, HOUR_VERSIONS, META, OFFSETS, TOO_LATE, TOPS};
+use super::{AD_DAYS, COUNTS, HOUR_VERSIONS, META, OFFSETS, RECOUNTED, TOO_LATE, TOPS};
 
 /// Everything stored for the minutes of a range, read in one transaction.
 #[derive(Debug, Default)]
@@ -191,11 +191,68 @@ impl Store {
                     .ctx("write top")?;
                 replaced.tops += 1;
             }
+            // The range's too-late clicks are counted now: remembered as such, for `explain`.
             let mut late = txn.open_table(TOO_LATE).ctx("open too_late")?;
+            let mut recounted = txn.open_table(RECOUNTED).ctx("open recounted")?;
+            for item in late.range((from.0, "")..(to.0, "")).ctx("scan too late")? {
+                let (k, v) = item.ctx("read too late")?;
+                let (minute, ad) = k.value();
+                let mut sum: Vec<u64> = v.value().chunks_exact(8).map(le_u64).collect();
+                if let Some(old) = recounted.get((minute, ad)).ctx("read recounted")? {
+                    sum.iter_mut()
+                        .zip(old.value().chunks_exact(8))
+                        .for_each(|(a, b)| *a += le_u64(b));
+                }
+                let mut row = Vec::new();
+                encode_counts(&mut row, &sum);
+                recounted.insert((minute, ad), row.as_slice()).ctx("write recounted")?;
+            }
             late.retain_in((from.0, "")..(to.0, ""), |_, _| false).ctx("clear too late")?;
             crate::fault::point("store.mid_replace");
         }
         txn.commit().ctx("commit recalculation")?;
         Ok(replaced)
     }
+
+    /// What `explain` compares the archive with, for `ad`: the stored counts of `minute` per
+    /// slot, and per minute of `[from, to)` (the minute and its dedup horizons) the clicks found
+    /// too late and not counted, and those a recalculation has counted since (totals).
+    pub fn ad_minute(
+        &self,
+        ad: &str,
+        minute: Minute,
+        (from, to): (Minute, Minute),
+        slots: usize,
+    ) -> Result<AdMinute, StoreError> {
+        let mut out = AdMinute { counts: vec![0; slots], too_late: Default::default() };
+        for (slot, count) in out.counts.iter_mut().enumerate() {
+            let slot = crate::engine::Slot::from_index(slot);
+            *count =
+                self.series(ad, slot, minute, Minute(minute.0 + 1))?.0.first().map_or(0, |p| p.1);
+        }
+        let txn = self.db()?.begin_read().ctx("begin read")?;
+        let late = txn.open_table(TOO_LATE).ctx("open too_late")?;
+        let recounted = txn.open_table(RECOUNTED).ctx("open recounted")?;
+        let total = |v: Option<redb::AccessGuard<'_, &[u8]>>| {
+            v.map_or(0, |v| v.value().get(..8).map_or(0, le_u64))
+        };
+        for m in from.0..to.0 {
+            let pending = total(late.get((m, ad)).ctx("read too late")?);
+            let counted = total(recounted.get((m, ad)).ctx("read recounted")?);
+            if pending + counted > 0 {
+                out.too_late.insert(m, (pending, counted));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What the store holds for one ad around one minute (see [`Store::ad_minute`]).
+#[derive(Debug, Default, Clone)]
+pub struct AdMinute {
+    /// The minute's counts per slot (the total, then each filter).
+    pub counts: Vec<u64>,
+    /// minute → (too late and not counted, too late and counted by a recalculation since), all
+    /// clicks of the ad (the total slot).
+    pub too_late: std::collections::BTreeMap<i64, (u64, u64)>,
 }

@@ -2,6 +2,7 @@
 mod archive;
 mod commands;
 mod engine;
+mod explain;
 mod faults;
 mod layers;
 mod model;

@@ -145,12 +145,64 @@ fn too_late_clicks_are_reconciled_then_recalculated_scaled_out() {
     let (full, _) = oracle(&all);
     let want = ranked(&full, last_hour_end);
     assert_eq!(popular_hours(&server, last_hour_end), want, "hour sums after recalc");
-    let recalculated: BTreeMap<_, _> = full.into_iter().filter(|(k, _)| k.0 < sealed_to).collect();
+    let recalculated: BTreeMap<_, _> =
+        full.clone().into_iter().filter(|(k, _)| k.0 < sealed_to).collect();
     assert_matches_oracle(&server, &recalculated);
-    // The too-late clicks are counted now: none left for the range.
-    let left: i64 = client
-        .query_one("SELECT count(*) FROM adclick_too_late WHERE minute < $1", &[&sealed_to])
+    // explain: the (minute, ad) with the most too-late clicks, every one of them listed as too
+    // late and counted by the recalculation or a copy, the counted ones adding up to the count.
+    let parsed: Vec<(usize, String, i64)> = sent
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (l, at))| {
+            let v = Validation { now: EventTime(*at), max_skew_ms: 300_000 };
+            let c = parse_line(l.as_bytes(), v).ok()??;
+            Some((i, c.ad_id.to_string(), c.time.0.div_euclid(60_000)))
+        })
+        .collect();
+    let mut late_of: BTreeMap<(i64, String), usize> = BTreeMap::new();
+    for (i, ad, m) in &parsed {
+        if *i >= on_time {
+            *late_of.entry((*m, ad.clone())).or_default() += 1;
+        }
+    }
+    let ((minute, ad), late) = late_of.iter().max_by_key(|(_, n)| **n).unwrap();
+    let listed = parsed.iter().filter(|(_, a, m)| a == ad && m == minute).count();
+    let out = Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .arg("--config")
+        .arg(jobs.join("adclick.toml"))
+        .args(["explain", ad, "--minute", &(minute * 60_000).to_string(), "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!("explain: {}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert_eq!(out.status.code(), Some(0), "{v:#}");
+    assert_eq!(v["stored"].as_u64(), Some(full[&(*minute, ad.clone(), 0)]), "{v:#}");
+    assert_eq!(v["counted"], v["stored"], "{v:#}");
+    assert_eq!(v["clicks"].as_array().unwrap().len(), listed, "{v:#}");
+    // As many too late as the aggregators found (the generator's own late lines among the
+    // first ones included), at least those sent after the minute was sealed.
+    let found: i64 = client
+        .query_one(
+            "SELECT sum(count + recounted)::bigint FROM adclick_too_late \
+             WHERE minute = $1 AND ad_id = $2 AND slot = 0",
+            &[minute, ad],
+        )
         .unwrap()
         .get(0);
-    assert_eq!(left, 0, "too-late rows of the recalculated range");
+    assert_eq!(v["fates"]["too_late"].as_i64(), Some(found), "{v:#}");
+    assert!(found >= *late as i64, "{found} too late, {late} sent after the seal");
+
+    // The too-late clicks are counted now: none left for the range, all remembered as counted.
+    let (left, recounted): (i64, i64) = {
+        let r = client
+            .query_one(
+                "SELECT coalesce(sum(count), 0)::bigint, coalesce(sum(recounted), 0)::bigint \
+                 FROM adclick_too_late WHERE minute < $1 AND slot = 0",
+                &[&sealed_to],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((left, recounted), (0, too_late), "too-late clicks of the recalculated range");
 }
