@@ -118,7 +118,13 @@ fn explain_on_server(settings: &Settings, q: &Question) -> anyhow::Result<Explai
         .send_empty()
         .with_context(|| format!("asking the server at {}", server.url))?;
     let status = response.status();
-    let body = response.into_body().read_to_string().context("reading the server's answer")?;
+    // Every click of a busy minute: tens of megabytes of JSON are expected.
+    let body = response
+        .into_body()
+        .into_with_config()
+        .limit(u64::MAX)
+        .read_to_string()
+        .context("reading the server's answer")?;
     if !status.is_success() {
         let error = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
@@ -167,7 +173,7 @@ fn print_explained(e: &Explained) {
             _ => String::new(),
         };
         let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-        println!(
+        let line = format!(
             "{:>9} {:>12} {:<24} {:<16} {:<39} {:<7} {:<20} {:<13} {detail}",
             c.partition,
             c.offset,
@@ -178,6 +184,7 @@ fn print_explained(e: &Explained) {
             dash(&c.click_id),
             fate
         );
+        println!("{}", line.trim_end());
     }
     println!();
     let fates: Vec<String> = e.fates.iter().map(|(k, v)| format!("{v} {k}")).collect();
