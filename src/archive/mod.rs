@@ -187,6 +187,17 @@ impl Archive {
         }
     }
 
+    /// Where it is, the same from any process that opens it: the S3 URL, or the directory's
+    /// canonical path (a relative one resolves against each process's data directory).
+    pub fn location(&self) -> String {
+        match &self.local {
+            Some(dir) => {
+                std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()).display().to_string()
+            }
+            None => self.display.clone(),
+        }
+    }
+
     /// Where it is, for messages.
     pub fn display(&self) -> &str {
         &self.display

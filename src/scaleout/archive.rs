@@ -338,8 +338,15 @@ impl Ledger for PgLedger {
 /// ledger, as after a restart of the process.
 pub fn run(settings: &Settings, scale: &ScaleOut, shutdown: &AtomicBool) -> Result<(), RoleError> {
     loop {
-        let Some(client) = take_lock(&scale.postgres, shutdown)? else { return Ok(()) };
+        let Some(mut client) = take_lock(&scale.postgres, shutdown)? else { return Ok(()) };
         let archive = Archive::open(&settings.archive, &settings.data_dir)?;
+        // Where it writes, for the jobs that read it (see `scaleout::recalc`).
+        if let Err(e) =
+            client.execute("UPDATE adclick_archive SET location = $1", &[&archive.location()])
+        {
+            tracing::warn!("archive: {}; taking the lock again", pg::describe(&e));
+            continue;
+        }
         tracing::info!(archive = archive.display(), "archive: archiving the topic");
         let source = KafkaSource::new(
             &scale.brokers,

@@ -79,7 +79,7 @@ pub fn run_job(
         return Err(open.into());
     }
     await_archived(&mut client, &snap.next, archive_wait(settings))?;
-    let ctx = context(settings)?;
+    let ctx = context(settings, &mut client)?;
     let scope = crate::recalc::Scope { per_partition: true, below: Some(snap.next.clone()) };
     let rec = recompute(&ctx, &scope, from, to, progress)?;
     let report = compare(&ctx, &rec, &snap.rows);
@@ -128,13 +128,24 @@ pub fn explain(settings: &Settings, scale: &ScaleOut, q: &Question) -> Result<Ex
     tx.commit()?;
     await_archived(&mut client, &next, archive_wait(settings))?;
     let scope = crate::recalc::Scope { per_partition: true, below: Some(next) };
-    crate::recalc::explain(&context(settings)?, &scope, q, &stored)
+    crate::recalc::explain(&context(settings, &mut client)?, &scope, q, &stored)
 }
 
-/// What recomputation reads: the archive the archive role writes, the settings of the results.
-fn context(settings: &Settings) -> Result<Context, JobError> {
+/// What recomputation reads: the archive the archive role writes (refused if the `archive`
+/// setting names another one), the settings of the results.
+fn context(settings: &Settings, client: &mut Client) -> Result<Context, JobError> {
+    let archive = Archive::open(&settings.archive, &settings.data_dir)?;
+    let written: Option<String> =
+        client.query_one("SELECT location FROM adclick_archive", &[])?.get(0);
+    if let Some(written) = written.filter(|w| *w != archive.location()) {
+        return Err(JobError::NotArchived(format!(
+            "the archive role writes to {written}, but this command reads {}: give it the same \
+             `archive` setting (and data directory, for a relative path)",
+            archive.location()
+        )));
+    }
     Ok(Context {
-        archive: Arc::new(Archive::open(&settings.archive, &settings.data_dir)?),
+        archive: Arc::new(archive),
         engine: settings.engine.clone(),
         filters: Arc::new(settings.filters.clone()),
     })

@@ -343,6 +343,12 @@ fn answers_match_the_openapi_description() {
         ("get", "/v1/totals", "/v1/totals?window=1441".into(), None),
         ("get", "/v1/filters", "/v1/filters".into(), None),
         ("post", "/v1/admin/{job}", "/v1/admin/recalc".into(), Some(Vec::new())),
+        (
+            "post",
+            "/v1/admin/explain",
+            "/v1/admin/explain?ad_id=ad-1&minute=0".into(),
+            Some(Vec::new()),
+        ),
         ("get", "/healthz", "/healthz".into(), None),
         ("get", "/metrics", "/metrics".into(), None),
         ("get", "/openapi.json", "/openapi.json".into(), None),

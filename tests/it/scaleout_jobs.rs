@@ -205,4 +205,24 @@ fn too_late_clicks_are_reconciled_then_recalculated_scaled_out() {
         (r.get(0), r.get(1))
     };
     assert_eq!((left, recounted), (0, too_late), "too-late clicks of the recalculated range");
+
+    // A job given another archive than the archive role writes is refused, naming both.
+    let elsewhere = d.root.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let config = std::fs::read_to_string(jobs.join("adclick.toml")).unwrap();
+    let config = config.replace(
+        &format!("archive = {:?}", archive.to_str().unwrap()),
+        &format!("archive = {:?}", elsewhere.to_str().unwrap()),
+    );
+    std::fs::write(elsewhere.join("adclick.toml"), config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .arg("--config")
+        .arg(elsewhere.join("adclick.toml"))
+        .args(["reconcile", "--from", &((sealed_to - 6) * 60_000).to_string()])
+        .args(["--to", &(sealed_to * 60_000).to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("the archive role writes to"), "{err}");
 }
