@@ -25,7 +25,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, TopicPartitionList};
 
 use super::kafka::KafkaError;
-use crate::archive::{Archive, ArchiveError, Archiver, Ledger, Source};
+use crate::archive::{Archive, ArchiveError, Archiver, FlushRequest, Ledger, Source};
 use crate::config::{ScaleOut, Settings};
 use crate::engine::{Offset, OffsetRange, PartitionId};
 use crate::event::{parse_line, wire, Click, EventTime, Validation};
@@ -365,8 +365,8 @@ pub fn run(settings: &Settings, scale: &ScaleOut, shutdown: &AtomicBool) -> Resu
         );
         match recovered {
             Ok(archiver) => {
-                // No one asks this archiver to flush; the sender keeps the channel open.
-                let (_requests, rx) = std::sync::mpsc::channel();
+                // Jobs (recalc, reconcile, explain) ask for a flush through PostgreSQL.
+                let (requests, rx) = std::sync::mpsc::channel();
                 let stop = AtomicBool::new(false);
                 std::thread::scope(|s| {
                     s.spawn(|| {
@@ -377,6 +377,7 @@ pub fn run(settings: &Settings, scale: &ScaleOut, shutdown: &AtomicBool) -> Resu
                             std::thread::sleep(Duration::from_millis(100));
                         }
                     });
+                    s.spawn(|| forward_flush_requests(&scale.postgres, &requests, &stop));
                     archiver.run(rx, &stop);
                     stop.store(true, Ordering::Release);
                 });
@@ -388,6 +389,36 @@ pub fn run(settings: &Settings, scale: &ScaleOut, shutdown: &AtomicBool) -> Resu
             return Ok(());
         }
         tracing::warn!("archive: the session holding the lock ended; taking the lock again");
+    }
+}
+
+/// Polls `adclick_archive.flush_requested` (bumped by a job waiting for the archive) and asks
+/// the archiver to flush when it moves, until `stop`. A database that is down is retried.
+fn forward_flush_requests(
+    url: &str,
+    requests: &std::sync::mpsc::Sender<FlushRequest>,
+    stop: &AtomicBool,
+) {
+    let mut client: Option<postgres::Client> = None;
+    let mut seen: Option<i64> = None;
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(200));
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = pg::connect(url).ok();
+        }
+        let Some(c) = client.as_mut() else { continue };
+        let Ok(row) = c.query_one("SELECT flush_requested FROM adclick_archive", &[]) else {
+            continue;
+        };
+        let asked: i64 = row.get(0);
+        if seen.is_some_and(|s| asked > s) {
+            // The answer is not awaited: the job watches the archived offsets.
+            let (reply, _) = std::sync::mpsc::channel();
+            if requests.send(reply).is_err() {
+                return;
+            }
+        }
+        seen = Some(asked);
     }
 }
 

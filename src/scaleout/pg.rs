@@ -30,8 +30,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Version 3 adds the raw archiver's offsets and flush in progress (see `scaleout::archive`).
 /// Version 4 adds the clicks found too late, per minute, ad, slot and partition: reconciliation
 /// explains differences with them, and `explain` which clicks a recalculation counted since
-/// (`recounted`; see `scaleout::recalc`); and where the archive role writes, so that a job
-/// reading another archive is refused.
+/// (`recounted`; see `scaleout::recalc`); where the archive role writes, so that a job reading
+/// another archive is refused; and a counter a job bumps to have the archive role flush now.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE adclick_settings (key text PRIMARY KEY, value text NOT NULL);
@@ -108,7 +108,8 @@ CREATE TABLE adclick_too_late (
     recounted bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (minute, slot, ad_id, partition)
 );
-ALTER TABLE adclick_archive ADD COLUMN location text;
+ALTER TABLE adclick_archive ADD COLUMN location text,
+    ADD COLUMN flush_requested bigint NOT NULL DEFAULT 0;
 "#,
 ];
 

@@ -1,19 +1,21 @@
-//! `recalc`, `reconcile` and `explain` on the scaled-out deployment (SPEC §3.4, §3.5): the Parquet archive
-//! the archive role writes (a directory or S3), against the results in PostgreSQL.
+//! `recalc`, `reconcile` and `explain` on the scaled-out deployment (SPEC §3.4, §3.5): the
+//! Parquet archive the archive role writes (a directory or S3), against the results in
+//! PostgreSQL.
 //!
 //! ```text
 //!  snapshot, one REPEATABLE READ transaction: each partition's committed offset, the range's
 //!     │   counts and too-late counts, and whether the live path can still write the range
 //!     ▼
-//!  wait until the archive role has archived every partition up to those offsets
+//!  ask the archive role to flush, and wait until it has archived every partition up to those
+//!     │   offsets
 //!     ▼
 //!  recalc::recompute: one engine per partition (as the aggregators count), clicks below the
 //!     │   snapshot's offsets only, so both sides reflect the same records
 //!     ├── reconcile: recalc::compare
 //!     └── recalc: one transaction that locks every partition's row (a live commit waits for
 //!         it), checks again that the range is sealed, replaces each partition's counts and
-//!         top-N lists, moves the snapshot's too-late counts to `recounted` (they are counted now), and
-//!         sums the hours already rolled again
+//!         top-N lists, moves the snapshot's too-late counts to `recounted` (they are counted
+//!         now), and sums the hours already rolled again
 //! ```
 //!
 //! Once a range is sealed a live commit can only add too-late counts to it, so the clicks
@@ -78,7 +80,7 @@ pub fn run_job(
         // Refused before the work (and checked again on write).
         return Err(open.into());
     }
-    await_archived(&mut client, &snap.next, archive_wait(settings))?;
+    await_archived(&mut client, &snap.next, ARCHIVE_WAIT)?;
     let ctx = context(settings, &mut client)?;
     let scope = crate::recalc::Scope { per_partition: true, below: Some(snap.next.clone()) };
     let rec = recompute(&ctx, &scope, from, to, progress)?;
@@ -126,7 +128,7 @@ pub fn explain(settings: &Settings, scale: &ScaleOut, q: &Question) -> Result<Ex
         stored.too_late.insert(r.get(0), (pending as u64, recounted as u64));
     }
     tx.commit()?;
-    await_archived(&mut client, &next, archive_wait(settings))?;
+    await_archived(&mut client, &next, ARCHIVE_WAIT)?;
     let scope = crate::recalc::Scope { per_partition: true, below: Some(next) };
     crate::recalc::explain(&context(settings, &mut client)?, &scope, q, &stored)
 }
@@ -151,10 +153,9 @@ fn context(settings: &Settings, client: &mut Client) -> Result<Context, JobError
     })
 }
 
-/// How long a job waits for the archive role: a few of its flush intervals.
-fn archive_wait(settings: &Settings) -> Duration {
-    settings.archive.flush_interval * 3 + Duration::from_secs(30)
-}
+/// How long a job waits for the archive role to make progress: it flushes when asked, within
+/// a second or so, unless it is down (or its storage is).
+const ARCHIVE_WAIT: Duration = Duration::from_secs(60);
 
 /// The results of a range as one transaction saw them.
 struct Snapshot {
@@ -268,34 +269,47 @@ fn snapshot(
     })
 }
 
-/// Waits until the archive role has archived every partition up to `next`.
+/// Waits until the archive role has archived every partition up to `next`, asking it to flush
+/// (every second) and giving up after `wait` without progress.
 fn await_archived(
     client: &mut Client,
     next: &BTreeMap<PartitionId, u64>,
     wait: Duration,
 ) -> Result<(), JobError> {
-    let started = Instant::now();
+    let mut progress = Instant::now();
     let mut told = false;
+    let mut asked: Option<Instant> = None;
+    let mut last: Option<BTreeMap<PartitionId, u64>> = None;
     loop {
         let archived: BTreeMap<PartitionId, u64> = client
             .query("SELECT partition, next_offset FROM adclick_archive_offsets", &[])?
             .iter()
             .map(|r| (PartitionId(r.get::<_, i32>(0) as u32), r.get::<_, i64>(1).max(0) as u64))
             .collect();
+        if last.as_ref() != Some(&archived) {
+            progress = Instant::now();
+            last = Some(archived.clone());
+        }
         let behind: Vec<(PartitionId, u64, u64)> = next
             .iter()
             .map(|(p, n)| (*p, archived.get(p).copied().unwrap_or(0), *n))
             .filter(|(_, a, n)| a < n)
             .collect();
         let Some(&(p, a, n)) = behind.first() else { return Ok(()) };
-        if started.elapsed() >= wait {
+        if progress.elapsed() >= wait {
             return Err(JobError::NotArchived(format!(
                 "the archive holds partition {} up to offset {a}, but the results reflect it up \
-                 to {n} ({} partitions behind after {wait:?}): is a process with the archive \
-                 role running, and does this command read the archive it writes?",
+                 to {n} ({} partitions behind, no progress for {wait:?}): is a process with the \
+                 archive role running?",
                 p.0,
                 behind.len()
             )));
+        }
+        // The archive role flushes when asked (and on its own every `archive_flush_interval`).
+        if asked.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            client
+                .execute("UPDATE adclick_archive SET flush_requested = flush_requested + 1", &[])?;
+            asked = Some(Instant::now());
         }
         if !told {
             tracing::info!(
