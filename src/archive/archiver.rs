@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::format::BATCH_ROWS;
-use super::{hour_dir, part_name, Archive, ArchiveError, ArchiveSettings, FileWriter};
+use super::{Archive, ArchiveError, ArchiveSettings, FileWriter};
 use crate::engine::{Offset, OffsetRange, PartitionId};
 use crate::event::{wire, Click};
 use crate::log::{read_ranges, LogHandle, Reader, Records};
@@ -279,7 +279,7 @@ impl Archiver {
             })?;
         }
         for (hour, file) in files {
-            let rel = format!("{}/{}", hour_dir(hour), part_name(self.seq));
+            let rel = super::file_name(hour, self.seq);
             self.archive.put(&rel, file.finish()?)?;
             if self.redoing {
                 self.archive.remove_staged(&rel)?;

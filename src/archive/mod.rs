@@ -287,6 +287,11 @@ pub fn hour_dir(hour: i64) -> String {
     format!("date={date}/hour={}", &rest[..2])
 }
 
+/// Where flush `seq` writes its file of `hour`, relative to the archive's root.
+pub fn file_name(hour: i64, seq: u64) -> String {
+    format!("{}/{}", hour_dir(hour), part_name(seq))
+}
+
 fn part_name(seq: u64) -> String {
     format!("part-{seq:012}.parquet")
 }

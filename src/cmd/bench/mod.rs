@@ -36,6 +36,7 @@ use crate::generate::{GenConfig, Generator};
 
 mod duckdb;
 mod observe;
+mod recalc;
 mod scaleout;
 mod soak;
 
@@ -96,6 +97,12 @@ pub struct BenchArgs {
     /// durable, final results, alternating, in this many rounds; prints the ratio.
     #[arg(long)]
     pub duckdb: Option<usize>,
+    /// Measure recalculation against DuckDB instead: the --events workload written as archive
+    /// files, then DuckDB's count(DISTINCT identity) per ad and minute with the demo's filters
+    /// and top-N over them and adclick's recomputation of the same, alternating, in this many
+    /// rounds; prints the ratio and checks both computed the same totals.
+    #[arg(long)]
+    pub recalc_duckdb: Option<usize>,
 }
 
 struct Server {
@@ -395,6 +402,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(rounds) = args.duckdb {
         return duckdb::against_duckdb(&args, rounds);
+    }
+    if let Some(rounds) = args.recalc_duckdb {
+        return recalc::against_duckdb(&args, rounds);
     }
     let (start, batches, minutes) = ingest_workload(args.events, args.batch, args.per_minute);
     let dir = tempfile::Builder::new().prefix("adclick-bench-").tempdir().context("temp dir")?;
