@@ -115,16 +115,19 @@ pub fn recompute(
             }
         }
         let mut engines: BTreeMap<Key, Engine> = BTreeMap::new();
-        // The chunk's counts by (minute, ad, engine): updated in place, no allocation per update.
-        let mut counts: HashMap<(Minute, AdId, Key), Vec<u64>> = HashMap::new();
+        // The chunk's counts by (minute, engine) and ad: updated in place, found by the ad's
+        // text, no allocation per update.
+        let mut counts: ChunkCounts = ChunkCounts::default();
         let mut keep = |key: Key, output: Output| {
             for (minute, ad, c) in output.counts.iter() {
-                if minute.start().0 >= a && minute.start().0 < b {
-                    match counts.get_mut(&(minute, ad.clone(), key)) {
-                        Some(row) => row.copy_from_slice(c),
-                        None => {
-                            counts.insert((minute, ad.clone(), key), c.to_vec());
-                        }
+                if minute.start().0 < a || minute.start().0 >= b {
+                    continue;
+                }
+                let per = counts.entry((minute, key)).or_default();
+                match per.get_mut(ad.as_str()) {
+                    Some(row) => row.copy_from_slice(c),
+                    None => {
+                        per.insert(ad.clone(), c.to_vec());
                     }
                 }
             }
@@ -199,12 +202,18 @@ pub fn recompute(
     Ok(out)
 }
 
+/// A chunk's counts: (minute, engine) → ad → counts per slot.
+type ChunkCounts = hashbrown::HashMap<(Minute, Key), hashbrown::HashMap<AdId, Vec<u64>>>;
+
 /// Adds one chunk's rows with clicks to `out`, sorted: summed over engines, and per partition.
 /// Chunks come in time order, so each chunk's sorted rows extend the sorted whole.
-fn rows_of_chunk(counts: HashMap<(Minute, AdId, Key), Vec<u64>>, out: &mut Recomputed) {
-    let mut summed: HashMap<(i64, String), Vec<u64>> = HashMap::new();
+fn rows_of_chunk(counts: ChunkCounts, out: &mut Recomputed) {
+    let mut summed: hashbrown::HashMap<(i64, String), Vec<u64>> = hashbrown::HashMap::new();
     let mut parts: BTreeMap<PartitionId, CountRows> = BTreeMap::new();
-    for ((minute, ad, key), c) in counts {
+    let rows = counts.into_iter().flat_map(|((minute, key), ads)| {
+        ads.into_iter().map(move |(ad, c)| ((minute, ad, key), c))
+    });
+    for ((minute, ad, key), c) in rows {
         if c.iter().all(|&v| v == 0) {
             continue;
         }
