@@ -20,7 +20,6 @@
 //! as in recalculation (see the module doc of `recalc`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -134,23 +133,31 @@ pub fn explain(
     for hour in lo.div_euclid(HOUR_MS)..=(hi - 1).div_euclid(HOUR_MS) {
         files.extend(ctx.archive.files_of_hour(hour)?);
     }
-    let decoded: Vec<Arc<Vec<arrow_array::RecordBatch>>> =
-        files.par_iter().map(|f| ctx.archive.read(f).map(Arc::new)).collect::<Result<_, _>>()?;
+    // A file at a time per thread, only the ad's rows kept: memory follows one decoded file
+    // (at most `archive_file_rows` clicks) per core, not the hours read.
     let below = scope.below.as_ref();
-    let mut rows: Vec<(PartitionId, Offset, Click<'_>)> = decoded
+    let mut rows: Vec<(PartitionId, Offset, Click<'static>)> = files
         .par_iter()
-        .zip(&files)
-        .flat_map_iter(|(batches, f)| batches.iter().map(move |b| (b, f)))
-        .map(|(b, f)| {
-            let mut rows = crate::archive::clicks_where(b, |ad, t| ad == q.ad && t >= lo && t < hi)
-                .map_err(|e| {
-                    crate::archive::ArchiveError::Format(format!(
-                        "archive file {}: {e}",
-                        f.location
-                    ))
-                })?;
-            rows.retain(|(p, o, _)| below.is_none_or(|b| b.get(p).is_some_and(|end| o.0 < *end)));
-            Ok(rows)
+        .map(|f| {
+            let batches = ctx.archive.read(f)?;
+            let mut kept = Vec::new();
+            for b in &batches {
+                let rows = crate::archive::clicks_where(b, |ad, t| ad == q.ad && t >= lo && t < hi)
+                    .map_err(|e| {
+                        crate::archive::ArchiveError::Format(format!(
+                            "archive file {}: {e}",
+                            f.location
+                        ))
+                    })?;
+                kept.extend(
+                    rows.into_iter()
+                        .filter(|(p, o, _)| {
+                            below.is_none_or(|b| b.get(p).is_some_and(|e| o.0 < *e))
+                        })
+                        .map(|(p, o, c)| (p, o, c.into_owned())),
+                );
+            }
+            Ok(kept)
         })
         .collect::<Result<Vec<_>, crate::archive::ArchiveError>>()?
         .into_iter()
@@ -387,7 +394,8 @@ mod tests {
                 })
                 .collect();
             rows.sort_by_key(|(p, o, _)| (*p, *o));
-            let mut engine = Engine::recompute(config(), Arc::new(Filters::default())).unwrap();
+            let mut engine =
+                Engine::recompute(config(), std::sync::Arc::new(Filters::default())).unwrap();
             let records: Vec<Record<'_>> = rows
                 .iter()
                 .map(|(p, o, c)| Record { partition: *p, offset: *o, payload: Payload::Click(c.clone()) })
