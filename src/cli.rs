@@ -229,19 +229,7 @@ fn settings(
     let mut config = Config::load(file, &overrides.0)?;
     if demo_dir.is_some() && config.filters.is_empty() {
         // The demo shows filters at work: two examples, unless a config file brings its own.
-        let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
-        config.filters = vec![
-            crate::filter::FilterConfig {
-                id: "us".into(),
-                country: list(&["US"]),
-                ..Default::default()
-            },
-            crate::filter::FilterConfig {
-                id: "office".into(),
-                ip: list(&["10.0.0.0/8"]),
-                ..Default::default()
-            },
-        ];
+        config.filters = crate::config::demo_filters();
     }
     Ok(config.validate()?)
 }

@@ -390,6 +390,23 @@ pub struct ScaleOut {
     pub postgres_wait: Duration,
 }
 
+/// The demo's two example filters: `us` (country US) and `office` (ip 10.0.0.0/8).
+pub fn demo_filters() -> Vec<crate::filter::FilterConfig> {
+    let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
+    vec![
+        crate::filter::FilterConfig {
+            id: "us".into(),
+            country: list(&["US"]),
+            ..Default::default()
+        },
+        crate::filter::FilterConfig {
+            id: "office".into(),
+            ip: list(&["10.0.0.0/8"]),
+            ..Default::default()
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

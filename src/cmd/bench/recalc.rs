@@ -68,19 +68,7 @@ pub(super) fn against_duckdb(args: &BenchArgs, rounds: usize) -> anyhow::Result<
     let dir = tempfile::Builder::new().prefix("adclick-bench-").tempdir().context("temp dir")?;
     let archive_dir = dir.path().join("archive");
     let mut config = crate::config::Config::load(None, &[])?;
-    let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
-    config.filters = vec![
-        crate::filter::FilterConfig {
-            id: "us".into(),
-            country: list(&["US"]),
-            ..Default::default()
-        },
-        crate::filter::FilterConfig {
-            id: "office".into(),
-            ip: list(&["10.0.0.0/8"]),
-            ..Default::default()
-        },
-    ];
+    config.filters = crate::config::demo_filters();
     let settings = config.validate()?;
     eprintln!("bench: writing the archive…");
     let (rows, (first, last)) =
