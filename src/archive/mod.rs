@@ -237,6 +237,50 @@ impl Archive {
         Ok(())
     }
 
+    /// The event hours within `[from, to]` (hours since the epoch) that hold files: one listing
+    /// of the dates, then one per date in range, so that a long range costs what it holds, not
+    /// its length.
+    pub fn hours_with_files(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<std::collections::BTreeSet<i64>, ArchiveError> {
+        let list = |dir: Option<ObjectPath>| -> Result<Vec<String>, ArchiveError> {
+            let listed = self.rt.block_on(self.store.list_with_delimiter(dir.as_ref()));
+            let listed = listed.map_err(|source| ArchiveError::Storage {
+                at: self.display.clone(),
+                what: format!("listing {}", dir.as_ref().map_or("the archive", |d| d.as_ref())),
+                source,
+            })?;
+            Ok(listed
+                .common_prefixes
+                .iter()
+                .filter_map(|p| p.filename().map(String::from))
+                .collect())
+        };
+        let root = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
+        let mut out = std::collections::BTreeSet::new();
+        for date in list(root)? {
+            let day = date
+                .strip_prefix("date=")
+                .and_then(|d| crate::event::parse_rfc3339(&format!("{d}T00:00:00Z")).ok())
+                .map(|t| t.0.div_euclid(24 * 3_600_000));
+            let Some(day) = day else { continue };
+            if day * 24 + 23 < from || day * 24 > to {
+                continue;
+            }
+            for h in list(Some(self.path(&date)))? {
+                let Some(h) = h.strip_prefix("hour=").and_then(|h| h.parse::<i64>().ok()) else {
+                    continue;
+                };
+                if (from..=to).contains(&(day * 24 + h)) {
+                    out.insert(day * 24 + h);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The files of one event hour (hours since the epoch), in flush order.
     pub fn files_of_hour(&self, hour: i64) -> Result<Vec<ArchiveFile>, ArchiveError> {
         let dir = self.path(&hour_dir(hour));
@@ -363,5 +407,29 @@ mod tests {
         assert_eq!(hour_dir(hour), "date=2026-11-30/hour=08");
         assert_eq!(parse_part_name(&part_name(42)), Some(42));
         assert_eq!(parse_part_name("part-000000000042.parquet#1"), None);
+    }
+
+    #[test]
+    fn the_hours_with_files_are_listed_by_date_within_the_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = ArchiveSettings {
+            location: "archive".into(),
+            endpoint: None,
+            region: None,
+            allow_http: false,
+            flush_interval: Duration::from_secs(60),
+            file_rows: 1000,
+        };
+        let archive = Archive::open(&settings, dir.path()).unwrap();
+        let day = 20_000 * 24;
+        let hours = [-1, 0, 5, day + 3, day + 23, day + 24, 2 * day];
+        for (seq, h) in hours.iter().enumerate() {
+            archive.put(&file_name(*h, seq as u64), vec![1, 2, 3]).unwrap();
+        }
+        let all = archive.hours_with_files(i64::MIN / 2, i64::MAX / 2).unwrap();
+        assert_eq!(all.into_iter().collect::<Vec<_>>(), hours.to_vec());
+        let some = archive.hours_with_files(0, day + 23).unwrap();
+        assert_eq!(some.into_iter().collect::<Vec<_>>(), vec![0, 5, day + 3, day + 23]);
+        assert!(archive.hours_with_files(6, day + 2).unwrap().is_empty());
     }
 }

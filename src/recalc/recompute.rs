@@ -83,9 +83,18 @@ pub fn recompute(
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(CHUNK_BYTES);
+    // The hours that hold files, listed once: the range's empty hours cost nothing (a range of
+    // centuries lists the dates the archive holds, not every hour of it).
+    let present = ctx.archive.hours_with_files(
+        (from.start().0 - horizon).div_euclid(HOUR_MS),
+        (to.start().0 + horizon).div_euclid(HOUR_MS),
+    )?;
     // Every hour's files, listed once.
     let mut listed: HashMap<i64, Vec<ArchiveFile>> = HashMap::new();
     let mut files_of = |hour: i64| -> Result<Vec<ArchiveFile>, ArchiveError> {
+        if !present.contains(&hour) {
+            return Ok(Vec::new());
+        }
         if let Some(f) = listed.get(&hour) {
             return Ok(f.clone());
         }
@@ -93,10 +102,16 @@ pub fn recompute(
         listed.insert(hour, f.clone());
         Ok(f)
     };
+    // The start of the next hour after `hour` that holds files (or the range's end).
+    let next_with_files = |hour: i64| {
+        present.range(hour + 1..).next().map_or(i64::MAX, |h| h * HOUR_MS).min(to.start().0)
+    };
     while a < to.start().0 {
         // A chunk is whole hours up to about CHUNK_BYTES of archive files: each chunk reads the
         // horizons around it again, so longer chunks read less twice, shorter ones hold less.
-        let mut b = ((a.div_euclid(HOUR_MS) + 1) * HOUR_MS).min(to.start().0);
+        // Hours without files join the chunk at no cost.
+        let hour_end = |t: i64| ((t.div_euclid(HOUR_MS) + 1) * HOUR_MS).min(to.start().0);
+        let mut b = hour_end(a).max(next_with_files(a.div_euclid(HOUR_MS)));
         let mut bytes: u64 = files_of(a.div_euclid(HOUR_MS))?.iter().map(|f| f.size).sum();
         while b < to.start().0 {
             let next: u64 = files_of(b.div_euclid(HOUR_MS))?.iter().map(|f| f.size).sum();
@@ -104,12 +119,14 @@ pub fn recompute(
                 break;
             }
             bytes += next;
-            b = (b + HOUR_MS).min(to.start().0);
+            b = hour_end(b).max(next_with_files(b.div_euclid(HOUR_MS)));
         }
         let (lo, hi) = (a - horizon, b + horizon);
         // Every file of the hours the chunk and its horizons touch, grouped by flush.
         let mut flushes: BTreeMap<u64, Vec<ArchiveFile>> = BTreeMap::new();
-        for hour in lo.div_euclid(HOUR_MS)..=(hi - 1).div_euclid(HOUR_MS) {
+        let hours: Vec<i64> =
+            present.range(lo.div_euclid(HOUR_MS)..=(hi - 1).div_euclid(HOUR_MS)).copied().collect();
+        for hour in hours {
             for f in files_of(hour)? {
                 flushes.entry(f.seq).or_default().push(f);
             }
