@@ -41,22 +41,29 @@ pub fn run(
         bar.done();
         return report(job, &result?, json);
     }
+    let result = if server_holds(settings)? {
+        run_on_server(settings, job, from, to, &mut bar)?
+    } else {
+        run_here(settings, job, from, to, &mut bar)?
+    };
+    bar.done();
+    report(job, &result, json)
+}
+
+/// Whether a running server holds the data directory's store (redb locks its file), so that
+/// a job runs there; an error when the directory holds no adclick data.
+fn server_holds(settings: &Settings) -> anyhow::Result<bool> {
     let store_path = settings.data_dir.join("store.redb");
     anyhow::ensure!(
         store_path.exists(),
         "{} holds no adclick data (no store.redb); use --data-dir or --config",
         settings.data_dir.display()
     );
-    let result = match crate::store::Store::open(&store_path) {
-        Ok(store) => {
-            drop(store);
-            run_here(settings, job, from, to, &mut bar)?
-        }
-        Err(e) if e.is_locked() => run_on_server(settings, job, from, to, &mut bar)?,
-        Err(e) => return Err(e).context("opening the store"),
-    };
-    bar.done();
-    report(job, &result, json)
+    match crate::store::Store::open(&store_path) {
+        Ok(_) => Ok(false),
+        Err(e) if e.is_locked() => Ok(true),
+        Err(e) => Err(e).context("opening the store"),
+    }
 }
 
 /// Prints the result; whether the stored results matched (reconcile) or the job succeeded.
@@ -77,24 +84,13 @@ fn report(job: Job, result: &JobResult, json: bool) -> anyhow::Result<bool> {
 pub fn explain(settings: &Settings, q: &Question, json: bool) -> anyhow::Result<bool> {
     let result = if let Some(scale) = &settings.scaleout {
         crate::scaleout::recalc::explain(settings, scale, q)?
+    } else if server_holds(settings)? {
+        explain_on_server(settings, q)?
     } else {
-        let store_path = settings.data_dir.join("store.redb");
-        anyhow::ensure!(
-            store_path.exists(),
-            "{} holds no adclick data (no store.redb); use --data-dir or --config",
-            settings.data_dir.display()
-        );
-        match crate::store::Store::open(&store_path) {
-            Ok(store) => {
-                drop(store);
-                let pipeline = crate::pipeline::Pipeline::start(settings)?;
-                let result = pipeline.query.explain(q, std::time::Duration::from_secs(3600));
-                pipeline.stop();
-                result?
-            }
-            Err(e) if e.is_locked() => explain_on_server(settings, q)?,
-            Err(e) => return Err(e).context("opening the store"),
-        }
+        let pipeline = crate::pipeline::Pipeline::start(settings)?;
+        let result = pipeline.query.explain(q, std::time::Duration::from_secs(3600));
+        pipeline.stop();
+        result?
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&result)?);

@@ -135,7 +135,6 @@ pub fn explain(
     }
     // A file at a time per thread, only the ad's rows kept: memory follows one decoded file
     // (at most `archive_file_rows` clicks) per core, not the hours read.
-    let below = scope.below.as_ref();
     let mut rows: Vec<(PartitionId, Offset, Click<'static>)> = files
         .par_iter()
         .map(|f| {
@@ -151,9 +150,7 @@ pub fn explain(
                     })?;
                 kept.extend(
                     rows.into_iter()
-                        .filter(|(p, o, _)| {
-                            below.is_none_or(|b| b.get(p).is_some_and(|e| o.0 < *e))
-                        })
+                        .filter(|(p, o, _)| scope.reads(*p, *o))
                         .map(|(p, o, c)| (p, o, c.into_owned())),
                 );
             }

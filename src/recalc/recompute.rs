@@ -38,6 +38,13 @@ pub struct Scope {
     pub below: Option<BTreeMap<PartitionId, u64>>,
 }
 
+impl Scope {
+    /// Whether the click at `offset` of partition `p` is read.
+    pub fn reads(&self, p: PartitionId, offset: Offset) -> bool {
+        self.below.as_ref().is_none_or(|b| b.get(&p).is_some_and(|end| offset.0 < *end))
+    }
+}
+
 /// The recomputed results of `[from, to)`.
 #[derive(Debug, Default)]
 pub struct Recomputed {
@@ -272,7 +279,7 @@ impl Flush<'_> {
         new_engine: &(dyn Fn() -> Engine + Sync),
         keep: &mut (dyn FnMut(Key, Output) + Send),
     ) -> Result<u64, ArchiveError> {
-        let (lo, hi, below) = (self.lo, self.hi, self.scope.below.as_ref());
+        let (lo, hi, scope) = (self.lo, self.hi, self.scope);
         // Each record batch's clicks in the chunk and its horizons; each is in log order.
         let runs = self
             .files
@@ -283,11 +290,7 @@ impl Flush<'_> {
                 let mut rows = crate::archive::clicks(batch).map_err(|e| {
                     ArchiveError::Format(format!("archive file {}: {e}", f.location))
                 })?;
-                rows.retain(|(p, o, c)| {
-                    c.time.0 >= lo
-                        && c.time.0 < hi
-                        && below.is_none_or(|b| b.get(p).is_some_and(|end| o.0 < *end))
-                });
+                rows.retain(|(p, o, c)| c.time.0 >= lo && c.time.0 < hi && scope.reads(*p, *o));
                 Ok(rows)
             })
             .collect::<Result<Vec<_>, ArchiveError>>()?;

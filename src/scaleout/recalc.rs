@@ -100,15 +100,8 @@ pub fn explain(settings: &Settings, scale: &ScaleOut, q: &Question) -> Result<Ex
     let mut client = super::prepare_database(settings, scale)?;
     let horizon = settings.engine.dedup_horizon_ms.div_euclid(MINUTE_MS) + 1;
     let (from, to) = (q.minute.0 - horizon, q.minute.0 + 1 + horizon);
-    let mut tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()?;
-    let next: BTreeMap<PartitionId, u64> = part_rows(&tx.query(PARTITIONS, &[])?)
-        .into_iter()
-        .map(|(p, r)| (p, r.next_offset.max(0) as u64))
-        .collect();
+    let (mut tx, parts) = begin_snapshot(&mut client)?;
+    let next = next_offsets(&parts);
     let mut stored = AdMinute { counts: vec![0; settings.filters.len() + 1], ..Default::default() };
     for r in tx.query(
         "SELECT slot, sum(count)::bigint FROM adclick_counts WHERE minute = $1 AND ad_id = $2 \
@@ -177,9 +170,8 @@ struct PartRow {
     rolled_through: i64,
 }
 
-const PARTITIONS: &str =
-    "SELECT partition, watermark, engine_watermark, next_offset, rolled_through \
-                          FROM adclick_partitions ORDER BY partition";
+const PARTITIONS: &str = "SELECT partition, watermark, engine_watermark, next_offset, \
+                          rolled_through FROM adclick_partitions ORDER BY partition";
 
 fn part_rows(rows: &[postgres::Row]) -> BTreeMap<PartitionId, PartRow> {
     rows.iter()
@@ -194,6 +186,25 @@ fn part_rows(rows: &[postgres::Row]) -> BTreeMap<PartitionId, PartRow> {
             (p, row)
         })
         .collect()
+}
+
+/// A read-only REPEATABLE READ transaction, and every partition's row as it sees them: what it
+/// reads next is consistent with those offsets.
+fn begin_snapshot(
+    client: &mut Client,
+) -> Result<(postgres::Transaction<'_>, BTreeMap<PartitionId, PartRow>), JobError> {
+    let mut tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()?;
+    let parts = part_rows(&tx.query(PARTITIONS, &[])?);
+    Ok((tx, parts))
+}
+
+/// Per partition, the offset below which every record is reflected in the results.
+fn next_offsets(parts: &BTreeMap<PartitionId, PartRow>) -> BTreeMap<PartitionId, u64> {
+    parts.iter().map(|(p, r)| (*p, r.next_offset.max(0) as u64)).collect()
 }
 
 /// Why the live path can still write minutes before `to`, if it can: the topic's watermark
@@ -226,12 +237,7 @@ fn snapshot(
     partitions: u32,
     lateness_ms: i64,
 ) -> Result<Snapshot, JobError> {
-    let mut tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()?;
-    let parts = part_rows(&tx.query(PARTITIONS, &[])?);
+    let (mut tx, parts) = begin_snapshot(client)?;
     let mut rows = RangeRows::default();
     for r in tx.query(
         "SELECT minute, ad_id, slot, sum(count)::bigint FROM adclick_counts \
@@ -264,7 +270,7 @@ fn snapshot(
     Ok(Snapshot {
         rows,
         too_late,
-        next: parts.iter().map(|(p, r)| (*p, r.next_offset.max(0) as u64)).collect(),
+        next: next_offsets(&parts),
         open: open(&parts, partitions, to, lateness_ms),
     })
 }
